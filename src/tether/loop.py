@@ -1,0 +1,155 @@
+"""The one event loop: epoll for file descriptors, a heap of timers, deferred work.
+
+Single-threaded on purpose, as in passt: every protocol handler runs to
+completion on this thread, so no state needs locks.  Handlers must not block;
+anything that may wait takes a deadline and comes back through a timer or an
+fd event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import select
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+FdHandler = Callable[[int], None]
+"""Called with the epoll event mask that fired."""
+
+READ = select.EPOLLIN
+WRITE = select.EPOLLOUT
+HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+
+
+class Timer:
+    """A pending call; `cancel()` is O(1) and safe to call more than once."""
+
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: dict[int, FdHandler] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._sequence = itertools.count()
+        self._deferred: list[Callable[[], None]] = []
+        self._running = False
+
+    # -- file descriptors -------------------------------------------------
+
+    def add(self, fd: int, events: int, handler: FdHandler) -> None:
+        if fd in self._handlers:
+            raise ValueError(f"fd {fd} is already watched")
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, events: int, handler: FdHandler | None = None) -> None:
+        self._epoll.modify(fd, events)
+        if handler is not None:
+            self._handlers[fd] = handler
+
+    def remove(self, fd: int) -> None:
+        """Stop watching fd; harmless if it is not watched or already closed."""
+        if self._handlers.pop(fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            # Closed before removal: the kernel already dropped it from the set.
+            pass
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    # -- time ---------------------------------------------------------------
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
+        return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run callback at the end of the current pass, after all fd handlers."""
+        self._deferred.append(callback)
+
+    # -- running ------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> bool:
+        """Run until stop(), until() turns true, or timeout seconds pass.
+
+        Returns True if it ended because of stop() or until(), False on timeout.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._running = True
+        while self._running:
+            if until is not None and until():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                self._running = False
+                return False
+            self.run_once(self._next_wait(deadline))
+        return True
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One pass: wait for events (at most timeout s), dispatch, fire timers, deferred."""
+        if self._deferred:
+            timeout = 0
+        try:
+            events = self._epoll.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                handler(mask)
+        self._fire_timers()
+        while self._deferred:
+            pending, self._deferred = self._deferred, []
+            for callback in pending:
+                callback()
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.cancelled = True
+                timer.callback()
+
+    def _next_wait(self, deadline: float | None) -> float | None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        candidates = []
+        if self._timers:
+            candidates.append(self._timers[0][0])
+        if deadline is not None:
+            candidates.append(deadline)
+        if not candidates:
+            return None
+        return max(0.0, min(candidates) - time.monotonic())
+
+    def close(self) -> None:
+        self._handlers.clear()
+        self._timers.clear()
+        self._deferred.clear()
+        self._epoll.close()

@@ -1,0 +1,1 @@
+"""The versioned migration stream that carries tether's state between instances."""
