@@ -34,7 +34,7 @@ class U32Codec:
 
 
 ALPHA = Stage("alpha", 1, U32Codec())
-PREPARE = Stage("prepare", 2)
+PREPARE: Stage[None] = Stage("prepare", 2)
 BLOB = Stage("blob", 3, BlobCodec())
 EXTRA = Stage("extra", 4, U32Codec(), optional=True)
 

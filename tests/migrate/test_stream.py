@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 
+from tests.migrate.formats import ALPHA, BLOB, EXTRA, THREE_STAGES, LiveState
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     END_MARKER,
@@ -21,7 +22,6 @@ from tether.migrate.stream import (
     parse,
     save,
 )
-from tests.migrate.formats import ALPHA, BLOB, EXTRA, THREE_STAGES, LiveState
 
 
 def three_stage_stream(extra: int | None = 7, blob: bytes = b"payload bytes") -> bytes:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +69,11 @@ def _field(name: str, value: Any) -> Any:
 def _open(path: str) -> int:
     if path == "-":
         return sys.stdin.fileno()
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    return fd
 
 
 def _read(path: str, parser: StreamParser) -> Loaded:

@@ -1,0 +1,48 @@
+"""Golden streams: the encoder's output is stable, and the reader's verdicts too."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+from tests.migrate.golden import DIRECTORY, SEEN, streams
+from tether.migrate.errors import MigrationError
+from tether.migrate.stream import parse
+from tether.migrate.tether_format import TETHER_FORMAT
+
+EXPECTED = json.loads((DIRECTORY / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(streams()))
+def test_encoder_reproduces_the_golden_file(name: str) -> None:
+    assert (DIRECTORY / name).read_bytes() == streams()[name], \
+        f"{name}: the encoder's output changed; if on purpose, follow " \
+        "docs/migration-format.md section 5 and regenerate with python -m tests.migrate.golden"
+
+
+def test_every_file_on_disk_is_covered() -> None:
+    on_disk = {p.name for p in DIRECTORY.glob("*.bin")}
+    assert on_disk == set(streams())
+    assert {n for n in on_disk if n.endswith(".invalid.bin")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in streams() if n.endswith(".valid.bin")))
+def test_valid_files_parse(name: str) -> None:
+    loaded = parse(TETHER_FORMAT, (DIRECTORY / name).read_bytes())
+    assert loaded.chosen == 1
+
+
+def test_golden_addresses_decode_to_what_was_encoded() -> None:
+    loaded = parse(TETHER_FORMAT, (DIRECTORY / "guest-addresses.valid.bin").read_bytes())
+    assert loaded.value("guest addresses") == SEEN
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_invalid_files_fail_as_recorded(name: str) -> None:
+    with pytest.raises(MigrationError) as info:
+        parse(TETHER_FORMAT, (DIRECTORY / name).read_bytes())
+    want = EXPECTED[name]
+    assert (errno.errorcode[info.value.errno], info.value.stage, info.value.offset) == \
+        (want["errno"], want["stage"], want["offset"])
