@@ -19,7 +19,7 @@ EXPECTED = json.loads((DIRECTORY / "expected.json").read_text())
 def test_encoder_reproduces_the_golden_file(name: str) -> None:
     assert (DIRECTORY / name).read_bytes() == streams()[name], \
         f"{name}: the encoder's output changed; if on purpose, follow " \
-        "docs/migration-format.md section 5 and regenerate with python -m tests.migrate.golden"
+        "docs/migration-format.md section 5.3 and regenerate with python -m tests.migrate.golden"
 
 
 def test_every_file_on_disk_is_covered() -> None:

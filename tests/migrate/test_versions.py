@@ -3,7 +3,7 @@
 The example: three releases of a "counters" subsystem.
   release A writes v1: stage "addresses" and stage "counters" (two u32).
   release B adds an optional stage "stats".  Old readers can skip it, so B
-            writes version 2 with compat_version 1 (docs/migration-format.md 5.2).
+            writes version 2 with compat_version 1 (docs/migration-format.md 5.3).
   release C widens the counters to u64, a new layout under a new stage id: v1
             and v2 readers cannot read it, so C writes version 3 with
             compat_version 3 (section 5.3), and still reads v1 and v2 streams.

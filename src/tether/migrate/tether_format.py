@@ -1,7 +1,7 @@
 """The stream tether writes and reads: its table of versions and stages.
 
 Changing this table is changing a wire format: follow docs/migration-format.md
-section 5 (when a new stage can be optional, when `current` and `compat`
+section 5.3 (when a new stage can be optional, when `current` and `compat`
 must be bumped), and add golden streams for the new version.
 """
 
