@@ -1,0 +1,68 @@
+"""`python -m tether.transport.vhost_user --socket PATH`: a vhost-user back-end
+driven by the test responder (responder.py), for tests until tether.net lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from ...loop import Loop
+from .device import VhostUserNetDevice, VhostUserServer
+from .responder import Responder
+
+log = logging.getLogger("tether.vhost_user")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tether.transport.vhost_user")
+    parser.add_argument("--socket", "-s", help="UNIX socket path to listen on")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end capabilities (vhost-user.rst) and exit")
+    parser.add_argument("--gateway", default="10.0.2.2",
+                        help="address the test responder answers ARP and ping for")
+    parser.add_argument("--once", action="store_true",
+                        help="exit when the first front-end disconnects")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return 0
+    if not args.socket:
+        parser.error("--socket is required")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    loop = Loop()
+    responder = Responder(args.gateway)
+    device = VhostUserNetDevice(loop, responder, state=responder)
+    responder.sink = device
+    server = VhostUserServer(loop, args.socket, device)
+
+    def stop(signum: int, frame: object) -> None:
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("listening on %s", args.socket)
+    had_connection = False
+
+    def done() -> bool:
+        nonlocal had_connection
+        had_connection = had_connection or device.connected
+        return args.once and had_connection and not device.connected
+
+    try:
+        loop.run(until=done)
+    finally:
+        log.info("stats: %s", " ".join(f"{k}={v}" for k, v in device.stats().items()))
+        server.close()
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
