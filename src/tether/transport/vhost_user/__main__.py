@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
-from ...loop import Loop
+from ...loop import READ, Loop
 from .device import VhostUserNetDevice, VhostUserServer
 from .responder import Responder
 
@@ -42,11 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     responder.sink = device
     server = VhostUserServer(loop, args.socket, device)
 
-    def stop(signum: int, frame: object) -> None:
-        loop.stop()
+    # Signals reach the loop through a wakeup pipe: a Python handler alone
+    # would not interrupt epoll (PEP 475 retries the wait).
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, lambda signum, frame: None)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def on_signal(events: int) -> None:
+        for signum in os.read(wake_r, 64):
+            if signum == signal.SIGUSR1:
+                # Test aid: drop the front-end, as a crash would; QEMU reconnects.
+                device.disconnect("SIGUSR1")
+            else:
+                loop.stop()
+
+    loop.add(wake_r, READ, on_signal)
     log.info("listening on %s", args.socket)
     had_connection = False
 

@@ -659,33 +659,53 @@ class VhostUserNetDevice:
         self._room_check()
 
     def _room_check(self) -> None:
-        if self._want_room and self.has_room():
+        if self._want_room and self._room():
             self._want_room = False
             self.port.guest_room_available()
 
     def has_room(self) -> bool:
+        """Whether a full-sized frame fits; if not, guest_room_available() follows."""
+        if self._room():
+            return True
+        self._want_room = True
+        return False
+
+    def _room(self) -> bool:
         vq = self.queues[RX]
-        if not vq.enabled:
+        if not vq.enabled or self.memory is None:
             return False
         count = vq.available()
         if count == 0:
             return False
         if not self.mergeable:
             return True
-        if self._rx_buf_size == 0:
-            self._rx_buf_size = self._peek_buffer_size(vq)
-        return count * self._rx_buf_size >= MAX_FRAME + self.hdr_len
+        # Fast path: estimated from the largest buffer seen (Linux posts
+        # mergeable buffers of similar sizes); an overestimate only costs a
+        # dropped frame, after which room is signalled again.
+        need = MAX_FRAME + self.hdr_len
+        if count * self._rx_buf_size >= need:
+            return True
+        return self._measure_room(vq, count, need)
 
-    def _peek_buffer_size(self, vq: VirtQueue) -> int:
-        """Size of the next receive buffer, to estimate room for a full frame."""
+    def _measure_room(self, vq: VirtQueue, count: int, need: int) -> bool:
+        """Walk the available buffers (the tight case only) to know for sure."""
         assert self.memory is not None
-        head = vq.pop()
-        vq.unpop(1)
         segs: list[Segment] = []
+        room = 0
+        popped = 0
         try:
-            return vq.walk(head, self.memory, segs, writable=True)
+            while room < need and popped < count:
+                head = vq.pop()
+                popped += 1
+                segs.clear()
+                size = vq.walk(head, self.memory, segs, writable=True)
+                self._rx_buf_size = max(self._rx_buf_size, size)
+                room += size
         except (ChainError, GuestMemoryError):
-            return 1  # send_frame will find and drop the bad chain
+            room = need  # send_frame will meet, drop and count the bad chain
+        finally:
+            vq.unpop(popped)
+        return room >= need
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         vq = self.queues[RX]
@@ -722,7 +742,7 @@ class VhostUserNetDevice:
                 vq.push_used(head, 0, dirty)
                 self.rx_dropped += 1
                 return False
-            self._rx_buf_size = size
+            self._rx_buf_size = max(self._rx_buf_size, size)
             room += size
             heads.append((head, len(segs)))
         hdr = self._hdr
