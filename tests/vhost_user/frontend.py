@@ -71,29 +71,32 @@ class RecordingState:
 class Guest:
     """The guest's view: memory and the split rings of queue 0 (RX) and 1 (TX)."""
 
-    def __init__(self) -> None:
+    def __init__(self, qsize: int = QSIZE, mem_size: int = MEM_SIZE) -> None:
+        assert qsize <= 256
+        self.qsize = qsize
+        self.mem_size = mem_size
         self.fd = os.memfd_create("tether-test-guest")
-        os.ftruncate(self.fd, MEM_SIZE)
-        self.mem = mmap.mmap(self.fd, MEM_SIZE)
+        os.ftruncate(self.fd, mem_size)
+        self.mem = mmap.mmap(self.fd, mem_size)
         self.avail_idx = [0, 0]
         self.used_seen = [0, 0]
 
     def desc_gpa(self, q: int) -> int:
-        return RING_BASE + q * 0x1000
+        return RING_BASE + q * 0x4000
 
     def avail_gpa(self, q: int) -> int:
-        return self.desc_gpa(q) + 16 * QSIZE
+        return self.desc_gpa(q) + 16 * self.qsize
 
     def used_gpa(self, q: int) -> int:
-        return self.desc_gpa(q) + 0x800
+        return self.desc_gpa(q) + 0x2000
 
-    def set_desc(self, q: int, index: int, addr: int, length: int, flags: int,
-                 nxt: int = 0) -> None:
+    def set_desc(self, q: int, index: int, addr: int, length: int,  # noqa: PLR0917
+                 flags: int, nxt: int = 0) -> None:
         DESC.pack_into(self.mem, self.desc_gpa(q) + 16 * index, addr, length, flags, nxt)
 
     def offer(self, q: int, head: int) -> None:
         a = self.avail_gpa(q)
-        struct.pack_into("<H", self.mem, a + 4 + 2 * (self.avail_idx[q] % QSIZE), head)
+        struct.pack_into("<H", self.mem, a + 4 + 2 * (self.avail_idx[q] % self.qsize), head)
         self.avail_idx[q] = (self.avail_idx[q] + 1) & 0xFFFF
         struct.pack_into("<H", self.mem, a + 2, self.avail_idx[q])
 
@@ -104,7 +107,7 @@ class Guest:
         """New used elements since the last call."""
         out = []
         while self.used_seen[q] != self.used_idx(q):
-            slot = self.used_seen[q] % QSIZE
+            slot = self.used_seen[q] % self.qsize
             out.append(struct.unpack_from("<II", self.mem, self.used_gpa(q) + 4 + 8 * slot))
             self.used_seen[q] = (self.used_seen[q] + 1) & 0xFFFF
         return out
@@ -190,11 +193,11 @@ class Frontend:
         self.send(p.Request.SET_PROTOCOL_FEATURES, p.U64.pack(protocol & offered))
         self.send(p.Request.SET_OWNER)
         self.send(p.Request.SET_FEATURES, p.U64.pack(features & ~(1 << p.F_LOG_ALL)))
-        region = p.MEM_REGION.pack(0, MEM_SIZE, QVA_BASE, 0)
+        region = p.MEM_REGION.pack(0, guest.mem_size, QVA_BASE, 0)
         self.send(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region,
                   [guest.fd])
         for q in range(2):
-            self.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(q, QSIZE))
+            self.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(q, guest.qsize))
             self.send(p.Request.SET_VRING_BASE, p.VRING_STATE.pack(q, 0))
             self.set_addr(guest, q, 0)
             self.send(p.Request.SET_VRING_KICK, p.U64.pack(q), [self.kick[q]])

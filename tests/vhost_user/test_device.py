@@ -246,7 +246,7 @@ def test_dirty_log_marks_buffers_and_used_ring_while_log_all(started: Rig) -> No
     log_map = mmap.mmap(log_fd, log_size)
     assert fe.call_u64(p.Request.SET_LOG_BASE, p.LOG_PARAMS.pack(log_size, 0), [log_fd]) == 0
     fe.send(p.Request.SET_FEATURES, p.U64.pack(
-        (p.OFFERED_FEATURES | (1 << p.F_LOG_ALL))), flags=p.VERSION | p.FLAG_NEED_REPLY)
+        p.OFFERED_FEATURES | (1 << p.F_LOG_ALL)), flags=p.VERSION | p.FLAG_NEED_REPLY)
     assert p.U64.unpack(fe.reply(p.Request.SET_FEATURES))[0] == 0
     for q in (RX, TX):
         fe.set_addr(g, q, p.VRING_F_LOG)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -34,7 +35,8 @@ def qemu_missing_reason() -> str | None:
     path = shutil.which(QEMU)
     if path is None:
         return f"{QEMU} not installed (./dev setup installs it from bookworm-backports)"
-    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                         check=False).stdout
     if not re.search(r"version (1\d|[2-9]\d)\.", out):
         return f"{QEMU} is not QEMU >= 10: {out.splitlines()[0] if out else '?'}"
     return None
@@ -109,7 +111,7 @@ class Console:
 
 
 class Vm:
-    def __init__(self, workdir: Path, name: str, socket: Path, guest: GuestImage,
+    def __init__(self, workdir: Path, name: str, socket: Path, guest: GuestImage, *,
                  incoming: str | None = None, memory_mib: int = 256) -> None:
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
@@ -159,10 +161,8 @@ class Vm:
             self.proc.wait(10)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._qmp.close()
-        except Exception:
-            pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
