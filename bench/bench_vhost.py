@@ -26,10 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tests.vhost_user.frontend import BUF_BASE, Frontend, Guest  # noqa: E402
-from tether.loop import Loop  # noqa: E402
-from tether.transport.vhost_user.device import VhostUserNetDevice  # noqa: E402
-from tether.transport.vhost_user.virtqueue import DESC_F_WRITE  # noqa: E402
+from tests.vhost_user.frontend import BUF_BASE, Frontend, Guest
+
+from tether.loop import Loop
+from tether.transport.vhost_user.device import VhostUserNetDevice
+from tether.transport.vhost_user.virtqueue import DESC_F_WRITE
 
 QSIZE = 256
 BUF = 4096
