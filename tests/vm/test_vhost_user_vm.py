@@ -125,3 +125,44 @@ def test_live_migration_of_an_idle_vm_between_two_backends(
         target_be.stop()
     assert target_be.stats()["bad_chains"] == 0
     assert "Traceback" not in source_be.text() + target_be.text()
+
+
+def test_failed_migration_leaves_the_source_working(
+        workdir: Path, guest: GuestImage) -> None:
+    """The target refuses the state: QEMU fails the migration and restarts the
+    source's rings; the source back-end notices and the guest keeps working."""
+    source_be = Backend(workdir, "src")
+    target_be = Backend(workdir, "dst", "--reject-state")
+    migrate = workdir / "migrate.sock"
+    source = Vm(workdir, "vm1", source_be.socket, guest)
+    target = None
+    try:
+        source.wait_booted()
+        ping(source, count=1)
+        target = Vm(workdir, "vm2", target_be.socket, guest, incoming=f"unix:{migrate}")
+        wait_for(migrate.exists, 30, "the target's migration socket")
+        # With a return path the source learns that the target failed to load.
+        for vm in (source, target):
+            vm.qmp("migrate-set-capabilities",
+                   capabilities=[{"capability": "return-path", "state": True}])
+        source.qmp("migrate", uri=f"unix:{migrate}")
+
+        def failed() -> bool:
+            info = source.qmp("query-migrate")
+            assert info.get("status") != "completed", info
+            return bool(info.get("status") == "failed")
+
+        wait_for(failed, 120, "migration to fail", interval=0.2)
+        target_be.wait_log(r"CHECK_DEVICE_STATE: Operation not permitted")
+        wait_for(lambda: source.qmp("query-status")["status"] == "running", 30,
+                 "source running again")
+        source_be.wait_log(r"device state save started")
+        source_be.wait_log(r"responder: rings started", count=2)
+        ping(source, count=2)
+    finally:
+        source.close()
+        if target is not None:
+            target.close()
+        source_be.stop()
+        target_be.stop()
+    assert "Traceback" not in source_be.text() + target_be.text()

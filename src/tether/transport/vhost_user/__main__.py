@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="address the test responder answers ARP and ping for")
     parser.add_argument("--once", action="store_true",
                         help="exit when the first front-end disconnects")
+    parser.add_argument("--reject-state", action="store_true",
+                        help="test aid: refuse any loaded device state (fails migrations)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.print_capabilities:
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     loop = Loop()
     responder = Responder(args.gateway)
+    responder.reject_state = args.reject_state
     device = VhostUserNetDevice(loop, responder, state=responder)
     responder.sink = device
     server = VhostUserServer(loop, args.socket, device)

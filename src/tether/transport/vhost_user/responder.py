@@ -51,6 +51,7 @@ class Responder:
         self.guest_ip = b""
         self.echo_replies = 0
         self._staged: tuple[bytes, bytes] | None = None
+        self.reject_state = False  # test aid: fail every load, to fail a migration
 
     # -- GuestPort ---------------------------------------------------------
 
@@ -127,6 +128,8 @@ class Responder:
         return STATE.pack(STATE_MAGIC, 1, mac, ip)
 
     def load_state(self, data: bytes) -> None:
+        if self.reject_state:
+            raise DeviceStateError(errno.EPERM, "this back-end refuses all state (test)")
         if len(data) != STATE.size:
             raise DeviceStateError(errno.EINVAL, f"state is {len(data)} bytes, "
                                                  f"expected {STATE.size}")
