@@ -16,6 +16,8 @@ from .device import VhostUserNetDevice, VhostUserServer
 from .responder import Responder
 
 log = logging.getLogger("tether.vhost_user")
+STREAM_COUNT = 3000  # with 4 per 10 ms: about 7.5 s of traffic
+STREAM_GUEST_PORT = 9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     loop = Loop()
-    responder = Responder(args.gateway)
+    responder = Responder(args.gateway, loop)
     responder.reject_state = args.reject_state
     device = VhostUserNetDevice(loop, responder, state=responder)
     responder.sink = device
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     # would not interrupt epoll (PEP 475 retries the wait).
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, lambda signum, frame: None)
 
     def on_signal(events: int) -> None:
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             if signum == signal.SIGUSR1:
                 # Test aid: drop the front-end, as a crash would; QEMU reconnects.
                 device.disconnect("SIGUSR1")
+            elif signum == signal.SIGUSR2:
+                # Test aid: a checked UDP stream to a closed guest port.
+                responder.start_stream(STREAM_COUNT, STREAM_GUEST_PORT)
             else:
                 loop.stop()
 

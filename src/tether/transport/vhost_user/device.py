@@ -113,6 +113,7 @@ class VhostUserNetDevice:
         self.rx_frames = 0
         self.rx_multi_buffer = 0  # frames spread over several buffers (MRG_RXBUF)
         self.tx_frames = 0
+        self.logged_pages = 0  # dirty-log marks of closed logs (see stats())
         self.connections = 0
         self._reset()
 
@@ -144,6 +145,7 @@ class VhostUserNetDevice:
         if self.memory is not None:
             self.memory.close()
         if self.dirty_log is not None:
+            self.logged_pages += self.dirty_log.marked
             self.dirty_log.close()
 
     @property
@@ -309,6 +311,7 @@ class VhostUserNetDevice:
         fd = m.take_fd()
         new = DirtyLog(fd, size, offset)  # closes fd
         if self.dirty_log is not None:
+            self.logged_pages += self.dirty_log.marked
             self.dirty_log.close()
         self.dirty_log = new
         log.info("dirty log: %d pages", new.pages)
@@ -794,6 +797,8 @@ class VhostUserNetDevice:
             "connections": self.connections, "tx_frames": self.tx_frames,
             "rx_frames": self.rx_frames, "rx_multi_buffer": self.rx_multi_buffer,
             "rx_dropped": self.rx_dropped, "bad_chains": self.bad_chains,
+            "logged_pages": self.logged_pages + (
+                self.dirty_log.marked if self.dirty_log is not None else 0),
         }
 
 

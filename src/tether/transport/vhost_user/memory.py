@@ -132,6 +132,7 @@ class DirtyLog:
         self._view = memoryview(self._map)
         self.pages = size * 8
         self.out_of_range = 0  # log writes beyond the bitmap: counted, not fatal
+        self.marked = 0  # pages marked (with repeats), for statistics
 
     def mark(self, gpa: int, length: int) -> None:
         """Mark every page touched by [gpa, gpa + length)."""
@@ -143,6 +144,7 @@ class DirtyLog:
             self.out_of_range += 1
             last = self.pages - 1
         view = self._view
+        self.marked += last - first + 1
         page = first
         while page <= last:
             byte = page >> 3

@@ -6,6 +6,12 @@ guest's MAC and IPv4 address from what the guest sends, and carries those
 two as its device state, so the tests can check RX, TX, MRG_RXBUF, reconnect
 and migration through a real guest's `ping`.
 
+For the dirty-log test it also sends a checked stream (`start_stream`):
+UDP datagrams with valid checksums to a closed guest port, paced by loop
+timers.  The guest kernel verifies every checksum (counting failures in
+/proc/net/snmp Udp InCsumErrors) before it counts the datagram as NoPorts,
+so a buffer page lost by the dirty log shows up as a checksum error.
+
 State blob (network byte order): b"TRSP", u8 version 1, 6-byte MAC, 4-byte IPv4.
 """
 
@@ -18,6 +24,7 @@ import struct
 from collections.abc import Sequence
 
 from ...frames import FrameSink
+from ...loop import Loop
 from .device import DeviceStateError
 
 log = logging.getLogger(__name__)
@@ -25,6 +32,10 @@ log = logging.getLogger(__name__)
 ETH = struct.Struct("!6s6sH")  # dst, src, ethertype (IEEE 802.3)
 ARP = struct.Struct("!HHBBH6s4s6s4s")  # RFC 826, Ethernet/IPv4
 ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
+UDP = struct.Struct("!HHHH")  # RFC 768
+STREAM_PORT = 7000  # source port of the stream
+STREAM_PAYLOAD = 1400
+STREAM_BURST = 4  # datagrams per 10 ms tick
 STATE = struct.Struct("!4sB6s4s")
 STATE_MAGIC = b"TRSP"
 
@@ -44,12 +55,15 @@ def _checksum(data: bytes | bytearray | memoryview) -> int:
 class Responder:
     """A frames.GuestPort and a DeviceStateHandler, for tests."""
 
-    def __init__(self, gateway: str) -> None:
+    def __init__(self, gateway: str, loop: Loop | None = None) -> None:
         self.gateway = ipaddress.IPv4Address(gateway).packed
+        self.loop = loop
+        self._stream: tuple[int, int, int] | None = None  # next seq, end, port
         self.sink: FrameSink | None = None
         self.guest_mac = b""
         self.guest_ip = b""
         self.echo_replies = 0
+        self.dropped = 0
         self._staged: tuple[bytes, bytes] | None = None
         self.reject_state = False  # test aid: fail every load, to fail a migration
 
@@ -91,7 +105,9 @@ class Responder:
             return
         ihl = (ip[0] & 0xF) * 4
         total = struct.unpack_from("!H", ip, 2)[0]
-        if ip[9] != 1 or ip[16:20] != self.gateway or total > len(ip) or total < ihl + 8:
+        if ip[16:20] != self.gateway or total > len(ip) or total < ihl + 8:
+            return
+        if ip[9] != 1:
             return
         if ip[ihl] != 8:  # ICMP echo request (RFC 792)
             return
@@ -110,6 +126,42 @@ class Responder:
         self.echo_replies += 1
         log.info("responder: echo reply %d (%d bytes)", self.echo_replies, ETH.size + total)
 
+    def start_stream(self, count: int, port: int) -> None:
+        """Send `count` checked datagrams to the guest's `port` (test aid)."""
+        if self.loop is None or not self.guest_ip or not self.guest_mac:
+            log.warning("responder: no stream, the guest was not seen yet")
+            return
+        log.info("responder: streaming %d datagrams to port %d", count, port)
+        self._stream = (0, count, port)
+        self.loop.call_later(0.01, self._stream_tick)
+
+    def _stream_tick(self) -> None:
+        if self._stream is None or self.loop is None:
+            return
+        seq, end, port = self._stream
+        for _ in range(STREAM_BURST):
+            if seq >= end:
+                self._stream = None
+                log.info("responder: stream done (%d datagrams)", end)
+                return
+            payload = (f"{seq:08d}".encode() * (STREAM_PAYLOAD // 8))
+            self._send(self._udp_frame(STREAM_PORT, port, payload))
+            seq += 1
+        if self.sink is not None:
+            self.sink.flush()
+        self._stream = (seq, end, port)
+        self.loop.call_later(0.01, self._stream_tick)
+
+    def _udp_frame(self, sport: int, dport: int, payload: bytes) -> bytes:
+        length = UDP.size + len(payload)
+        pseudo = self.gateway + self.guest_ip + struct.pack("!BBH", 0, 17, length)
+        udp = bytearray(UDP.pack(sport, dport, length, 0) + payload)
+        struct.pack_into("!H", udp, 6, _checksum(pseudo + udp) or 0xFFFF)
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
+                                       17, 0, self.gateway, self.guest_ip))
+        struct.pack_into("!H", header, 10, _checksum(header))
+        return ETH.pack(self.guest_mac, GATEWAY_MAC, ETH_P_IP) + bytes(header) + bytes(udp)
+
     def _learn_ip(self, ip: bytes) -> None:
         if ip not in (self.guest_ip, b"\x00\x00\x00\x00"):
             self.guest_ip = ip
@@ -117,7 +169,9 @@ class Responder:
 
     def _send(self, frame: bytes) -> None:
         if self.sink is not None and not self.sink.send_frame(frame):
-            log.warning("responder: guest had no room for a %d-byte frame", len(frame))
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("responder: guest had no room for a %d-byte frame", len(frame))
 
     # -- DeviceStateHandler ----------------------------------------------------
 
