@@ -350,3 +350,41 @@ def test_device_state_bad_phase_is_refused_without_fd(rig: Rig) -> None:
     assert _pipe_read_all(r) == b""  # the device closed its copy
     os.close(r)
     assert rig.fe.call_u64(p.Request.CHECK_DEVICE_STATE) != 0
+
+
+def test_memory_table_replaced_while_running_remaps_rings(started: Rig) -> None:
+    g, fe = started.guest, started.fe
+    region = p.MEM_REGION.pack(0, MEM_SIZE, 0x7E00_0000_0000, 0)  # new front-end address
+    fe.send(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region, [g.fd])
+    # Ring addresses are front-end addresses: until QEMU re-sends them they
+    # no longer translate, so the rings are parked rather than misread.
+    for q in (RX, TX):
+        fe.send(p.Request.SET_VRING_ADDR, p.VRING_ADDR.pack(
+            q, 0, 0x7E00_0000_0000 + g.desc_gpa(q), 0x7E00_0000_0000 + g.used_gpa(q),
+            0x7E00_0000_0000 + g.avail_gpa(q), g.used_gpa(q)))
+    g.write(BUF_BASE, HDR + b"moved")
+    g.set_desc(TX, 0, BUF_BASE, 17, 0)
+    g.offer(TX, 0)
+    fe.kick_queue(TX)
+    assert started.port.frames == [b"moved"]
+
+
+def test_ring_outside_memory_is_refused_by_reply_ack_and_connection_kept(
+        rig: Rig) -> None:
+    fe, g = rig.fe, rig.guest
+    fe.send(p.Request.SET_PROTOCOL_FEATURES, p.U64.pack(p.OFFERED_PROTOCOL_FEATURES))
+    region = p.MEM_REGION.pack(0, MEM_SIZE, 0x7F00_0000_0000, 0)
+    assert fe.call_u64(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region, [g.fd],
+                       flags=p.VERSION | p.FLAG_NEED_REPLY) == 0
+    fe.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(0, QSIZE))
+    bad = p.VRING_ADDR.pack(0, 0, 0x1000, 0x2000, 0x3000, 0)  # not front-end addresses
+    assert fe.call_u64(p.Request.SET_VRING_ADDR, bad,
+                       flags=p.VERSION | p.FLAG_NEED_REPLY) == 1
+    assert fe.call_u64(p.Request.GET_FEATURES) == p.OFFERED_FEATURES
+
+
+def test_send_rarp_reports_the_mac(rig: Rig) -> None:
+    seen: list[bytes] = []
+    rig.device.on_rarp = seen.append
+    rig.fe.send(p.Request.SEND_RARP, bytes.fromhex("525400123456") + b"\0\0")
+    assert seen == [bytes.fromhex("525400123456")]
