@@ -99,11 +99,16 @@ def _run(*args: str, cwd: Path | None = None) -> str:
 
 
 def _kernel_package() -> str:
-    out = _run("apt-cache", "depends", KERNEL_META)
-    match = re.search(r"Depends: (linux-image-\S+-cloud-amd64)", out)
-    if not match:
-        raise RuntimeError(f"cannot resolve {KERNEL_META} (run apt-get update?):\n{out}")
-    return match.group(1)
+    for attempt in range(2):
+        result = subprocess.run(["apt-cache", "depends", KERNEL_META], capture_output=True,
+                                text=True, check=False)
+        match = re.search(r"Depends: (linux-image-\S+-cloud-amd64)", result.stdout)
+        if match:
+            return match.group(1)
+        if attempt == 0:
+            # A fresh machine may have no package lists yet.
+            _run("apt-get", "update", "-q")
+    raise RuntimeError(f"cannot resolve {KERNEL_META}:\n{result.stdout}{result.stderr}")
 
 
 def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:

@@ -749,6 +749,19 @@ class VhostUserNetDevice:
             room += size
             heads.append((head, len(segs)))
         hdr = self._hdr
+        if len(segs) == 1:
+            # The common case (one buffer, one descriptor): two slice copies.
+            view, off, _, gpa = segs[0]
+            if hdr_len == 12:
+                hdr[10] = 1  # num_buffers
+            view[off:off + hdr_len] = hdr[:hdr_len]
+            view[off + hdr_len:off + need] = frame
+            hdr[10] = 0
+            if dirty is not None:
+                dirty.mark(gpa, need)
+            vq.push_used(heads[0][0], need, dirty)
+            self.rx_frames += 1
+            return True
         NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(heads) if hdr_len == 12 else 0)
         source = memoryview(frame)
         pos = 0  # position in header + frame
