@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     responder.reject_state = args.reject_state
     device = VhostUserNetDevice(loop, responder, state=responder)
     responder.sink = device
-    server = VhostUserServer(loop, args.socket, device)
+    try:
+        server = VhostUserServer(loop, args.socket, device)
+    except OSError as e:
+        log.error("cannot listen on %s: %s", args.socket, e)
+        return 1
 
     # Signals reach the loop through a wakeup pipe: a Python handler alone
     # would not interrupt epoll (PEP 475 retries the wait).

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
@@ -841,8 +842,11 @@ class VhostUserServer:
         self.loop = loop
         self.path = path
         self.device = device
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from an earlier run
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(path)
         self._sock.listen(1)
