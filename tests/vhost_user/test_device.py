@@ -388,3 +388,29 @@ def test_send_rarp_reports_the_mac(rig: Rig) -> None:
     rig.device.on_rarp = seen.append
     rig.fe.send(p.Request.SEND_RARP, bytes.fromhex("525400123456") + b"\0\0")
     assert seen == [bytes.fromhex("525400123456")]
+
+
+def test_get_vring_base_publishes_and_logs_what_the_stack_did_not_flush(
+        started: Rig) -> None:
+    """No buffer stays in flight across a stop: frames written but not yet
+    flushed are made visible, and logged, before GET_VRING_BASE replies."""
+    g, fe, dev = started.guest, started.fe, started.device
+    log_fd = os.memfd_create("log")
+    log_size = MEM_SIZE // 4096 // 8
+    os.ftruncate(log_fd, log_size)
+    log_map = mmap.mmap(log_fd, log_size)
+    fe.call_u64(p.Request.SET_LOG_BASE, p.LOG_PARAMS.pack(log_size, 0), [log_fd])
+    fe.send(p.Request.SET_FEATURES, p.U64.pack(p.OFFERED_FEATURES | (1 << p.F_LOG_ALL)))
+    fe.set_addr(g, RX, p.VRING_F_LOG)
+    for i in range(2):
+        g.set_desc(RX, i, BUF_BASE + i * 0x1000, 2048, DESC_F_WRITE)
+        g.offer(RX, i)
+    fe.kick_queue(RX)
+    assert dev.send_frame(b"a" * 100) and dev.send_frame(b"b" * 100)
+    assert g.used_idx(RX) == 0  # not flushed yet
+    fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(RX, 0))
+    assert p.VRING_STATE.unpack(fe.reply(p.Request.GET_VRING_BASE)) == (RX, 2)
+    assert g.used_idx(RX) == 2
+    assert _log_bits(log_map, g.used_gpa(RX)) and _log_bits(log_map, BUF_BASE + 0x1000)
+    log_map.close()
+    os.close(log_fd)
