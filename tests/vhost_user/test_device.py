@@ -414,3 +414,14 @@ def test_get_vring_base_publishes_and_logs_what_the_stack_did_not_flush(
     assert _log_bits(log_map, g.used_gpa(RX)) and _log_bits(log_map, BUF_BASE + 0x1000)
     log_map.close()
     os.close(log_fd)
+
+
+@pytest.mark.parametrize("request_id", [
+    p.Request.SET_VRING_KICK, p.Request.SET_VRING_CALL, p.Request.SET_VRING_ERR])
+def test_ring_fd_for_a_missing_queue_is_closed(rig: Rig, request_id: int) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    fd = os.eventfd(0)
+    rig.fe.send(request_id, p.U64.pack(7), [fd])
+    os.close(fd)
+    assert rig.fe.closed_by_device()
+    assert len(os.listdir("/proc/self/fd")) == before - 1  # the device's socket end

@@ -7,6 +7,7 @@ bad messages end the connection, and a fresh connection works again.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from hypothesis import HealthCheck, given, settings
@@ -82,18 +83,29 @@ payload = st.one_of(
 )
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @FUZZ
 @given(messages=st.lists(st.tuples(st.one_of(known, st.integers(0, 100)), payload,
-                                   st.sampled_from([0x1, 0x9, 0x0, 0x5, 0x2])),
+                                   st.sampled_from([0x1, 0x9, 0x0, 0x5, 0x2]),
+                                   st.integers(0, 2)),
                          min_size=1, max_size=12))
 def test_hostile_messages_end_in_replies_or_a_clean_disconnect(
-        messages: list[tuple[int, bytes, int]]) -> None:
+        messages: list[tuple[int, bytes, int, int]]) -> None:
+    fds_before = open_fds()
     rig = Rig()
     try:
-        for request, data, flags in messages:
+        for request, data, flags, nfds in messages:
             if not rig.device.connected:
                 break
-            rig.fe.send(request, data, flags=flags)
+            # Attached fds (eventfds, as QEMU sends for rings) must be closed
+            # by the device whatever becomes of the message.
+            fds = [os.eventfd(0) for _ in range(nfds)]
+            rig.fe.send(request, data, fds, flags=flags)
+            for fd in fds:
+                os.close(fd)
         # A connection that survived still works; one that did not leaves a
         # clean device for the next front-end.
         if not rig.device.connected:
@@ -118,3 +130,4 @@ def test_hostile_messages_end_in_replies_or_a_clean_disconnect(
         assert rig.port.frames[-1:] == [b"alive"]
     finally:
         rig.close()
+    assert open_fds() == fds_before, "the device leaked file descriptors"

@@ -253,6 +253,13 @@ class VhostUserNetDevice:
                                   f"(this device has {NUM_QUEUES})")
         return self.queues[index]
 
+    def _vring_fd(self, m: p.Message) -> tuple[VirtQueue, int | None]:
+        """The queue and fd of SET_VRING_KICK/CALL/ERR; the fd is ours from here on."""
+        index, fd = p.parse_vring_fd(m)
+        if index >= NUM_QUEUES and fd is not None:
+            os.close(fd)
+        return self._queue(index, m), fd
+
     def _get_features(self, m: p.Message) -> bytes:
         return p.U64.pack(self.offered_features)
 
@@ -379,8 +386,8 @@ class VhostUserNetDevice:
         return p.VRING_STATE.pack(index, vq.last_avail)
 
     def _set_vring_kick(self, m: p.Message) -> None:
-        index, fd = p.parse_vring_fd(m)
-        vq = self._queue(index, m)
+        vq, fd = self._vring_fd(m)
+        index = vq.index
         if fd is None:
             raise p.ProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
         if vq.kick_fd is not None:
@@ -408,15 +415,13 @@ class VhostUserNetDevice:
                 self.state.rings_started()
 
     def _set_vring_call(self, m: p.Message) -> None:
-        index, fd = p.parse_vring_fd(m)
-        vq = self._queue(index, m)
+        vq, fd = self._vring_fd(m)
         if vq.call_fd is not None:
             os.close(vq.call_fd)
         vq.call_fd = fd
 
     def _set_vring_err(self, m: p.Message) -> None:
-        index, fd = p.parse_vring_fd(m)
-        self._queue(index, m)
+        _, fd = self._vring_fd(m)
         if fd is not None:
             os.close(fd)  # we never report ring errors this way
 
