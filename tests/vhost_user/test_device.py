@@ -425,3 +425,15 @@ def test_ring_fd_for_a_missing_queue_is_closed(rig: Rig, request_id: int) -> Non
     os.close(fd)
     assert rig.fe.closed_by_device()
     assert len(os.listdir("/proc/self/fd")) == before - 1  # the device's socket end
+
+
+def test_new_memory_table_for_stopped_rings_is_accepted(started: Rig) -> None:
+    """A guest reset stops the rings; the next start may bring a table in
+    which the old ring addresses mean nothing, before fresh SET_VRING_ADDRs."""
+    fe, g = started.fe, started.guest
+    for q in (RX, TX):
+        fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(q, 0))
+        fe.reply(p.Request.GET_VRING_BASE)
+    region = p.MEM_REGION.pack(0, MEM_SIZE, 0x7E00_0000_0000, 0)
+    assert fe.call_u64(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region, [g.fd],
+                       flags=p.VERSION | p.FLAG_NEED_REPLY) == 0

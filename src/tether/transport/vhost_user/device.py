@@ -309,8 +309,11 @@ class VhostUserNetDevice:
             try:
                 vq.map_rings(memory)
             except GuestMemoryError as e:
-                vq.broken = True
-                failed.append(f"queue {vq.index}: {e}")
+                # A stopped ring's old addresses may not fit the new table:
+                # QEMU sends fresh ones (SET_VRING_ADDR) before starting it.
+                if vq.started:
+                    vq.broken = True
+                    failed.append(f"queue {vq.index}: {e}")
         if failed:
             raise _RequestFailedError("; ".join(failed))
 
