@@ -606,7 +606,9 @@ class VhostUserNetDevice:
     def _schedule_tx(self) -> None:
         if not self._tx_scheduled:
             self._tx_scheduled = True
-            self.loop.call_soon(self._process_tx)
+            # A timer, not call_soon: the loop drains deferred work before it
+            # polls again, so a busy guest would starve every other fd.
+            self.loop.call_later(0.0, self._process_tx)
 
     def _process_tx(self) -> None:
         self._tx_scheduled = False
