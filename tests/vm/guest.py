@@ -47,6 +47,8 @@ ip link set lo up
 ip link set eth0 up
 ip addr add {GUEST_IP}/24 dev eth0
 ip route add default via {GATEWAY_IP}
+# A wide terminal, so the shell never wraps the commands the tests type.
+stty cols 4096 rows 50
 echo {READY_MARKER}
 exec sh
 """
@@ -73,11 +75,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _recipe() -> str:
+    """What the image is built from, so a changed recipe forces a rebuild."""
+    text = "\n".join([KERNEL_META, *PACKAGES_FIXED, *MODULES, INIT])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _manifest_ok(directory: Path) -> bool:
     manifest = directory / "MANIFEST"
     if not manifest.exists():
         return False
-    for line in manifest.read_text().splitlines():
+    lines = manifest.read_text().splitlines()
+    if f"recipe {_recipe()}" not in lines:
+        return False
+    for line in lines:
         if line.startswith("file "):
             _, name, digest = line.split()
             path = directory / name
@@ -180,7 +191,7 @@ def build(directory: Path) -> None:
         initrd = gzip.compress(_cpio_newc(entries), mtime=0)
         (directory / "initrd.img").write_bytes(initrd)
         shutil.copyfile(vmlinuz, directory / "vmlinuz")
-        lines = [f"kernel-release {release}"]
+        lines = [f"recipe {_recipe()}", f"kernel-release {release}"]
         for deb in debs:
             lines.append(f"deb {deb.name} {_sha256(deb)}")
         for name in ("vmlinuz", "initrd.img"):

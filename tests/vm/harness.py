@@ -106,8 +106,8 @@ class Console:
         # output matches.
         match = self.expect(rf"={tag}=(\d+)=", timeout)
         output = self.text[: match.start()]
-        start = output.rfind(f"echo ={tag}=")
-        return int(match.group(1)), output[start:]
+        start = output.rfind(f"echo ={tag}=")  # the echoed command line
+        return int(match.group(1)), output[max(start, 0):]
 
 
 class Vm:
