@@ -464,3 +464,41 @@ def test_tx_works_in_batches_and_yields_to_the_loop_between_them() -> None:
         guest.mem.close()
         os.close(guest.fd)
         loop.close()
+
+
+def test_has_room_tracks_the_posted_capacity_exactly_when_tight() -> None:
+    loop = Loop()
+    port = RecordingPort()
+    device = VhostUserNetDevice(loop, port)
+    guest = Guest(qsize=256)
+    fe = Frontend(loop, device)
+    sizes = [1500, 700, 4000, 1500] * 40  # uneven buffers, as a guest may post
+    try:
+        fe.start(guest)
+        posted = 0
+        remaining: list[int] = []
+        for step in range(120):
+            if step % 10 == 0:  # the guest refills now and then
+                for _ in range(12):
+                    size = sizes[posted % len(sizes)]
+                    guest.set_desc(RX, posted % 256, BUF_BASE + (posted % 256) * 0x1000,
+                                   size, DESC_F_WRITE)
+                    guest.offer(RX, posted % 256)
+                    remaining.append(size)
+                    posted += 1
+                fe.kick_queue(RX)
+            assert device.has_room() == (sum(remaining) >= 65535 + 14 + 12), step
+            if not device.send_frame(b"z" * 988):  # 1000 bytes with the header
+                assert sum(remaining) < 1000
+                continue
+            # The frame took buffers from the front until 1000 bytes fit.
+            taken = 0
+            while taken < 1000:
+                taken += remaining.pop(0)
+        device.flush()
+    finally:
+        fe.close()
+        device.disconnect("test over")
+        guest.mem.close()
+        os.close(guest.fd)
+        loop.close()

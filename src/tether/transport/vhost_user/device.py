@@ -132,6 +132,9 @@ class VhostUserNetDevice:
         self.queues = [VirtQueue(i) for i in range(NUM_QUEUES)]
         self._want_room = False
         self._rx_buf_size = 0
+        self._scan_valid = False  # see _measure_room
+        self._scan_pos = 0
+        self._scan_room = 0
         self._transfer: _Transfer | None = None
         self._transfer_result = 0
         self._both_started = False
@@ -294,6 +297,7 @@ class VhostUserNetDevice:
         self._both_started = False
 
     def _set_mem_table(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
         regions = p.parse_mem_table(m)
         fds, m.fds = m.fds, []
         memory = MemoryTable(regions, fds)  # closes the fds
@@ -341,6 +345,7 @@ class VhostUserNetDevice:
         vq.num = num
 
     def _set_vring_addr(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
         addr = p.parse_vring_addr(m)
         vq = self._queue(addr.index, m)
         if addr.flags & ~p.VRING_F_LOG:
@@ -363,6 +368,7 @@ class VhostUserNetDevice:
         return None
 
     def _set_vring_base(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
         index, num = p.parse_vring_state(m)
         vq = self._queue(index, m)
         if num > 0xFFFF:
@@ -370,6 +376,7 @@ class VhostUserNetDevice:
         vq.last_avail = num
 
     def _get_vring_base(self, m: p.Message) -> bytes:
+        self._scan_valid = False  # ring positions or buffers may change
         index, _ = p.parse_vring_state(m)
         vq = self._queue(index, m)
         # Nothing is in flight between loop passes (RX and TX complete their
@@ -702,24 +709,30 @@ class VhostUserNetDevice:
         return self._measure_room(vq, count, need)
 
     def _measure_room(self, vq: VirtQueue, count: int, need: int) -> bool:
-        """Walk the available buffers (the tight case only) to know for sure."""
+        """The tight case: add up the available buffers' sizes.
+
+        Incremental: `_scan_room` is the capacity of the heads from
+        last_avail up to `_scan_pos`; send_frame subtracts what it consumes,
+        so each head is walked here once however often the stack asks.
+        """
         assert self.memory is not None
+        scanned = (self._scan_pos - vq.last_avail) & 0xFFFF
+        if not self._scan_valid or scanned > count or self._scan_room < 0:
+            self._scan_pos, self._scan_room, scanned = vq.last_avail, 0, 0
+            self._scan_valid = True
         segs: list[Segment] = []
-        room = 0
-        popped = 0
-        try:
-            while room < need and popped < count:
-                head = vq.pop()
-                popped += 1
-                segs.clear()
-                size = vq.walk(head, self.memory, segs, writable=True)
-                self._rx_buf_size = max(self._rx_buf_size, size)
-                room += size
-        except (ChainError, GuestMemoryError):
-            room = need  # send_frame will meet, drop and count the bad chain
-        finally:
-            vq.unpop(popped)
-        return room >= need
+        while self._scan_room < need and scanned < count:
+            segs.clear()
+            try:
+                size = vq.walk(vq.head_at(self._scan_pos), self.memory, segs, writable=True)
+            except (ChainError, GuestMemoryError):
+                self._scan_valid = False
+                return True  # send_frame will meet, drop and count the bad chain
+            self._rx_buf_size = max(self._rx_buf_size, size)
+            self._scan_room += size
+            self._scan_pos = (self._scan_pos + 1) & 0xFFFF
+            scanned += 1
+        return self._scan_room >= need
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         vq = self.queues[RX]
@@ -755,10 +768,18 @@ class VhostUserNetDevice:
                     vq.push_used(taken, 0, dirty)
                 vq.push_used(head, 0, dirty)
                 self.rx_dropped += 1
+                self._scan_valid = False
                 return False
             self._rx_buf_size = max(self._rx_buf_size, size)
             room += size
             heads.append((head, len(segs)))
+        if self._scan_valid:
+            # The consumed heads were the first ones of the scanned range, or
+            # the scan is behind and must restart.
+            if (self._scan_pos - vq.last_avail) & 0xFFFF <= vq.num:
+                self._scan_room -= room
+            else:
+                self._scan_valid = False
         hdr = self._hdr
         if len(segs) == 1:
             # The common case (one buffer, one descriptor): two slice copies.

@@ -135,6 +135,13 @@ class VirtQueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return head
 
+    def head_at(self, position: int) -> int:
+        """The head the guest put at free-running avail position `position`."""
+        assert self._avail_view is not None
+        slot = position % self.num
+        head: int = U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
+        return head
+
     def unpop(self, count: int) -> None:
         """Give back heads popped but not used (the guest will offer them again)."""
         self.last_avail = (self.last_avail - count) & 0xFFFF
