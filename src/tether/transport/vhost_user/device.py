@@ -110,6 +110,8 @@ class VhostUserNetDevice:
         self._tx_segs: list[Segment] = []
         self._hdr = bytearray(12)
         self._tx_scheduled = False
+        self._rx_views: list[memoryview] | None = None  # an rx_buffers() reservation
+        self._rx_max = 0
         self.rx_dropped = 0  # frames for the guest dropped (no buffers / not running)
         self.rx_frames = 0
         self.rx_multi_buffer = 0  # frames spread over several buffers (MRG_RXBUF)
@@ -140,6 +142,8 @@ class VhostUserNetDevice:
         self._both_started = False
 
     def _teardown(self) -> None:
+        if getattr(self, "_rx_views", None) is not None:
+            self._release_rx_views()
         for vq in getattr(self, "queues", []):
             if vq.kick_fd is not None:
                 self.loop.remove(vq.kick_fd)
@@ -734,28 +738,28 @@ class VhostUserNetDevice:
             scanned += 1
         return self._scan_room >= need
 
-    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+    def _rx_collect(self, need: int) -> int:
+        """Pop receive buffers until `need` bytes fit: their total size, or 0.
+
+        Fills `_rx_segs` and `_rx_heads`.  On 0 nothing is consumed, except a
+        malformed chain, which is given back with everything taken before it.
+        """
         vq = self.queues[RX]
         memory = self.memory
         if memory is None or not vq.ready or not vq.enabled:
-            self.rx_dropped += 1
-            return False
-        hdr_len = self.hdr_len
-        need = hdr_len + len(frame)
+            return 0
         segs = self._rx_segs
         heads = self._rx_heads
         segs.clear()
         heads.clear()
-        dirty = self._log()
         avail = vq.available()
         room = 0
         while room < need:
             if avail == 0 or (heads and not self.mergeable):
                 # Not enough buffers now: keep them for a frame that fits.
                 vq.unpop(len(heads))
-                self.rx_dropped += 1
                 self._want_room = True
-                return False
+                return 0
             head = vq.pop()
             avail -= 1
             try:
@@ -764,22 +768,42 @@ class VhostUserNetDevice:
                 vq.bad_chains += 1
                 log.warning("queue %d: dropped chain: %s", vq.index, e)
                 # Return everything taken so far unused, so no head is used twice.
+                dirty = self._log()
                 for taken, _ in heads:
                     vq.push_used(taken, 0, dirty)
                 vq.push_used(head, 0, dirty)
-                self.rx_dropped += 1
                 self._scan_valid = False
-                return False
+                return 0
             self._rx_buf_size = max(self._rx_buf_size, size)
             room += size
             heads.append((head, len(segs)))
+        return room
+
+    def _rx_consumed(self, capacity: int) -> None:
+        """Keep _measure_room's running total right after buffers were used."""
         if self._scan_valid:
             # The consumed heads were the first ones of the scanned range, or
             # the scan is behind and must restart.
+            vq = self.queues[RX]
             if (self._scan_pos - vq.last_avail) & 0xFFFF <= vq.num:
-                self._scan_room -= room
+                self._scan_room -= capacity
             else:
                 self._scan_valid = False
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        if self._rx_views is not None:
+            raise RuntimeError("send_frame() between rx_buffers() and rx_commit()/rx_abort()")
+        hdr_len = self.hdr_len
+        need = hdr_len + len(frame)
+        room = self._rx_collect(need)
+        if not room:
+            self.rx_dropped += 1
+            return False
+        self._rx_consumed(room)
+        vq = self.queues[RX]
+        segs = self._rx_segs
+        heads = self._rx_heads
+        dirty = self._log()
         hdr = self._hdr
         if len(segs) == 1:
             # The common case (one buffer, one descriptor): two slice copies.
@@ -825,6 +849,103 @@ class VhostUserNetDevice:
         if len(heads) > 1:
             self.rx_multi_buffer += 1
         return True
+
+    # -- zero-copy RX: the stack receives straight into guest buffers -------------
+
+    def rx_buffers(self, max_len: int) -> list[memoryview] | None:
+        """Guest receive buffers for one frame of up to `max_len` bytes.
+
+        Returns writable views (the virtio-net header already skipped) that
+        together hold at least `max_len` bytes, for the caller to fill in
+        place — e.g. headers, then `socket.recvmsg_into(views[...])` — and
+        then `rx_commit(length)`; or `rx_abort()`.  None if the guest has no
+        room now (guest_room_available() follows).  The views die at commit.
+        """
+        if self._rx_views is not None:
+            raise RuntimeError("rx_buffers() called twice without rx_commit()/rx_abort()")
+        hdr_len = self.hdr_len
+        if not self._rx_collect(hdr_len + max_len):
+            self.rx_dropped += 1
+            return None
+        views = []
+        skip = hdr_len
+        for view, off, length, _ in self._rx_segs:
+            if skip >= length:
+                skip -= length
+                continue
+            views.append(view[off + skip:off + length])
+            skip = 0
+        self._rx_views = views
+        self._rx_max = max_len
+        return views
+
+    def rx_abort(self) -> None:
+        """Give back the buffers of rx_buffers() unused."""
+        self._release_rx_views()
+        self.queues[RX].unpop(len(self._rx_heads))
+
+    def rx_commit(self, length: int) -> None:
+        """The first `length` bytes of the rx_buffers() views are a frame for the guest."""
+        self._release_rx_views()
+        if not 0 < length <= self._rx_max:
+            self.queues[RX].unpop(len(self._rx_heads))
+            raise ValueError(f"frame of {length} bytes in buffers reserved for {self._rx_max}")
+        vq = self.queues[RX]
+        hdr_len = self.hdr_len
+        need = hdr_len + length
+        segs = self._rx_segs
+        dirty = self._log()
+        # Heads needed for `need` bytes; the rest go back to the ring.
+        used: list[tuple[int, int]] = []  # (head, bytes written)
+        pos = 0
+        first = 0
+        capacity = 0
+        for head, end in self._rx_heads:
+            if pos >= need:
+                break
+            written = 0
+            for i in range(first, end):
+                size = segs[i][2]
+                capacity += size
+                n = min(size, need - pos)
+                if n > 0:
+                    written += n
+                    pos += n
+            first = end
+            used.append((head, written))
+        vq.unpop(len(self._rx_heads) - len(used))
+        self._rx_consumed(capacity)
+        hdr = self._hdr
+        NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(used) if hdr_len == 12 else 0)
+        pos = 0
+        for view, off, size, gpa in segs:
+            if pos >= need:
+                break
+            if pos < hdr_len:
+                k = min(hdr_len - pos, size)
+                view[off:off + k] = hdr[pos:pos + k]
+            n = min(size, need - pos)
+            if dirty is not None:
+                dirty.mark(gpa, n)
+            pos += n
+        hdr[10] = hdr[11] = 0
+        for head, written in used:
+            vq.push_used(head, written, dirty)
+        self.rx_frames += 1
+        if len(used) > 1:
+            self.rx_multi_buffer += 1
+
+    def _release_rx_views(self) -> list[memoryview]:
+        views = self._rx_views
+        if views is None:
+            raise RuntimeError("no rx_buffers() reservation")
+        self._rx_views = None
+        for view in views:
+            try:
+                view.release()
+            except BufferError:
+                log.error("a receive buffer view was kept beyond rx_commit()")
+        return views
 
     def flush(self) -> None:
         vq = self.queues[RX]
