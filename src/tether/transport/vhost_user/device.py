@@ -856,7 +856,7 @@ class VhostUserNetDevice:
         """Guest receive buffers for one frame of up to `max_len` bytes.
 
         Returns writable views (the virtio-net header already skipped) that
-        together hold at least `max_len` bytes, for the caller to fill in
+        together hold exactly `max_len` bytes, for the caller to fill in
         place — e.g. headers, then `socket.recvmsg_into(views[...])` — and
         then `rx_commit(length)`; or `rx_abort()`.  None if the guest has no
         room now (guest_room_available() follows).  The views die at commit.
@@ -869,12 +869,17 @@ class VhostUserNetDevice:
             return None
         views = []
         skip = hdr_len
+        left = max_len  # views end at max_len: a recvmsg_into() cannot overfill
         for view, off, length, _ in self._rx_segs:
             if skip >= length:
                 skip -= length
                 continue
-            views.append(view[off + skip:off + length])
+            n = min(length - skip, left)
+            views.append(view[off + skip:off + skip + n])
+            left -= n
             skip = 0
+            if not left:
+                break
         self._rx_views = views
         self._rx_max = max_len
         return views
