@@ -550,3 +550,14 @@ def test_zero_copy_abort_and_bad_length_give_the_buffers_back(started: Rig) -> N
     assert dev.send_frame(b"still here")
     dev.flush()
     assert g.used(RX) == [(0, 22)]
+
+
+def test_get_vring_base_rewinds_a_pending_receive_reservation(started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    g.set_desc(RX, 0, BUF_BASE, 2048, DESC_F_WRITE)
+    g.offer(RX, 0)
+    fe.kick_queue(RX)
+    assert dev.rx_buffers(100) is not None
+    fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(RX, 0))
+    assert p.VRING_STATE.unpack(fe.reply(p.Request.GET_VRING_BASE)) == (RX, 0)
+    assert g.used_idx(RX) == 0

@@ -385,7 +385,11 @@ class VhostUserNetDevice:
         vq = self._queue(index, m)
         # Nothing is in flight between loop passes (RX and TX complete their
         # chains within one call), so stopping only needs the used index
-        # published, and logged, before QEMU's final log harvest.
+        # published, and logged, before QEMU's final log harvest.  A receive
+        # reservation held across passes (a caller's bug) is rewound.
+        if index == RX and self._rx_views is not None:
+            log.error("receive buffers reserved while the ring stops: rewound")
+            self.rx_abort()
         if vq.ready:
             vq.publish_and_notify(self._log())
         if vq.kick_fd is not None:
