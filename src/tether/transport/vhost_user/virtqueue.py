@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import struct
+import threading
 
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
 
@@ -44,6 +45,20 @@ MAX_INDIRECT = 1024  # entries in one indirect table (Linux never exceeds MAX_SK
 
 # One segment of a chain: (view, offset into view, length, guest-physical address)
 Segment = tuple[memoryview, int, int, int]
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier from pure Python.
+
+    CPython's lock is a POSIX semaphore; glibc takes and gives it with
+    LOCK-prefixed compare-exchange, which orders every earlier load and store
+    before every later one on x86 (Intel SDM vol. 3 §9.2.2).
+    """
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
 
 
 class ChainError(Exception):
@@ -222,10 +237,15 @@ class VirtQueue:
             return False
         self._pending_used = False
         # x86 keeps stores in program order, so the elements written above are
-        # visible before this index (the barrier of §2.7.13.3).
+        # visible before this index (the write barrier of §2.7.13.3).
         U16.pack_into(self._used_view, self._used_off + 2, self.used_idx)
         if dirty is not None and self.log_used:
             dirty.mark(self.log_gpa + 2, 2)
+        # The guest clears NO_INTERRUPT, fences, then rereads used->idx; we
+        # store used->idx, then read the flag.  x86 may let our load pass our
+        # store, and both sides would miss each other (a stalled queue), so
+        # a full fence goes between (§2.7.13.3.1, the device side of §2.7.10).
+        full_fence()
         assert self._avail_view is not None
         flags = U16.unpack_from(self._avail_view, self._avail_off)[0]
         return not flags & AVAIL_F_NO_INTERRUPT
