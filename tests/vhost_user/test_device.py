@@ -561,3 +561,13 @@ def test_get_vring_base_rewinds_a_pending_receive_reservation(started: Rig) -> N
     fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(RX, 0))
     assert p.VRING_STATE.unpack(fe.reply(p.Request.GET_VRING_BASE)) == (RX, 0)
     assert g.used_idx(RX) == 0
+
+
+def test_ring_size_changed_on_a_running_ring_is_not_read_with_old_bounds(
+        started: Rig) -> None:
+    g, fe = started.guest, started.fe
+    fe.send(p.Request.SET_VRING_NUM, p.VRING_STATE.pack(TX, 32768))  # rings no longer fit
+    g.offer(TX, 0)
+    fe.kick_queue(TX)  # must not read past what was checked
+    assert started.port.frames == []
+    assert fe.call_u64(p.Request.GET_FEATURES) == p.OFFERED_FEATURES

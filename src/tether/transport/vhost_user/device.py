@@ -346,6 +346,10 @@ class VhostUserNetDevice:
         if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
             raise p.ProtocolError(f"SET_VRING_NUM: size {num} is not a power of 2 "
                                   f"up to {MAX_QUEUE_SIZE}")
+        if num != vq.num:
+            # The mapped ranges were checked for the old size: map again
+            # (SET_VRING_ADDR or SET_VRING_KICK) before touching the ring.
+            vq.unmap_rings()
         vq.num = num
 
     def _set_vring_addr(self, m: p.Message) -> None:
