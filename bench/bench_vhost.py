@@ -1,0 +1,171 @@
+"""CPU cost of tether's vhost-user data path, per GB moved.
+
+Drives the real device code (rings in a shared memfd, eventfd kicks through
+the epoll loop) with the scripted guest of tests/vhost_user, so it measures
+only tether: the guest side's work is excluded from the CPU figures.
+
+    python bench/bench_vhost.py [--seconds S]
+
+Prints, for RX (send_frame into merged 4 KiB buffers, as Linux posts them)
+and TX (kick -> chains parsed in place -> GuestPort), frames per second and
+tether's CPU seconds per GB for 1514-byte and 65534-byte frames.  The
+issue's target is <= 1.6 CPU-s/GB (passt's figure under the same TCG guest,
+shared/reference/lab-results.md).  iperf3 through a real guest needs the
+network stack and is left to the integrator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tests.vhost_user.frontend import BUF_BASE, Frontend, Guest
+
+from tether.loop import Loop
+from tether.transport.vhost_user.device import VhostUserNetDevice
+from tether.transport.vhost_user.virtqueue import DESC_F_WRITE
+
+QSIZE = 256
+BUF = 4096
+MEM = 64 << 20
+RX, TX = 0, 1
+
+
+class CountingPort:
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+
+    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
+        self.frames += len(frames)
+        for f in frames:
+            self.bytes += len(f)
+
+    def guest_room_available(self) -> None:
+        pass
+
+
+def setup() -> tuple[Loop, VhostUserNetDevice, Frontend, Guest, CountingPort]:
+    loop = Loop()
+    port = CountingPort()
+    device = VhostUserNetDevice(loop, port)
+    guest = Guest(QSIZE, MEM)
+    fe = Frontend(loop, device)
+    fe.start(guest)
+    return loop, device, fe, guest, port
+
+
+def bench_rx(frame_size: int, seconds: float) -> tuple[float, float]:
+    loop, device, fe, guest, _ = setup()
+    for i in range(QSIZE):
+        guest.set_desc(RX, i, BUF_BASE + i * BUF, BUF, DESC_F_WRITE)
+        guest.offer(RX, i)
+    fe.kick_queue(RX)
+    frame = os.urandom(frame_size)
+    per_batch = max(1, (QSIZE * BUF) // (frame_size + 12) // 2)
+    cpu = 0.0
+    frames = 0
+    wall_end = time.monotonic() + seconds
+    while time.monotonic() < wall_end:
+        t0 = time.process_time()
+        for _ in range(per_batch):
+            if not device.send_frame(frame):
+                break
+            frames += 1
+        device.flush()
+        cpu += time.process_time() - t0
+        for head, _ in guest.used(RX):  # the guest recycles its buffers
+            guest.offer(RX, head)
+    fe.close()
+    loop.close()
+    return frames / cpu, cpu / (frames * frame_size / 1e9)
+
+
+def bench_rx_socket(frame_size: int, seconds: float, zero_copy: bool) -> tuple[float, float]:
+    """A socket's data to the guest: recv() + send_frame(), or recvmsg_into()
+    straight into the guest's buffers (rx_buffers/rx_commit)."""
+    loop, device, fe, guest, _ = setup()
+    for i in range(QSIZE):
+        guest.set_desc(RX, i, BUF_BASE + i * BUF, BUF, DESC_F_WRITE)
+        guest.offer(RX, i)
+    fe.kick_queue(RX)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    payload = os.urandom(frame_size)
+    per_batch = max(1, QSIZE // 2 // -(-(frame_size + 12) // BUF))
+    cpu = 0.0
+    frames = 0
+    wall_end = time.monotonic() + seconds
+    while time.monotonic() < wall_end:
+        for _ in range(per_batch):
+            a.sendall(payload)
+        t0 = time.process_time()
+        for _ in range(per_batch):
+            if zero_copy:
+                views = device.rx_buffers(frame_size)  # exactly one frame's worth
+                assert views is not None
+                n = b.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+                device.rx_commit(n)
+            else:
+                data = b.recv(frame_size, socket.MSG_WAITALL)
+                n = len(data)
+                assert device.send_frame(data)
+            assert n == frame_size
+            frames += 1
+        device.flush()
+        cpu += time.process_time() - t0
+        for head, _ in guest.used(RX):
+            guest.offer(RX, head)
+    a.close()
+    b.close()
+    fe.close()
+    loop.close()
+    return frames / cpu, cpu / (frames * frame_size / 1e9)
+
+
+def bench_tx(frame_size: int, seconds: float) -> tuple[float, float]:
+    loop, _, fe, guest, port = setup()
+    length = frame_size + 12
+    for i in range(QSIZE):
+        guest.write(BUF_BASE + i * 0x11000, bytes(12) + os.urandom(frame_size))
+        guest.set_desc(TX, i, BUF_BASE + i * 0x11000, length, 0)
+    cpu = 0.0
+    wall_end = time.monotonic() + seconds
+    while time.monotonic() < wall_end:
+        for i in range(QSIZE // 2):
+            guest.offer(TX, i)
+        t0 = time.process_time()
+        fe.kick_queue(TX)
+        cpu += time.process_time() - t0
+        guest.used(TX)
+    fe.close()
+    loop.close()
+    return port.frames / cpu, cpu / (port.bytes / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    print(f"{'path':<4} {'frame':>6} {'frames/s':>10} {'CPU-s/GB':>9} {'Gbit/s/core':>12}")
+    for name, fn in (("rx", bench_rx), ("tx", bench_tx)):
+        for size in (1514, 65534):
+            rate, cost = fn(size, args.seconds)
+            print(f"{name:<4} {size:>6} {rate:>10.0f} {cost:>9.3f} {8 / cost:>12.1f}")
+    print("socket -> guest (includes the kernel's copy out of the socket):")
+    for name, zero_copy in (("recv+send_frame", False), ("recvmsg_into(rx_buffers)", True)):
+        for size in (1460, 65000):
+            rate, cost = bench_rx_socket(size, args.seconds, zero_copy)
+            print(f"  {name:<26} {size:>6} {rate:>10.0f} {cost:>9.3f} {8 / cost:>12.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Transports: ways frames reach a guest (vhost-user, stream, tap)."""

@@ -1,0 +1,16 @@
+"""vhost-user back-end: QEMU's virtio-net rings in shared guest memory.
+
+Public API::
+
+    device = VhostUserNetDevice(loop, port, state=handler)   # a frames.FrameSink
+    server = VhostUserServer(loop, "/run/tether.sock", device)
+"""
+
+from .device import (
+    DeviceStateError,
+    DeviceStateHandler,
+    VhostUserNetDevice,
+    VhostUserServer,
+)
+
+__all__ = ["DeviceStateError", "DeviceStateHandler", "VhostUserNetDevice", "VhostUserServer"]

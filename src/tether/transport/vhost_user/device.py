@@ -1,0 +1,1037 @@
+"""The vhost-user net device: QEMU's socket, two virtqueues, a frames.GuestPort.
+
+`VhostUserNetDevice` is the back-end for one front-end connection at a time
+(`VhostUserServer` accepts them).  It answers the messages QEMU 10 sends
+(vhost-user.rst; order in shared/reference/vhost-user-migration.md §5-7),
+moves TX chains to the `GuestPort` and implements `frames.FrameSink` for RX.
+
+Errors, by kind:
+- a malformed or unknown message: `ProtocolError` -> logged, connection
+  dropped, device reset to a clean state for the next connection;
+- a request that is well-formed but cannot be honoured (a ring outside guest
+  memory): logged, REPLY_ACK answers non-zero, connection kept;
+- hostile guest data in the rings: counted in the queue, buffer dropped.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Protocol
+
+from ...frames import GuestPort
+from ...loop import HANGUP, READ, WRITE, Loop, Timer
+from . import protocol as p
+from .memory import DirtyLog, GuestMemoryError, MemoryTable
+from .virtqueue import MAX_QUEUE_SIZE, ChainError, Segment, VirtQueue
+
+log = logging.getLogger(__name__)
+
+RX, TX = 0, 1  # virtio-net queue pair 0 (virtio spec §5.1.2)
+NUM_QUEUES = 2
+# virtio-net header (virtio spec §5.1.6): 12 bytes with VERSION_1 or
+# MRG_RXBUF; only num_buffers (offset 10) is ever non-zero here, as no
+# offloads are offered.
+NET_HDR_NUM_BUFFERS = struct.Struct("<H")
+MAX_FRAME = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
+TX_BATCH = 64  # chains per pass before yielding to other fds
+STATE_TRANSFER_TIMEOUT = 60.0
+STATE_CHUNK = 1 << 16
+
+
+class DeviceStateError(Exception):
+    """Saving or loading device state failed; `errno` goes to CHECK_DEVICE_STATE."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class DeviceStateHandler(Protocol):
+    """What the device needs from the migration stream (wired by the integrator)."""
+
+    def save_state(self) -> bytes:
+        """Source: the state to send, called once the rings are stopped."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Target: validate and keep `data` (guest memory is not mapped yet).
+
+        Raise DeviceStateError to fail the migration; nothing may be applied.
+        """
+        ...
+
+    def rings_started(self) -> None:
+        """Both rings started: the target applies loaded state here; on the
+        source this after a save means QEMU resumed us (the migration failed)."""
+        ...
+
+    def rings_stopped(self) -> None:
+        """All rings stopped (GET_VRING_BASE): the device is suspended."""
+        ...
+
+
+class _Transfer:
+    """One SET_DEVICE_STATE_FD transfer in progress."""
+
+    def __init__(self, fd: int, direction: int, data: bytes) -> None:
+        self.fd = fd
+        self.direction = direction
+        self.data = bytearray() if direction == p.TRANSFER_LOAD else bytearray(data)
+        self.pos = 0
+        self.timer: Timer | None = None
+
+
+class VhostUserNetDevice:
+    """A virtio-net device served over vhost-user; a frames.FrameSink for RX."""
+
+    def __init__(self, loop: Loop, port: GuestPort,
+                 state: DeviceStateHandler | None = None,
+                 on_rarp: Callable[[bytes], None] | None = None) -> None:
+        self.loop = loop
+        self.port = port
+        self.state = state
+        self.on_rarp = on_rarp
+        self.offered_features = p.OFFERED_FEATURES
+        self.offered_protocol = p.OFFERED_PROTOCOL_FEATURES
+        if state is None:
+            self.offered_protocol &= ~(1 << p.PF_DEVICE_STATE)
+        self._sock: socket.socket | None = None
+        self._reader = p.MessageReader()
+        self._rx_segs: list[Segment] = []
+        self._rx_heads: list[tuple[int, int]] = []  # (head, end index in _rx_segs)
+        self._tx_segs: list[Segment] = []
+        self._hdr = bytearray(12)
+        self._tx_scheduled = False
+        self._rx_views: list[memoryview] | None = None  # an rx_buffers() reservation
+        self._rx_max = 0
+        self.rx_dropped = 0  # frames for the guest dropped (no buffers / not running)
+        self.rx_frames = 0
+        self.rx_multi_buffer = 0  # frames spread over several buffers (MRG_RXBUF)
+        self.tx_frames = 0
+        self.logged_pages = 0  # dirty-log marks of closed logs (see stats())
+        self.connections = 0
+        self._reset()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """Back to the state of a device no front-end has touched."""
+        self.features = 0
+        self.protocol_features = 0
+        self.hdr_len = 12
+        self.mergeable = False
+        self.logging = False
+        self.memory: MemoryTable | None = None
+        self.dirty_log: DirtyLog | None = None
+        self.queues = [VirtQueue(i) for i in range(NUM_QUEUES)]
+        self._want_room = False
+        self._rx_buf_size = 0
+        self._scan_valid = False  # see _measure_room
+        self._scan_pos = 0
+        self._scan_room = 0
+        self._transfer: _Transfer | None = None
+        self._transfer_result = 0
+        self._both_started = False
+
+    def _teardown(self) -> None:
+        if getattr(self, "_rx_views", None) is not None:
+            self._release_rx_views()
+        for vq in getattr(self, "queues", []):
+            if vq.kick_fd is not None:
+                self.loop.remove(vq.kick_fd)
+            vq.unmap_rings()
+            vq.close_fds()
+        self._abort_transfer(errno.ECONNABORTED)
+        if self.memory is not None:
+            self.memory.close()
+        if self.dirty_log is not None:
+            self.logged_pages += self.dirty_log.marked
+            self.dirty_log.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def attach(self, sock: socket.socket) -> None:
+        """Serve a new front-end connection, starting from a clean device."""
+        if self._sock is not None:
+            raise RuntimeError("device already has a front-end")
+        self._teardown()
+        self._reset()
+        sock.setblocking(False)
+        self._sock = sock
+        self._reader = p.MessageReader()
+        self.connections += 1
+        self.loop.add(sock.fileno(), READ, self._on_socket)
+        log.info("front-end connected")
+
+    def disconnect(self, reason: str) -> None:
+        if self._sock is None:
+            return
+        log.info("front-end disconnected: %s", reason)
+        self.loop.remove(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+        self._reader.close()
+        self._teardown()
+        self._reset()
+
+    # -- the socket -------------------------------------------------------------
+
+    def _on_socket(self, events: int) -> None:
+        sock = self._sock
+        while sock is not None and self._sock is sock:
+            try:
+                data, ancdata, msg_flags, _ = sock.recvmsg(
+                    self._reader.wanted(), socket.CMSG_SPACE(p.MAX_FDS * 4))
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.disconnect(f"receive failed: {e}")
+                return
+            try:
+                fds = _fds_from(ancdata)
+                if msg_flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        os.close(fd)
+                    raise p.ProtocolError("too many fds attached to a message")
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    self.disconnect("end of stream")
+                    return
+                message = self._reader.feed(data, fds)
+                if message is not None:
+                    self._dispatch(message)
+            except p.ProtocolError as e:
+                log.error("vhost-user protocol error: %s", e)
+                self.disconnect(f"protocol error: {e}")
+                return
+
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            # Replies are a few bytes; a full socket buffer means QEMU is gone.
+            raise p.ProtocolError(f"cannot send reply: {e}") from e
+
+    def _dispatch(self, message: p.Message) -> None:
+        handler = self._handlers.get(message.request)
+        if handler is None:
+            message.close_fds()
+            raise p.ProtocolError(f"unsupported request {message.name} "
+                                  f"(flags {message.flags:#x}, size {len(message.payload)})")
+        log.debug("%s flags=%#x size=%d fds=%d", message.name, message.flags,
+                  len(message.payload), len(message.fds))
+        try:
+            reply = handler(self, message)
+        except p.ProtocolError:
+            message.close_fds()
+            raise
+        except _RequestFailedError as e:
+            log.error("%s failed: %s", message.name, e)
+            message.close_fds()
+            reply = None
+            ok = False
+        else:
+            ok = True
+        if message.fds:
+            message.close_fds()
+            raise p.ProtocolError(f"{message.name}: unexpected fds attached")
+        if reply is not None:
+            self._send(p.encode_reply(message.request, reply))
+        elif message.need_reply and self.protocol_features & (1 << p.PF_REPLY_ACK):
+            self._send(p.encode_u64_reply(message.request, 0 if ok else 1))
+
+    # -- message handlers: each returns its own reply payload or None ------------
+
+    def _queue(self, index: int, message: p.Message) -> VirtQueue:
+        if index >= NUM_QUEUES:
+            raise p.ProtocolError(f"{message.name}: queue {index} does not exist "
+                                  f"(this device has {NUM_QUEUES})")
+        return self.queues[index]
+
+    def _vring_fd(self, m: p.Message) -> tuple[VirtQueue, int | None]:
+        """The queue and fd of SET_VRING_KICK/CALL/ERR; the fd is ours from here on."""
+        index, fd = p.parse_vring_fd(m)
+        if index >= NUM_QUEUES and fd is not None:
+            os.close(fd)
+        return self._queue(index, m), fd
+
+    def _get_features(self, m: p.Message) -> bytes:
+        return p.U64.pack(self.offered_features)
+
+    def _set_features(self, m: p.Message) -> None:
+        features = p.parse_u64(m)
+        if features & ~self.offered_features:
+            raise p.ProtocolError(f"SET_FEATURES {features:#x} has bits never offered "
+                                  f"({features & ~self.offered_features:#x})")
+        self.features = features
+        version_1 = bool(features & (1 << p.F_VERSION_1))
+        self.mergeable = bool(features & (1 << p.F_NET_MRG_RXBUF))
+        self.hdr_len = 12 if version_1 or self.mergeable else 10
+        self.logging = bool(features & (1 << p.F_LOG_ALL))
+        if not features & (1 << p.F_PROTOCOL_FEATURES):
+            # vhost-user.rst "Ring states": without PROTOCOL_FEATURES rings
+            # are enabled as soon as they start.
+            for vq in self.queues:
+                vq.enabled = True
+        log.info("features %#x (logging %s)", features, "on" if self.logging else "off")
+
+    def _nothing(self, m: p.Message) -> None:
+        if m.payload:
+            raise p.ProtocolError(f"{m.name}: unexpected {len(m.payload)}-byte payload")
+
+    def _reset_rings(self, m: p.Message) -> None:
+        for vq in self.queues:
+            if vq.kick_fd is not None:
+                self.loop.remove(vq.kick_fd)
+            vq.unmap_rings()
+            vq.close_fds()
+        self.queues = [VirtQueue(i) for i in range(NUM_QUEUES)]
+        self._both_started = False
+
+    def _set_mem_table(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
+        regions = p.parse_mem_table(m)
+        fds, m.fds = m.fds, []
+        memory = MemoryTable(regions, fds)  # closes the fds
+        if self.memory is not None:
+            for vq in self.queues:
+                vq.unmap_rings()
+            self.memory.close()
+        self.memory = memory
+        self._rx_buf_size = 0
+        log.info("memory table: %s", ", ".join(f"{g:#x}+{s:#x}" for g, s in memory.regions))
+        failed = []
+        for vq in self.queues:
+            try:
+                vq.map_rings(memory)
+            except GuestMemoryError as e:
+                # A stopped ring's old addresses may not fit the new table:
+                # QEMU sends fresh ones (SET_VRING_ADDR) before starting it.
+                if vq.started:
+                    vq.broken = True
+                    failed.append(f"queue {vq.index}: {e}")
+        if failed:
+            raise _RequestFailedError("; ".join(failed))
+
+    def _set_log_base(self, m: p.Message) -> bytes:
+        size, offset = p.parse_log_params(m)
+        fd = m.take_fd()
+        new = DirtyLog(fd, size, offset)  # closes fd
+        if self.dirty_log is not None:
+            self.logged_pages += self.dirty_log.marked
+            self.dirty_log.close()
+        self.dirty_log = new
+        log.info("dirty log: %d pages", new.pages)
+        # With LOG_SHMFD QEMU always reads a reply; u64 0 as libvhost-user.
+        return p.U64.pack(0)
+
+    def _set_log_fd(self, m: p.Message) -> None:
+        m.close_fds()  # an optional "log updated" eventfd we never need
+
+    def _set_vring_num(self, m: p.Message) -> None:
+        index, num = p.parse_vring_state(m)
+        vq = self._queue(index, m)
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise p.ProtocolError(f"SET_VRING_NUM: size {num} is not a power of 2 "
+                                  f"up to {MAX_QUEUE_SIZE}")
+        if num != vq.num:
+            # The mapped ranges were checked for the old size: map again
+            # (SET_VRING_ADDR or SET_VRING_KICK) before touching the ring.
+            vq.unmap_rings()
+        vq.num = num
+
+    def _set_vring_addr(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
+        addr = p.parse_vring_addr(m)
+        vq = self._queue(addr.index, m)
+        if addr.flags & ~p.VRING_F_LOG:
+            raise p.ProtocolError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
+        was_mapped = vq.addr_set and (vq.desc_qva, vq.avail_qva, vq.used_qva) == (
+            addr.desc, addr.avail, addr.used)
+        vq.desc_qva, vq.avail_qva, vq.used_qva = addr.desc, addr.avail, addr.used
+        vq.log_gpa = addr.log
+        vq.log_used = bool(addr.flags & p.VRING_F_LOG)
+        vq.addr_set = True
+        if was_mapped and vq.ready:
+            return None  # only the log flag changed (migration starting/ending)
+        if self.memory is not None:
+            try:
+                vq.map_rings(self.memory)
+            except GuestMemoryError as e:
+                vq.broken = True
+                raise _RequestFailedError(f"queue {vq.index}: {e}") from e
+            vq.read_used_idx()
+        return None
+
+    def _set_vring_base(self, m: p.Message) -> None:
+        self._scan_valid = False  # ring positions or buffers may change
+        index, num = p.parse_vring_state(m)
+        vq = self._queue(index, m)
+        if num > 0xFFFF:
+            raise p.ProtocolError(f"SET_VRING_BASE: {num:#x} has reserved bits set")
+        vq.last_avail = num
+
+    def _get_vring_base(self, m: p.Message) -> bytes:
+        self._scan_valid = False  # ring positions or buffers may change
+        index, _ = p.parse_vring_state(m)
+        vq = self._queue(index, m)
+        # Nothing is in flight between loop passes (RX and TX complete their
+        # chains within one call), so stopping only needs the used index
+        # published, and logged, before QEMU's final log harvest.  A receive
+        # reservation held across passes (a caller's bug) is rewound.
+        if index == RX and self._rx_views is not None:
+            log.error("receive buffers reserved while the ring stops: rewound")
+            self.rx_abort()
+        if vq.ready:
+            vq.publish_and_notify(self._log())
+        if vq.kick_fd is not None:
+            self.loop.remove(vq.kick_fd)
+            os.close(vq.kick_fd)
+            vq.kick_fd = None
+        vq.started = False
+        self._both_started = False
+        log.info("queue %d stopped at avail %d, used %d", index, vq.last_avail, vq.used_idx)
+        if self.state is not None and not any(q.started for q in self.queues):
+            self.state.rings_stopped()
+        return p.VRING_STATE.pack(index, vq.last_avail)
+
+    def _set_vring_kick(self, m: p.Message) -> None:
+        vq, fd = self._vring_fd(m)
+        index = vq.index
+        if fd is None:
+            raise p.ProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
+        if vq.kick_fd is not None:
+            self.loop.remove(vq.kick_fd)
+            os.close(vq.kick_fd)
+        os.set_blocking(fd, False)
+        vq.kick_fd = fd
+        self.loop.add(fd, READ, self._rx_kick if index == RX else self._tx_kick)
+        # Like passt and libvhost-user, the kick fd is the start signal.
+        vq.started = True
+        if self.memory is not None and vq.addr_set:
+            try:
+                vq.map_rings(self.memory)
+            except GuestMemoryError as e:
+                vq.broken = True
+                raise _RequestFailedError(f"queue {index}: {e}") from e
+        log.info("queue %d started at avail %d, used %d", index, vq.last_avail, vq.used_idx)
+        if index == TX:
+            self._schedule_tx()
+        else:
+            self.loop.call_soon(self._room_check)
+        if all(q.started for q in self.queues) and not self._both_started:
+            self._both_started = True
+            if self.state is not None:
+                self.state.rings_started()
+
+    def _set_vring_call(self, m: p.Message) -> None:
+        vq, fd = self._vring_fd(m)
+        if vq.call_fd is not None:
+            os.close(vq.call_fd)
+        vq.call_fd = fd
+
+    def _set_vring_err(self, m: p.Message) -> None:
+        _, fd = self._vring_fd(m)
+        if fd is not None:
+            os.close(fd)  # we never report ring errors this way
+
+    def _get_protocol_features(self, m: p.Message) -> bytes:
+        return p.U64.pack(self.offered_protocol)
+
+    def _set_protocol_features(self, m: p.Message) -> None:
+        features = p.parse_u64(m)
+        if features & ~self.offered_protocol:
+            raise p.ProtocolError(f"SET_PROTOCOL_FEATURES {features:#x} has bits never "
+                                  f"offered ({features & ~self.offered_protocol:#x})")
+        self.protocol_features = features
+
+    def _get_queue_num(self, m: p.Message) -> bytes:
+        return p.U64.pack(1)
+
+    def _set_vring_enable(self, m: p.Message) -> None:
+        index, num = p.parse_vring_state(m)
+        vq = self._queue(index, m)
+        if num > 1:
+            raise p.ProtocolError(f"SET_VRING_ENABLE: value {num} is not 0 or 1")
+        vq.enabled = bool(num)
+        if vq.enabled and index == RX:
+            self.loop.call_soon(self._room_check)
+
+    def _send_rarp(self, m: p.Message) -> None:
+        mac = p.U64.pack(p.parse_u64(m))[:6]
+        log.info("front-end asks to announce %s", mac.hex(":"))
+        if self.on_rarp is not None:
+            self.on_rarp(mac)
+
+    def _net_set_mtu(self, m: p.Message) -> None:
+        p.parse_u64(m)
+
+    # -- device state (vhost-user.rst "Migrating back-end state") ------------------
+
+    def _set_device_state_fd(self, m: p.Message) -> bytes:
+        direction, phase = p.parse_transfer_params(m)
+        fd = m.take_fd()
+        if self.state is None:
+            os.close(fd)
+            raise p.ProtocolError("SET_DEVICE_STATE_FD without DEVICE_STATE negotiated")
+        self._abort_transfer(errno.ECANCELED)
+        if direction not in (p.TRANSFER_SAVE, p.TRANSFER_LOAD) or phase != p.PHASE_STOPPED:
+            os.close(fd)
+            log.error("SET_DEVICE_STATE_FD: direction %d phase %d not supported",
+                      direction, phase)
+            self._transfer_result = errno.EINVAL
+            return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
+        data = b""
+        if direction == p.TRANSFER_SAVE:
+            try:
+                data = self.state.save_state()
+            except DeviceStateError as e:
+                os.close(fd)
+                log.error("saving device state failed: %s", e)
+                self._transfer_result = e.errno or errno.EIO
+                return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
+        os.set_blocking(fd, False)
+        transfer = _Transfer(fd, direction, data)
+        self._transfer = transfer
+        self._transfer_result = errno.EINPROGRESS
+        # The reply goes out when this handler returns, before the loop polls
+        # again, so the pipe is only touched after QEMU has its reply.
+        if direction == p.TRANSFER_SAVE:
+            self.loop.add(fd, WRITE, self._on_state_writable)
+        else:
+            self.loop.add(fd, READ, self._on_state_readable)
+        transfer.timer = self.loop.call_later(
+            STATE_TRANSFER_TIMEOUT, lambda: self._abort_transfer(errno.ETIMEDOUT))
+        log.info("device state %s started (%d bytes)",
+                 "save" if direction == p.TRANSFER_SAVE else "load", len(data))
+        return p.U64.pack(p.DEVICE_STATE_NO_FD)
+
+    def _on_state_writable(self, events: int) -> None:
+        t = self._transfer
+        assert t is not None
+        try:
+            while t.pos < len(t.data):
+                t.pos += os.write(t.fd, memoryview(t.data)[t.pos:t.pos + STATE_CHUNK])
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.error("writing device state failed: %s", e)
+            self._finish_transfer(e.errno or errno.EIO)
+            return
+        self._finish_transfer(0)
+
+    def _on_state_readable(self, events: int) -> None:
+        t = self._transfer
+        assert t is not None
+        try:
+            while chunk := os.read(t.fd, STATE_CHUNK):
+                t.data += chunk
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.error("reading device state failed: %s", e)
+            self._finish_transfer(e.errno or errno.EIO)
+            return
+        self._finish_transfer(self._load(bytes(t.data)))
+
+    def _load(self, data: bytes) -> int:
+        assert self.state is not None
+        try:
+            self.state.load_state(data)
+        except DeviceStateError as e:
+            log.error("loading device state (%d bytes) failed: %s", len(data), e)
+            return e.errno or errno.EINVAL
+        log.info("device state loaded (%d bytes)", len(data))
+        return 0
+
+    def _finish_transfer(self, result: int) -> None:
+        t = self._transfer
+        if t is None:
+            return
+        self._transfer = None
+        self.loop.remove(t.fd)
+        os.close(t.fd)
+        if t.timer is not None:
+            t.timer.cancel()
+        self._transfer_result = result
+
+    def _abort_transfer(self, code: int) -> None:
+        if getattr(self, "_transfer", None) is not None:
+            log.error("device state transfer aborted: %s", os.strerror(code))
+            self._finish_transfer(code)
+
+    def _check_device_state(self, m: p.Message) -> bytes:
+        t = self._transfer
+        if t is not None and t.direction == p.TRANSFER_LOAD:
+            # QEMU sends CHECK only after closing its write end, so whatever
+            # is left in the pipe can be read to EOF without waiting.
+            os.set_blocking(t.fd, True)
+            self._on_state_readable(0)
+        elif t is not None:
+            self._finish_transfer(errno.EIO)  # QEMU saw EOF before we closed: impossible
+        result = self._transfer_result
+        log.info("CHECK_DEVICE_STATE: %s", os.strerror(result) if result else "success")
+        return p.U64.pack(result)
+
+    _handlers: ClassVar[dict[int, Callable[[VhostUserNetDevice, p.Message], bytes | None]]] = {
+        p.Request.GET_FEATURES: _get_features,
+        p.Request.SET_FEATURES: _set_features,
+        p.Request.SET_OWNER: _nothing,
+        p.Request.RESET_OWNER: _reset_rings,
+        p.Request.RESET_DEVICE: _reset_rings,
+        p.Request.SET_MEM_TABLE: _set_mem_table,
+        p.Request.SET_LOG_BASE: _set_log_base,
+        p.Request.SET_LOG_FD: _set_log_fd,
+        p.Request.SET_VRING_NUM: _set_vring_num,
+        p.Request.SET_VRING_ADDR: _set_vring_addr,
+        p.Request.SET_VRING_BASE: _set_vring_base,
+        p.Request.GET_VRING_BASE: _get_vring_base,
+        p.Request.SET_VRING_KICK: _set_vring_kick,
+        p.Request.SET_VRING_CALL: _set_vring_call,
+        p.Request.SET_VRING_ERR: _set_vring_err,
+        p.Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
+        p.Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        p.Request.GET_QUEUE_NUM: _get_queue_num,
+        p.Request.SET_VRING_ENABLE: _set_vring_enable,
+        p.Request.SEND_RARP: _send_rarp,
+        p.Request.NET_SET_MTU: _net_set_mtu,
+        p.Request.SET_DEVICE_STATE_FD: _set_device_state_fd,
+        p.Request.CHECK_DEVICE_STATE: _check_device_state,
+    }
+
+    # -- TX: guest -> port -----------------------------------------------------------
+
+    def _log(self) -> DirtyLog | None:
+        return self.dirty_log if self.logging else None
+
+    def _tx_kick(self, events: int) -> None:
+        vq = self.queues[TX]
+        if vq.kick_fd is not None:
+            _drain_eventfd(vq.kick_fd)
+        self._process_tx()
+
+    def _schedule_tx(self) -> None:
+        if not self._tx_scheduled:
+            self._tx_scheduled = True
+            # A timer, not call_soon: the loop drains deferred work before it
+            # polls again, so a busy guest would starve every other fd.
+            self.loop.call_later(0.0, self._process_tx)
+
+    def _process_tx(self) -> None:
+        self._tx_scheduled = False
+        vq = self.queues[TX]
+        memory = self.memory
+        if memory is None or not vq.ready:
+            return
+        count = min(vq.available(), TX_BATCH)
+        if count == 0:
+            return
+        dirty = self._log()
+        hdr_len = self.hdr_len
+        segs = self._tx_segs
+        frames: list[memoryview] = []
+        heads: list[int] = []
+        for _ in range(count):
+            head = vq.pop()
+            segs.clear()
+            try:
+                total = vq.walk(head, memory, segs, writable=False)
+                if not hdr_len < total <= hdr_len + MAX_FRAME:
+                    raise ChainError(f"chain {head}: {total} bytes is no frame")
+            except (ChainError, GuestMemoryError) as e:
+                vq.bad_chains += 1
+                log.warning("queue %d: dropped chain: %s", vq.index, e)
+                vq.push_used(head, 0, dirty)
+                continue
+            heads.append(head)
+            if len(segs) == 1:
+                view, off, length, _ = segs[0]
+                frames.append(view[off + hdr_len:off + length])
+            else:
+                buf = bytearray(total)
+                pos = 0
+                for view, off, length, _ in segs:
+                    buf[pos:pos + length] = view[off:off + length]
+                    pos += length
+                frames.append(memoryview(buf)[hdr_len:])
+        if frames and vq.enabled:
+            self.tx_frames += len(frames)
+            try:
+                self.port.frames_from_guest(frames)
+            except Exception:
+                log.exception("guest port failed on %d frames", len(frames))
+        for frame in frames:
+            try:
+                frame.release()
+            except BufferError:
+                log.error("guest port kept a frame view beyond the call")
+        for head in heads:
+            vq.push_used(head, 0, dirty)
+        vq.publish_and_notify(dirty)
+        if vq.available():
+            self._schedule_tx()
+
+    # -- RX: port -> guest (frames.FrameSink) ----------------------------------------
+
+    def _rx_kick(self, events: int) -> None:
+        vq = self.queues[RX]
+        if vq.kick_fd is not None:
+            _drain_eventfd(vq.kick_fd)
+        self._room_check()
+
+    def _room_check(self) -> None:
+        if self._want_room and self._room():
+            self._want_room = False
+            self.port.guest_room_available()
+
+    def has_room(self) -> bool:
+        """Whether a full-sized frame fits; if not, guest_room_available() follows."""
+        if self._room():
+            return True
+        self._want_room = True
+        return False
+
+    def _room(self) -> bool:
+        vq = self.queues[RX]
+        if not vq.enabled or self.memory is None:
+            return False
+        count = vq.available()
+        if count == 0:
+            return False
+        if not self.mergeable:
+            return True
+        # Fast path: estimated from the largest buffer seen (Linux posts
+        # mergeable buffers of similar sizes); an overestimate only costs a
+        # dropped frame, after which room is signalled again.
+        need = MAX_FRAME + self.hdr_len
+        if count * self._rx_buf_size >= need:
+            return True
+        return self._measure_room(vq, count, need)
+
+    def _measure_room(self, vq: VirtQueue, count: int, need: int) -> bool:
+        """The tight case: add up the available buffers' sizes.
+
+        Incremental: `_scan_room` is the capacity of the heads from
+        last_avail up to `_scan_pos`; send_frame subtracts what it consumes,
+        so each head is walked here once however often the stack asks.
+        """
+        assert self.memory is not None
+        scanned = (self._scan_pos - vq.last_avail) & 0xFFFF
+        if not self._scan_valid or scanned > count or self._scan_room < 0:
+            self._scan_pos, self._scan_room, scanned = vq.last_avail, 0, 0
+            self._scan_valid = True
+        segs: list[Segment] = []
+        while self._scan_room < need and scanned < count:
+            segs.clear()
+            try:
+                size = vq.walk(vq.head_at(self._scan_pos), self.memory, segs, writable=True)
+            except (ChainError, GuestMemoryError):
+                self._scan_valid = False
+                return True  # send_frame will meet, drop and count the bad chain
+            self._rx_buf_size = max(self._rx_buf_size, size)
+            self._scan_room += size
+            self._scan_pos = (self._scan_pos + 1) & 0xFFFF
+            scanned += 1
+        return self._scan_room >= need
+
+    def _rx_collect(self, need: int) -> int:
+        """Pop receive buffers until `need` bytes fit: their total size, or 0.
+
+        Fills `_rx_segs` and `_rx_heads`.  On 0 nothing is consumed, except a
+        malformed chain, which is given back with everything taken before it.
+        """
+        vq = self.queues[RX]
+        memory = self.memory
+        if memory is None or not vq.ready or not vq.enabled:
+            return 0
+        segs = self._rx_segs
+        heads = self._rx_heads
+        segs.clear()
+        heads.clear()
+        avail = vq.available()
+        room = 0
+        while room < need:
+            if avail == 0 or (heads and not self.mergeable):
+                # Not enough buffers now: keep them for a frame that fits.
+                vq.unpop(len(heads))
+                self._want_room = True
+                return 0
+            head = vq.pop()
+            avail -= 1
+            try:
+                size = vq.walk(head, memory, segs, writable=True)
+            except (ChainError, GuestMemoryError) as e:
+                vq.bad_chains += 1
+                log.warning("queue %d: dropped chain: %s", vq.index, e)
+                # Return everything taken so far unused, so no head is used twice.
+                dirty = self._log()
+                for taken, _ in heads:
+                    vq.push_used(taken, 0, dirty)
+                vq.push_used(head, 0, dirty)
+                self._scan_valid = False
+                return 0
+            self._rx_buf_size = max(self._rx_buf_size, size)
+            room += size
+            heads.append((head, len(segs)))
+        return room
+
+    def _rx_consumed(self, capacity: int) -> None:
+        """Keep _measure_room's running total right after buffers were used."""
+        if self._scan_valid:
+            # The consumed heads were the first ones of the scanned range, or
+            # the scan is behind and must restart.
+            vq = self.queues[RX]
+            if (self._scan_pos - vq.last_avail) & 0xFFFF <= vq.num:
+                self._scan_room -= capacity
+            else:
+                self._scan_valid = False
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        if self._rx_views is not None:
+            raise RuntimeError("send_frame() between rx_buffers() and rx_commit()/rx_abort()")
+        hdr_len = self.hdr_len
+        need = hdr_len + len(frame)
+        room = self._rx_collect(need)
+        if not room:
+            self.rx_dropped += 1
+            return False
+        self._rx_consumed(room)
+        vq = self.queues[RX]
+        segs = self._rx_segs
+        heads = self._rx_heads
+        dirty = self._log()
+        hdr = self._hdr
+        if len(segs) == 1:
+            # The common case (one buffer, one descriptor): two slice copies.
+            view, off, _, gpa = segs[0]
+            if hdr_len == 12:
+                hdr[10] = 1  # num_buffers
+            view[off:off + hdr_len] = hdr[:hdr_len]
+            view[off + hdr_len:off + need] = frame
+            hdr[10] = 0
+            if dirty is not None:
+                dirty.mark(gpa, need)
+            vq.push_used(heads[0][0], need, dirty)
+            self.rx_frames += 1
+            return True
+        NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(heads) if hdr_len == 12 else 0)
+        source = memoryview(frame)
+        pos = 0  # position in header + frame
+        first = 0
+        for head, end in heads:
+            written = 0
+            for i in range(first, end):
+                if pos >= need:
+                    break
+                view, off, length, gpa = segs[i]
+                n = min(length, need - pos)
+                stop = pos + n
+                if pos < hdr_len:
+                    k = min(hdr_len, stop) - pos
+                    view[off:off + k] = hdr[pos:pos + k]
+                    if stop > hdr_len:
+                        view[off + k:off + n] = source[0:stop - hdr_len]
+                else:
+                    view[off:off + n] = source[pos - hdr_len:stop - hdr_len]
+                if dirty is not None:
+                    dirty.mark(gpa, n)
+                pos = stop
+                written += n
+            first = end
+            vq.push_used(head, written, dirty)
+        if hdr_len == 12:
+            hdr[10] = hdr[11] = 0
+        self.rx_frames += 1
+        if len(heads) > 1:
+            self.rx_multi_buffer += 1
+        return True
+
+    # -- zero-copy RX: the stack receives straight into guest buffers -------------
+
+    def rx_buffers(self, max_len: int) -> list[memoryview] | None:
+        """Guest receive buffers for one frame of up to `max_len` bytes.
+
+        Returns writable views (the virtio-net header already skipped) that
+        together hold exactly `max_len` bytes, for the caller to fill in
+        place — e.g. headers, then `socket.recvmsg_into(views[...])` — and
+        then `rx_commit(length)`; or `rx_abort()`.  None if the guest has no
+        room now (guest_room_available() follows).  The views die at commit.
+        """
+        if self._rx_views is not None:
+            raise RuntimeError("rx_buffers() called twice without rx_commit()/rx_abort()")
+        hdr_len = self.hdr_len
+        if not self._rx_collect(hdr_len + max_len):
+            self.rx_dropped += 1
+            return None
+        views = []
+        skip = hdr_len
+        left = max_len  # views end at max_len: a recvmsg_into() cannot overfill
+        for view, off, length, _ in self._rx_segs:
+            if skip >= length:
+                skip -= length
+                continue
+            n = min(length - skip, left)
+            views.append(view[off + skip:off + skip + n])
+            left -= n
+            skip = 0
+            if not left:
+                break
+        self._rx_views = views
+        self._rx_max = max_len
+        return views
+
+    def rx_abort(self) -> None:
+        """Give back the buffers of rx_buffers() unused."""
+        self._release_rx_views()
+        self.queues[RX].unpop(len(self._rx_heads))
+
+    def rx_commit(self, length: int) -> None:
+        """The first `length` bytes of the rx_buffers() views are a frame for the guest."""
+        self._release_rx_views()
+        if not 0 < length <= self._rx_max:
+            self.queues[RX].unpop(len(self._rx_heads))
+            raise ValueError(f"frame of {length} bytes in buffers reserved for {self._rx_max}")
+        vq = self.queues[RX]
+        hdr_len = self.hdr_len
+        need = hdr_len + length
+        segs = self._rx_segs
+        dirty = self._log()
+        # Heads needed for `need` bytes; the rest go back to the ring.
+        used: list[tuple[int, int]] = []  # (head, bytes written)
+        pos = 0
+        first = 0
+        capacity = 0
+        for head, end in self._rx_heads:
+            if pos >= need:
+                break
+            written = 0
+            for i in range(first, end):
+                size = segs[i][2]
+                capacity += size
+                n = min(size, need - pos)
+                if n > 0:
+                    written += n
+                    pos += n
+            first = end
+            used.append((head, written))
+        vq.unpop(len(self._rx_heads) - len(used))
+        self._rx_consumed(capacity)
+        hdr = self._hdr
+        NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(used) if hdr_len == 12 else 0)
+        pos = 0
+        for view, off, size, gpa in segs:
+            if pos >= need:
+                break
+            if pos < hdr_len:
+                k = min(hdr_len - pos, size)
+                view[off:off + k] = hdr[pos:pos + k]
+            n = min(size, need - pos)
+            if dirty is not None:
+                dirty.mark(gpa, n)
+            pos += n
+        hdr[10] = hdr[11] = 0
+        for head, written in used:
+            vq.push_used(head, written, dirty)
+        self.rx_frames += 1
+        if len(used) > 1:
+            self.rx_multi_buffer += 1
+
+    def _release_rx_views(self) -> list[memoryview]:
+        views = self._rx_views
+        if views is None:
+            raise RuntimeError("no rx_buffers() reservation")
+        self._rx_views = None
+        for view in views:
+            try:
+                view.release()
+            except BufferError:
+                log.error("a receive buffer view was kept beyond rx_commit()")
+        return views
+
+    def flush(self) -> None:
+        vq = self.queues[RX]
+        if vq.ready:
+            vq.publish_and_notify(self._log())
+
+    # -- introspection for tests and stats ----------------------------------------------
+
+    @property
+    def bad_chains(self) -> int:
+        return sum(vq.bad_chains for vq in self.queues)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": self.connections, "tx_frames": self.tx_frames,
+            "rx_frames": self.rx_frames, "rx_multi_buffer": self.rx_multi_buffer,
+            "rx_dropped": self.rx_dropped, "bad_chains": self.bad_chains,
+            "logged_pages": self.logged_pages + (
+                self.dirty_log.marked if self.dirty_log is not None else 0),
+        }
+
+
+class _RequestFailedError(Exception):
+    """A well-formed request that cannot be honoured; REPLY_ACK reports it."""
+
+
+def _fds_from(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _drain_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
+
+
+class VhostUserServer:
+    """Listens on a UNIX socket and hands one front-end at a time to the device."""
+
+    def __init__(self, loop: Loop, path: str, device: VhostUserNetDevice) -> None:
+        self.loop = loop
+        self.path = path
+        self.device = device
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        self._sock.listen(1)
+        self._sock.setblocking(False)
+        loop.add(self._sock.fileno(), READ | HANGUP, self._accept)
+
+    def _accept(self, events: int) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except BlockingIOError:
+            return
+        if self.device.connected:
+            log.warning("refusing a second front-end: one is already connected")
+            conn.close()
+            return
+        self.device.attach(conn)
+
+    def close(self) -> None:
+        self.loop.remove(self._sock.fileno())
+        self._sock.close()
+        self.device.disconnect("server closed")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

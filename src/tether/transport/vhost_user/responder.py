@@ -1,0 +1,206 @@
+"""TEST AID ONLY: a tiny stand-in for the network stack, for the VM tests.
+
+It is not a network stack and will be replaced by tether.net when that
+lands.  It answers ARP and ICMP echo for one gateway address, remembers the
+guest's MAC and IPv4 address from what the guest sends, and carries those
+two as its device state, so the tests can check RX, TX, MRG_RXBUF, reconnect
+and migration through a real guest's `ping`.
+
+For the dirty-log test it also sends a checked stream (`start_stream`):
+UDP datagrams with valid checksums to a closed guest port, paced by loop
+timers.  The guest kernel verifies every checksum (counting failures in
+/proc/net/snmp Udp InCsumErrors) before it counts the datagram as NoPorts,
+so a buffer page lost by the dirty log shows up as a checksum error.
+
+State blob (network byte order): b"TRSP", u8 version 1, 6-byte MAC, 4-byte IPv4.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import struct
+from collections.abc import Sequence
+
+from ...frames import FrameSink
+from ...loop import Loop
+from .device import DeviceStateError
+
+log = logging.getLogger(__name__)
+
+ETH = struct.Struct("!6s6sH")  # dst, src, ethertype (IEEE 802.3)
+ARP = struct.Struct("!HHBBH6s4s6s4s")  # RFC 826, Ethernet/IPv4
+ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
+UDP = struct.Struct("!HHHH")  # RFC 768
+STREAM_PORT = 7000  # source port of the stream
+STREAM_PAYLOAD = 1400
+STREAM_BURST = 4  # datagrams per 10 ms tick
+STATE = struct.Struct("!4sB6s4s")
+STATE_MAGIC = b"TRSP"
+
+GATEWAY_MAC = bytes.fromhex("525500000001")
+
+
+def _checksum(data: bytes | bytearray | memoryview) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+class Responder:
+    """A frames.GuestPort and a DeviceStateHandler, for tests."""
+
+    def __init__(self, gateway: str, loop: Loop | None = None) -> None:
+        self.gateway = ipaddress.IPv4Address(gateway).packed
+        self.loop = loop
+        self._stream: tuple[int, int, int] | None = None  # next seq, end, port
+        self.sink: FrameSink | None = None
+        self.guest_mac = b""
+        self.guest_ip = b""
+        self.echo_replies = 0
+        self.dropped = 0
+        self._staged: tuple[bytes, bytes] | None = None
+        self.reject_state = False  # test aid: fail every load, to fail a migration
+
+    # -- GuestPort ---------------------------------------------------------
+
+    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
+        for frame in frames:
+            self._frame(bytes(frame))
+        if self.sink is not None:
+            self.sink.flush()
+
+    def guest_room_available(self) -> None:
+        pass
+
+    def _frame(self, frame: bytes) -> None:
+        if len(frame) < ETH.size:
+            return
+        _, src, ethertype = ETH.unpack_from(frame)
+        if src != self.guest_mac and not src[0] & 1:
+            self.guest_mac = src
+            log.info("responder: guest MAC %s", src.hex(":"))
+        if ethertype == ETH_P_ARP and len(frame) >= ETH.size + ARP.size:
+            self._arp(frame)
+        elif ethertype == ETH_P_IP:
+            self._ipv4(frame)
+
+    def _arp(self, frame: bytes) -> None:
+        htype, ptype, hlen, plen, op, sha, spa, _, tpa = ARP.unpack_from(frame, ETH.size)
+        if (htype, ptype, hlen, plen, op) != (1, ETH_P_IP, 6, 4, 1) or tpa != self.gateway:
+            return
+        self._learn_ip(spa)
+        reply = ETH.pack(sha, GATEWAY_MAC, ETH_P_ARP) + ARP.pack(
+            1, ETH_P_IP, 6, 4, 2, GATEWAY_MAC, self.gateway, sha, spa)
+        self._send(reply)
+
+    def _ipv4(self, frame: bytes) -> None:
+        ip = frame[ETH.size:]
+        if len(ip) < 20 or ip[0] >> 4 != 4:
+            return
+        ihl = (ip[0] & 0xF) * 4
+        total = struct.unpack_from("!H", ip, 2)[0]
+        if ip[16:20] != self.gateway or total > len(ip) or total < ihl + 8:
+            return
+        if ip[9] != 1:
+            return
+        if ip[ihl] != 8:  # ICMP echo request (RFC 792)
+            return
+        self._learn_ip(ip[12:16])
+        icmp = bytearray(ip[ihl:total])
+        icmp[0] = 0
+        icmp[2:4] = b"\0\0"
+        struct.pack_into("!H", icmp, 2, _checksum(icmp))
+        header = bytearray(ip[:ihl])
+        header[12:16], header[16:20] = ip[16:20], ip[12:16]
+        header[8] = 64
+        header[10:12] = b"\0\0"
+        struct.pack_into("!H", header, 10, _checksum(header))
+        src = frame[6:12]
+        self._send(ETH.pack(src, GATEWAY_MAC, ETH_P_IP) + bytes(header) + bytes(icmp))
+        self.echo_replies += 1
+        log.info("responder: echo reply %d (%d bytes)", self.echo_replies, ETH.size + total)
+
+    def start_stream(self, count: int, port: int) -> None:
+        """Send `count` checked datagrams to the guest's `port` (test aid)."""
+        if self.loop is None or not self.guest_ip or not self.guest_mac:
+            log.warning("responder: no stream, the guest was not seen yet")
+            return
+        log.info("responder: streaming %d datagrams to port %d", count, port)
+        self._stream = (0, count, port)
+        self.loop.call_later(0.01, self._stream_tick)
+
+    def _stream_tick(self) -> None:
+        if self._stream is None or self.loop is None:
+            return
+        seq, end, port = self._stream
+        for _ in range(STREAM_BURST):
+            if seq >= end:
+                self._stream = None
+                log.info("responder: stream done (%d datagrams)", end)
+                return
+            payload = (f"{seq:08d}".encode() * (STREAM_PAYLOAD // 8))
+            self._send(self._udp_frame(STREAM_PORT, port, payload))
+            seq += 1
+        if self.sink is not None:
+            self.sink.flush()
+        self._stream = (seq, end, port)
+        self.loop.call_later(0.01, self._stream_tick)
+
+    def _udp_frame(self, sport: int, dport: int, payload: bytes) -> bytes:
+        length = UDP.size + len(payload)
+        pseudo = self.gateway + self.guest_ip + struct.pack("!BBH", 0, 17, length)
+        udp = bytearray(UDP.pack(sport, dport, length, 0) + payload)
+        struct.pack_into("!H", udp, 6, _checksum(pseudo + udp) or 0xFFFF)
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
+                                       17, 0, self.gateway, self.guest_ip))
+        struct.pack_into("!H", header, 10, _checksum(header))
+        return ETH.pack(self.guest_mac, GATEWAY_MAC, ETH_P_IP) + bytes(header) + bytes(udp)
+
+    def _learn_ip(self, ip: bytes) -> None:
+        if ip not in (self.guest_ip, b"\x00\x00\x00\x00"):
+            self.guest_ip = ip
+            log.info("responder: guest IPv4 %s", ipaddress.IPv4Address(ip))
+
+    def _send(self, frame: bytes) -> None:
+        if self.sink is not None and not self.sink.send_frame(frame):
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("responder: guest had no room for a %d-byte frame", len(frame))
+
+    # -- DeviceStateHandler ----------------------------------------------------
+
+    def save_state(self) -> bytes:
+        mac = self.guest_mac or bytes(6)
+        ip = self.guest_ip or bytes(4)
+        log.info("responder: saving state: guest MAC %s", mac.hex(":"))
+        return STATE.pack(STATE_MAGIC, 1, mac, ip)
+
+    def load_state(self, data: bytes) -> None:
+        if self.reject_state:
+            raise DeviceStateError(errno.EPERM, "this back-end refuses all state (test)")
+        if len(data) != STATE.size:
+            raise DeviceStateError(errno.EINVAL, f"state is {len(data)} bytes, "
+                                                 f"expected {STATE.size}")
+        magic, version, mac, ip = STATE.unpack(data)
+        if magic != STATE_MAGIC or version != 1:
+            raise DeviceStateError(errno.EPROTO, f"bad state header {magic!r} v{version}")
+        self._staged = (mac, ip)
+        log.info("responder: loaded state: guest MAC %s", mac.hex(":"))
+
+    def rings_started(self) -> None:
+        if self._staged is not None:
+            self.guest_mac, self.guest_ip = self._staged
+            self._staged = None
+            log.info("responder: applied state: guest MAC %s IPv4 %s", self.guest_mac.hex(":"),
+                     ipaddress.IPv4Address(self.guest_ip))
+        else:
+            log.info("responder: rings started")
+
+    def rings_stopped(self) -> None:
+        log.info("responder: rings stopped")

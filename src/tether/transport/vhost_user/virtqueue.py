@@ -1,0 +1,261 @@
+"""Split virtqueues in guest memory (virtio spec 1.2 §2.7 "Split Virtqueues").
+
+Layouts, all little-endian (VERSION_1):
+
+    descriptor table  num x {le64 addr (GPA); le32 len; le16 flags; le16 next}   §2.7.5
+    avail ring        le16 flags; le16 idx; le16 ring[num]; (le16 used_event)    §2.7.6
+    used ring         le16 flags; le16 idx; {le32 id; le32 len}[num]; (le16 avail_event)  §2.7.8
+
+Everything the guest wrote is hostile: heads, next links, lengths, indirect
+tables, the avail index.  A malformed chain is dropped and counted
+(`VirtQueue.bad_chains`); a nonsensical avail index marks the ring broken
+until the front-end configures it again.  Nothing here raises on bad guest
+data except `GuestMemoryError`/`ChainError`, which the methods catch.
+
+Ordering on the device side (§2.7.13 "Supplying Buffers to The Device" and
+vhost-user.rst "Migration"): buffer data is written and its pages logged,
+then used elements are written and logged, then `used->idx` is published
+(and logged), then the guest is notified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+
+from .memory import DirtyLog, GuestMemoryError, MemoryTable
+
+log = logging.getLogger(__name__)
+
+DESC = struct.Struct("<QIHH")
+DESC_SIZE = 16
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+MAX_QUEUE_SIZE = 32768  # split rings: a power of two up to 32768 (§2.7)
+MAX_CHAIN_BYTES = 16 << 20  # no sane net buffer is larger; bounds work per chain
+MAX_INDIRECT = 1024  # entries in one indirect table (Linux never exceeds MAX_SKB_FRAGS+2)
+
+# One segment of a chain: (view, offset into view, length, guest-physical address)
+Segment = tuple[memoryview, int, int, int]
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier from pure Python.
+
+    CPython's lock is a POSIX semaphore; glibc takes and gives it with
+    LOCK-prefixed compare-exchange, which orders every earlier load and store
+    before every later one on x86 (Intel SDM vol. 3 §9.2.2).
+    """
+    _FENCE_LOCK.acquire()
+    _FENCE_LOCK.release()
+
+
+class ChainError(Exception):
+    """A descriptor chain that breaks the rules of §2.7.5 / §2.7.5.3."""
+
+
+class VirtQueue:
+    """One split virtqueue, as the device sees it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.last_avail = 0  # next avail ring slot to consume (free-running u16)
+        self.used_idx = 0  # shadow of used->idx (free-running u16)
+        self.desc_qva = self.avail_qva = self.used_qva = 0
+        self.log_gpa = 0  # used ring's guest-physical address, for the log
+        self.log_used = False  # VHOST_VRING_F_LOG: log used-ring writes
+        self.addr_set = False
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.started = False
+        self.enabled = False
+        self.broken = False
+        self.bad_chains = 0  # chains dropped as malformed
+        self._desc_view: memoryview | None = None
+        self._desc_off = 0
+        self._avail_view: memoryview | None = None
+        self._avail_off = 0
+        self._used_view: memoryview | None = None
+        self._used_off = 0
+        self._pending_used = False  # used elements written, idx not yet published
+
+    # -- configuration ----------------------------------------------------
+
+    def map_rings(self, memory: MemoryTable) -> None:
+        """Translate ring addresses; raises GuestMemoryError if they do not fit."""
+        self.unmap_rings()
+        if not self.addr_set or self.num == 0:
+            return
+        num = self.num
+        for qva, align in ((self.desc_qva, 16), (self.avail_qva, 2), (self.used_qva, 4)):
+            if qva % align:
+                raise GuestMemoryError(f"ring address {qva:#x} is not {align}-byte aligned")
+        self._desc_view, self._desc_off = memory.qva(self.desc_qva, DESC_SIZE * num)
+        self._avail_view, self._avail_off = memory.qva(self.avail_qva, 6 + 2 * num)
+        self._used_view, self._used_off = memory.qva(self.used_qva, 6 + 8 * num)
+        self.broken = False
+
+    def unmap_rings(self) -> None:
+        self._desc_view = self._avail_view = self._used_view = None
+
+    def read_used_idx(self) -> None:
+        """Take the used index from guest memory (it is not migrated by the front-end)."""
+        if self._used_view is not None:
+            self.used_idx = U16.unpack_from(self._used_view, self._used_off + 2)[0]
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self._used_view is not None and not self.broken
+
+    def close_fds(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            if fd is not None:
+                os.close(fd)
+        self.kick_fd = self.call_fd = None
+
+    # -- the avail side -----------------------------------------------------
+
+    def available(self) -> int:
+        """How many heads the guest has made available (0 if the ring is broken)."""
+        if not self.ready:
+            return 0
+        assert self._avail_view is not None
+        idx: int = U16.unpack_from(self._avail_view, self._avail_off + 2)[0]
+        count = (idx - self.last_avail) & 0xFFFF
+        if count > self.num:
+            self.broken = True
+            self.bad_chains += 1
+            log.error("queue %d: avail idx %d is %d ahead of %d (size %d): ring stopped",
+                      self.index, idx, count, self.last_avail, self.num)
+            return 0
+        return count
+
+    def pop(self) -> int:
+        """Consume the next avail slot; the caller checked `available()`."""
+        assert self._avail_view is not None
+        slot = self.last_avail % self.num
+        head: int = U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head
+
+    def head_at(self, position: int) -> int:
+        """The head the guest put at free-running avail position `position`."""
+        assert self._avail_view is not None
+        slot = position % self.num
+        head: int = U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
+        return head
+
+    def unpop(self, count: int) -> None:
+        """Give back heads popped but not used (the guest will offer them again)."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
+    def walk(self, head: int, memory: MemoryTable, out: list[Segment],
+             writable: bool) -> int:
+        """Append the chain's segments to `out`; return its total length.
+
+        `writable` says which kind the caller wants (RX: device-writable only;
+        TX: device-readable only).  Raises ChainError or GuestMemoryError.
+        """
+        assert self._desc_view is not None
+        num = self.num
+        if head >= num:
+            raise ChainError(f"head {head} >= queue size {num}")
+        table, table_off, table_len = self._desc_view, self._desc_off, num
+        index = head
+        seen = 0
+        total: int = 0
+        indirect = False
+        while True:
+            seen += 1
+            if seen > table_len:
+                raise ChainError(f"chain from head {head} loops or exceeds {table_len}")
+            addr: int
+            length: int
+            flags: int
+            nxt: int
+            addr, length, flags, nxt = DESC.unpack_from(table, table_off + DESC_SIZE * index)
+            if flags & DESC_F_INDIRECT:
+                if indirect or flags & DESC_F_NEXT or seen != 1:
+                    raise ChainError(f"misplaced indirect descriptor in chain {head}")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                    raise ChainError(f"indirect table length {length} is invalid")
+                table, table_off = memory.gpa(addr, length)
+                table_len = length // DESC_SIZE
+                indirect = True
+                index = 0
+                seen = 0
+                continue
+            if length == 0:
+                raise ChainError(f"zero-length descriptor in chain {head}")
+            is_write = bool(flags & DESC_F_WRITE)
+            if is_write != writable:
+                raise ChainError(
+                    f"chain {head}: {'writable' if is_write else 'readable'} descriptor "
+                    f"on a {'receive' if writable else 'transmit'} queue"
+                )
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise ChainError(f"chain {head} is longer than {MAX_CHAIN_BYTES} bytes")
+            view, off = memory.gpa(addr, length)
+            out.append((view, off, length, addr))
+            if not flags & DESC_F_NEXT:
+                return total
+            if nxt >= table_len:
+                raise ChainError(f"chain {head}: next {nxt} >= table size {table_len}")
+            index = nxt
+
+    # -- the used side --------------------------------------------------------
+
+    def push_used(self, head: int, length: int, dirty: DirtyLog | None) -> None:
+        """Write one used element (not yet visible: see `publish`)."""
+        assert self._used_view is not None
+        slot = self.used_idx % self.num
+        offset = 4 + 8 * slot
+        USED_ELEM.pack_into(self._used_view, self._used_off + offset, head, length)
+        # Logged after the write (a harvest in between would clear the bit of a
+        # page not yet written) and before publish() makes it visible.
+        if dirty is not None and self.log_used:
+            dirty.mark(self.log_gpa + offset, 8)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._pending_used = True
+
+    def publish(self, dirty: DirtyLog | None) -> bool:
+        """Make pushed elements visible; return whether the guest wants a notification."""
+        if not self._pending_used or self._used_view is None:
+            return False
+        self._pending_used = False
+        # x86 keeps stores in program order, so the elements written above are
+        # visible before this index (the write barrier of §2.7.13.3).
+        U16.pack_into(self._used_view, self._used_off + 2, self.used_idx)
+        if dirty is not None and self.log_used:
+            dirty.mark(self.log_gpa + 2, 2)
+        # The guest clears NO_INTERRUPT, fences, then rereads used->idx; we
+        # store used->idx, then read the flag.  x86 may let our load pass our
+        # store, and both sides would miss each other (a stalled queue), so
+        # a full fence goes between (§2.7.13.3.1, the device side of §2.7.10).
+        full_fence()
+        assert self._avail_view is not None
+        flags = U16.unpack_from(self._avail_view, self._avail_off)[0]
+        return not flags & AVAIL_F_NO_INTERRUPT
+
+    def notify(self) -> None:
+        if self.call_fd is not None:
+            # A saturated counter means a notification is pending anyway.
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self.call_fd, 1)
+
+    def publish_and_notify(self, dirty: DirtyLog | None) -> None:
+        if self.publish(dirty):
+            self.notify()
