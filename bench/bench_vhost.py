@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tests.vhost_user.frontend import BUF_BASE, Frontend, Guest
-
 from tether.loop import Loop
 from tether.transport.vhost_user.device import VhostUserNetDevice
 from tether.transport.vhost_user.virtqueue import DESC_F_WRITE

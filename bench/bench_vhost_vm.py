@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.vm.guest import ensure_guest  # noqa: E402
 from tests.vm.harness import Vm  # noqa: E402
-
 from tether.loop import READ, Loop  # noqa: E402
 from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer  # noqa: E402
 from tether.transport.vhost_user.responder import Responder  # noqa: E402
