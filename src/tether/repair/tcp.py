@@ -194,6 +194,29 @@ def _peek(sock: socket.socket, length: int, which: str) -> bytes:
     return bytes(buf)
 
 
+def hold_address(state: TcpConnState) -> socket.socket:
+    """A silent listener on the connection's local address and port.
+
+    For a move within one host: create it before closing the frozen source
+    socket and close it once the target socket is restored.  Meanwhile the
+    peer's segments find this socket instead of none, and its drop-all filter
+    discards them before TCP would answer with a reset.  The restored socket
+    binds over it (repair mode forces reuse), and segments go to it at once.
+    Fails with EADDRINUSE if another listener owns the port; silence that one
+    instead (kernel.silence).
+    """
+    s = socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        k.silence(s)
+        s.bind(state.local)
+        s.listen(1)
+    except OSError as e:
+        s.close()
+        raise _fail("hold address", None, e) from e
+    return s
+
+
 # -- target side ------------------------------------------------------------
 
 
@@ -264,6 +287,10 @@ def _apply(sock: socket.socket, st: TcpConnState) -> None:
     # consumed or our ACKs would fall one short of what the peer already saw.
     rcv_start = (st.rcv_seq + int(st.state in FIN_RECEIVED)) & _SEQ_MASK
     sock.setsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, _as_int(rcv_start))
+    # The connect computes the cached MSS from the clamp it sees, and
+    # TCP_REPAIR_OPTIONS can only set the clamp afterwards: without this, the
+    # restored connection would send 536-byte segments until a PMTU change.
+    sock.setsockopt(k.SOL_TCP, k.TCP_MAXSEG, st.mss)
     sock.connect(st.remote)  # in repair mode: ESTABLISHED, no handshake
 
     if st.recv_queue:

@@ -1,0 +1,97 @@
+"""A live, busy TCP connection moves from one process to another.
+
+Process A (source) and process B (target) share a namespace; the peer sits
+in another one behind a veth pair and streams a byte-exact pattern both ways
+the whole time, also while A is frozen.  The real tether-repair helper
+switches repair mode for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.repair.conftest import Netns, Proc, agent, sh, start_helper, wait_for
+
+PORT = 5123
+PEER_MSS = 1200  # not the default, so a preserved MSS is visible
+
+
+def veth(a: Netns, b: Netns, a_addrs: list[str], b_addrs: list[str]) -> None:
+    a.ip("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b.name)
+    for ns, dev, addrs in ((a, "va", a_addrs), (b, "vb", b_addrs)):
+        for addr in addrs:
+            ns.ip("addr", "add", addr, "dev", dev, *(["nodad"] if ":" in addr else []))
+        ns.ip("link", "set", dev, "up")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("family", [4, 6])
+def test_busy_connection_moves_between_processes(
+    family: int, netns: Callable[[], Netns], procs: Callable[[list[str]], Proc], tmp_path: Path
+) -> None:
+    host, peer_ns = netns(), netns()
+    veth(host, peer_ns, ["10.77.0.1/24", "fd77::1/64"], ["10.77.0.2/24", "fd77::2/64"])
+    peer_addr = "10.77.0.2" if family == 4 else "fd77::2"
+
+    peer = procs(agent(peer_ns, "peer", peer_addr, str(PORT), str(PEER_MSS)))
+    assert peer.read()["listening"]
+    source = procs(agent(host, "source", peer_addr, str(PORT)))
+    source.read()
+    wait_for(lambda: source.ask("status")["received"] > 500_000
+             and peer.ask("status")["received"] > 500_000, 20, "traffic both ways")
+
+    # Freeze and dump A through the real helper.
+    out = tmp_path / "conn.state"
+    assert source.ask(f"freeze {tmp_path / 'a.repair'} {out}")["listening"]
+    helper_a = start_helper(tmp_path / "a.repair")
+    frozen = source.read()
+    assert frozen["error"] is None
+    assert frozen["unacked_seen"] and frozen["sent_len"] > 0, "no sent-unacked data in the dump"
+    assert frozen["unread_seen"] and frozen["rcvq_len"] > 0, "no unread data in the dump"
+    assert helper_a.wait(10) == 0, helper_a.communicate()[1]
+
+    # The peer kept writing: it holds bytes that A never saw, not even in
+    # the dumped queue.  They must reach B.
+    in_limbo = peer.ask("status")["sent"] - frozen["received"] - frozen["rcvq_len"]
+    assert in_limbo > 0
+
+    # B restores and carries on from exactly where A's application stopped.
+    target = procs(agent(host, "target"))
+    target.send(f"restore {tmp_path / 'b.repair'} {out} {frozen['sent']} {frozen['received']}")
+    assert target.read()["listening"]
+    helper_b = start_helper(tmp_path / "b.repair")
+    restored = target.read()
+    assert helper_b.wait(10) == 0, helper_b.communicate()[1]
+    source.ask("release")
+
+    # Window scaling, SACK, timestamps and MSS survive the move.
+    before, after = frozen["info"], restored["info"]
+    assert after["state"] == 1
+    assert after["options"] & 7 == before["options"] & 7 == 7
+    assert (after["snd_wscale"], after["rcv_wscale"]) == (before["snd_wscale"],
+                                                           before["rcv_wscale"])
+    assert after["snd_mss"] == before["snd_mss"]
+    assert frozen["mss"] <= PEER_MSS
+
+    try:
+        wait_for(lambda: target.ask("status")["received"] > frozen["received"] + 500_000
+                 and peer.ask("status")["received"] > frozen["sent"] + 500_000, 30,
+                 "traffic both ways after the move")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: frozen {frozen}, target {target.ask('status')}, "
+                             f"peer {peer.ask('status')}, "
+                             f"\n{sh(*host.argv('ss', '-tinm'))}\n{sh(*peer_ns.argv('ss', '-tinm'))}") from e
+
+    target.send("finish")
+    peer.send("finish")
+    t_end, p_end = target.read(), peer.read()
+    assert t_end["error"] is None and p_end["error"] is None, (t_end, p_end)
+    assert t_end["eof"] and p_end["eof"]
+    # Every byte once, in order (each receiver checked the pattern), none lost.
+    assert p_end["received"] == t_end["sent"]
+    assert t_end["received"] == p_end["sent"]
+    assert host.tcp_out_rsts() == 0
+    assert peer_ns.tcp_out_rsts() == 0
