@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import json
 import os
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -159,3 +163,48 @@ def start_helper(path: str | Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*HELPER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def inside(ns: Netns) -> Iterator[None]:
+    """Run this thread in ns; sockets made meanwhile stay in ns."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def tcp_pairs(count: int, family: int = socket.AF_INET) -> list[tuple[socket.socket, socket.socket]]:
+    """count connected (ours, peer) pairs over loopback."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.socket(family, socket.SOCK_STREAM) as lst:
+        lst.bind((host, 0))
+        lst.listen(count)
+        pairs = []
+        for _ in range(count):
+            ours = socket.socket(family, socket.SOCK_STREAM)
+            ours.connect(lst.getsockname()[:2])
+            peer, _ = lst.accept()
+            pairs.append((ours, peer))
+    return pairs
+
+
+@pytest.fixture
+def many_fds() -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -65,11 +65,16 @@ def harden() -> None:
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def keep_only(keep: set[int]) -> None:
-    """Reduce every capability set to `keep` (as far as we hold them now)."""
+def keep_only(keep: set[int], bounding: set[int] | None = None) -> None:
+    """Reduce every capability set to `keep` (as far as we hold them now).
+
+    The bounding set, which only matters for later execs, goes down to
+    `bounding` (default: keep); it can only shrink while CAP_SETPCAP is held.
+    """
+    limit = keep if bounding is None else bounding
     if has(CAP_SETPCAP):
         for cap in range(last_cap() + 1):
-            if cap not in keep:
+            if cap not in limit:
                 _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl(PR_CAPBSET_DROP)")
     # Ambient capabilities may be unsupported on old kernels: best effort.
     _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)

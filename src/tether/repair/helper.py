@@ -77,7 +77,10 @@ def run(path: str) -> int:
         caps.harden()
         # Reaching a socket owned by another user may need DAC override;
         # nothing after the connection does.
-        caps.keep_only({caps.CAP_NET_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH})
+        caps.keep_only(
+            {caps.CAP_NET_ADMIN, caps.CAP_DAC_OVERRIDE, caps.CAP_DAC_READ_SEARCH},
+            bounding={caps.CAP_NET_ADMIN},
+        )
         conn = connect(path)
         caps.keep_only({caps.CAP_NET_ADMIN})
     except OSError as e:

@@ -56,6 +56,7 @@ SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
 
 WSCALE_MAX = 14  # RFC 7323 section 2.3
+USER_MSS_MAX = 32767  # MAX_TCP_WINDOW, the TCP_MAXSEG setsockopt limit
 
 
 class TcpState(IntEnum):

@@ -290,8 +290,12 @@ def _apply(sock: socket.socket, st: TcpConnState) -> None:
     # The connect computes the cached MSS from the clamp it sees, and
     # TCP_REPAIR_OPTIONS can only set the clamp afterwards: without this, the
     # restored connection would send 536-byte segments until a PMTU change.
-    sock.setsockopt(k.SOL_TCP, k.TCP_MAXSEG, st.mss)
+    # The option takes at most 32767 (loopback's 65495 gets that), and it is
+    # cleared right after so that it does not outlive the connect as a
+    # user-set MSS.
+    sock.setsockopt(k.SOL_TCP, k.TCP_MAXSEG, min(st.mss, k.USER_MSS_MAX))
     sock.connect(st.remote)  # in repair mode: ESTABLISHED, no handshake
+    sock.setsockopt(k.SOL_TCP, k.TCP_MAXSEG, 0)
 
     if st.recv_queue:
         _fill_queue(sock, st.recv_queue)  # still on the receive queue
