@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tether.repair.client import RepairHelper
+
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -208,3 +210,34 @@ def many_fds() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def ns(netns: Callable[[], Netns]) -> Iterator[Netns]:
+    space = netns()
+    with inside(space):
+        yield space
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[RepairHelper]:
+    h = RepairHelper(str(tmp_path / "be.repair"), reply_timeout=2.0)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def real_helper(backend: RepairHelper) -> Iterator[subprocess.Popen[str]]:
+    proc = start_helper(backend.path)
+    backend.wait(10)
+    yield proc
+    backend.disconnect()
+    try:
+        proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()

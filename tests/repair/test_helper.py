@@ -14,49 +14,18 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.repair.conftest import HELPER, Netns, inside, start_helper, tcp_pairs, wait_for
+from tests.repair.conftest import HELPER, Netns, start_helper, tcp_pairs, wait_for
 from tether.repair import kernel as k
 from tether.repair import tcp
 from tether.repair.client import RepairHelper, RepairHelperError
 from tether.repair.protocol import ANCBUF_SIZE, SCM_MAX_FD
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def ns(netns: Callable[[], Netns]) -> Iterator[Netns]:
-    space = netns()
-    with inside(space):
-        yield space
-
-
-@pytest.fixture
-def backend(tmp_path: Path) -> Iterator[RepairHelper]:
-    h = RepairHelper(str(tmp_path / "be.repair"), reply_timeout=2.0)
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def real_helper(backend: RepairHelper) -> Iterator[subprocess.Popen[str]]:
-    proc = start_helper(backend.path)
-    backend.wait(10)
-    yield proc
-    backend.disconnect()
-    try:
-        proc.wait(5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
 
 
 def repair_flag(s: socket.socket) -> int:

@@ -27,6 +27,13 @@ def veth(a: Netns, b: Netns, a_addrs: list[str], b_addrs: list[str]) -> None:
         ns.ip("link", "set", dev, "up")
 
 
+def _drops(ns: Netns) -> str:
+    out = sh(*ns.argv("nstat", "-asz"))
+    keys = ("PAWS", "Drop", "Prune", "Collapse", "OutOfWindow", "Challenge", "Probe", "Reset")
+    return " ".join(" ".join(line.split()[:2]) for line in out.splitlines()
+                    if any(key in line for key in keys) and line.split()[1] != "0")
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("family", [4, 6])
 def test_busy_connection_moves_between_processes(
@@ -83,7 +90,8 @@ def test_busy_connection_moves_between_processes(
     except AssertionError as e:
         raise AssertionError(f"{e}: frozen {frozen}, target {target.ask('status')}, "
                              f"peer {peer.ask('status')}, "
-                             f"\n{sh(*host.argv('ss', '-tinm'))}\n{sh(*peer_ns.argv('ss', '-tinm'))}") from e
+                             f"\n{sh(*host.argv('ss', '-tinm'))}\n{sh(*peer_ns.argv('ss', '-tinm'))}"
+                             f"\nhost {_drops(host)}\npeer {_drops(peer_ns)}") from e
 
     target.send("finish")
     peer.send("finish")

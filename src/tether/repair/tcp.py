@@ -123,9 +123,18 @@ def _dump(sock: socket.socket) -> TcpConnState:
     # A caller's peek offset would make the MSG_PEEK reads below start late.
     sock.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
     mss = sock.getsockopt(k.SOL_TCP, k.TCP_MAXSEG)  # mss_clamp in repair mode
-    timestamp = sock.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & _SEQ_MASK
     window = k.REPAIR_WINDOW.unpack(
         sock.getsockopt(k.SOL_TCP, k.TCP_REPAIR_WINDOW, k.REPAIR_WINDOW.size)
+    )
+    # Repair mode leaves the kernel's timers running: a tail loss probe or a
+    # window probe may still transmit never-sent data, and the peer would
+    # then acknowledge bytes the record calls unsent (the target drops such
+    # ACKs, with their data).  A zero send window stops new data for good;
+    # the record keeps the real one.  Retransmissions of sent data may go on,
+    # which is harmless.
+    wl1, _, max_window, rcv_wnd, rcv_wup = window
+    sock.setsockopt(
+        k.SOL_TCP, k.TCP_REPAIR_WINDOW, k.REPAIR_WINDOW.pack(wl1, 0, max_window, rcv_wnd, rcv_wup)
     )
 
     sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
@@ -150,6 +159,9 @@ def _dump(sock: socket.socket) -> TcpConnState:
     recv_queue = _peek(sock, inq, "receive")
     rcv_seq = (rcv_nxt - int(state in FIN_RECEIVED) - inq) & _SEQ_MASK
     sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_NO_QUEUE)
+    # Last: whatever was retransmitted meanwhile carried an older timestamp,
+    # so the target's clock never starts behind what the peer has seen.
+    timestamp = sock.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & _SEQ_MASK
 
     local = sock.getsockname()
     remote = sock.getpeername()
