@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import resource
+import select
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tether.repair.client import RepairHelper
-
 import pytest
+
+from tether.repair.client import RepairHelper
 
 HERE = Path(__file__).resolve().parent
 AGENT = HERE / "agent.py"
@@ -111,8 +112,6 @@ class Proc:
 
     def read(self, timeout: float = 30.0) -> dict[str, Any]:
         assert self.p.stdout is not None
-        import select
-
         r, _, _ = select.select([self.p.stdout], [], [], timeout)
         if not r:
             raise AssertionError(f"{self.argv}: no answer in {timeout} s")
@@ -189,7 +188,9 @@ def inside(ns: Netns) -> Iterator[None]:
         os.close(target)
 
 
-def tcp_pairs(count: int, family: int = socket.AF_INET) -> list[tuple[socket.socket, socket.socket]]:
+def tcp_pairs(
+    count: int, family: int = socket.AF_INET
+) -> list[tuple[socket.socket, socket.socket]]:
     """count connected (ours, peer) pairs over loopback."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
     with socket.socket(family, socket.SOCK_STREAM) as lst:

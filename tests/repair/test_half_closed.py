@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+
 import pytest
 
 from tests.repair.conftest import Netns, tcp_pairs, wait_for

@@ -108,13 +108,25 @@ def test_helper_usage_errors(root: None, tmp_path: Path) -> None:
     assert done.returncode == 2 and "neither a socket nor a directory" in done.stderr
 
 
+def _watching(pid: int) -> bool:
+    """Whether the process holds an inotify descriptor with a watch on it."""
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                if "inotify wd:" in f.read():
+                    return True
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
 def test_helper_waits_in_a_directory_for_the_socket(root: None, ns: Netns, tmp_path: Path) -> None:
     proc = start_helper(tmp_path)
     try:
-        time.sleep(0)  # the helper may or may not be watching yet: both must work
+        wait_for(lambda: _watching(proc.pid), 10, "the helper's inotify watch")
         backend = RepairHelper(str(tmp_path / "late.repair"))
         backend.wait(10)
-        (a, peer), = tcp_pairs(1)
+        (a, _peer), = tcp_pairs(1)
         backend.set_repair([a], k.REPAIR_ON)
         assert repair_flag(a) == 1
         backend.set_repair([a], k.REPAIR_OFF)
@@ -129,8 +141,12 @@ def test_second_helper_is_turned_away(
     backend: RepairHelper, real_helper: subprocess.Popen[str]
 ) -> None:
     second = start_helper(backend.path)
-    wait_for(lambda: (backend.accept_pending(), second.poll() is not None)[1], 10,
-             "the second helper to be turned away")
+
+    def turned_away() -> bool:
+        backend.accept_pending()
+        return second.poll() is not None
+
+    wait_for(turned_away, 10, "the second helper to be turned away")
     assert second.returncode == 0
     assert real_helper.poll() is None and backend.connected
 
@@ -145,8 +161,7 @@ def test_helper_absent_is_a_prompt_error(ns: Netns, backend: RepairHelper) -> No
     with pytest.raises(RepairHelperError) as info:
         tcp.freeze([a], backend)
     assert info.value.errno == errno.ENOTCONN
-    tcp.unfreeze.__call__  # the socket is untouched: still usable
-    k.unsilence(a)
+    k.unsilence(a)  # freeze got no further than the filter: the socket is usable
     a.sendall(b"still")
     assert peer.recv(5) == b"still"
 
@@ -172,7 +187,7 @@ def test_helper_killed_is_an_error_not_a_hang(
 def test_helper_rejects_a_non_tcp_descriptor(
     ns: Netns, backend: RepairHelper, real_helper: subprocess.Popen[str]
 ) -> None:
-    (a, peer), = tcp_pairs(1)
+    (a, _peer), = tcp_pairs(1)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with pytest.raises(RepairHelperError) as info:
         backend.set_repair([a, udp], k.REPAIR_ON)

@@ -90,7 +90,8 @@ def test_busy_connection_moves_between_processes(
     except AssertionError as e:
         raise AssertionError(f"{e}: frozen {frozen}, target {target.ask('status')}, "
                              f"peer {peer.ask('status')}, "
-                             f"\n{sh(*host.argv('ss', '-tinm'))}\n{sh(*peer_ns.argv('ss', '-tinm'))}"
+                             f"\n{sh(*host.argv('ss', '-tinm'))}"
+                             f"\n{sh(*peer_ns.argv('ss', '-tinm'))}"
                              f"\nhost {_drops(host)}\npeer {_drops(peer_ns)}") from e
 
     target.send("finish")

@@ -8,6 +8,7 @@ over stay open and owned by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -111,10 +112,8 @@ class RepairHelper:
         if self._loop is not None and self._loop.watching(self._listener.fileno()):
             self._loop.remove(self._listener.fileno())
         self._listener.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     # -- requests -----------------------------------------------------------
 
@@ -202,7 +201,9 @@ def _listen(path: str) -> socket.socket:
             _remove_stale(path)
     except FileNotFoundError:
         pass
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    s = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+    )
     try:
         s.bind(path)
         s.listen(1)

@@ -46,7 +46,7 @@ _IN_CLOEXEC = 0o2000000
 _INOTIFY_EVENT = struct.Struct("=iIII")
 
 
-class HelperFailure(Exception):
+class HelperError(Exception):
     def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.status = status
@@ -62,14 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return run(args[0])
-    except HelperFailure as e:
+    except HelperError as e:
         sys.stderr.write(f"{PROG}: {e}\n")
         return e.status
 
 
 def run(path: str) -> int:
     if not caps.has(caps.CAP_NET_ADMIN):
-        raise HelperFailure(
+        raise HelperError(
             "needs CAP_NET_ADMIN to switch TCP_REPAIR on tether's sockets; "
             "run it as root or grant it the capability (refusing to start)"
         )
@@ -84,7 +84,7 @@ def run(path: str) -> int:
         conn = connect(path)
         caps.keep_only({caps.CAP_NET_ADMIN})
     except OSError as e:
-        raise HelperFailure(str(e)) from e
+        raise HelperError(str(e)) from e
     with conn:
         return serve(conn)
 
@@ -93,11 +93,11 @@ def connect(path: str) -> socket.socket:
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        raise HelperFailure(f"{path}: {e.strerror}", EXIT_USAGE) from e
+        raise HelperError(f"{path}: {e.strerror}", EXIT_USAGE) from e
     if stat.S_ISDIR(mode):
         path = _wait_for_socket(path)
     elif not stat.S_ISSOCK(mode):
-        raise HelperFailure(f"{path} is neither a socket nor a directory", EXIT_USAGE)
+        raise HelperError(f"{path} is neither a socket nor a directory", EXIT_USAGE)
     deadline = time.monotonic() + _CONNECT_RETRY_S
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -163,7 +163,7 @@ def serve(conn: socket.socket) -> int:
         except ConnectionResetError:
             return EXIT_OK
         except OSError as e:
-            raise HelperFailure(f"receiving a request: {e.strerror}") from e
+            raise HelperError(f"receiving a request: {e.strerror}") from e
         fds = received_fds(ancdata)
         socks: list[socket.socket] = []
         try:
@@ -177,9 +177,9 @@ def serve(conn: socket.socket) -> int:
                 try:
                     s.setsockopt(SOL_TCP, TCP_REPAIR, command)
                 except OSError as e:
-                    raise HelperFailure(f"TCP_REPAIR {command} on a socket: {e.strerror}") from e
+                    raise HelperError(f"TCP_REPAIR {command} on a socket: {e.strerror}") from e
         except ProtocolError as e:
-            raise HelperFailure(f"bad request: {e}") from e
+            raise HelperError(f"bad request: {e}") from e
         finally:
             for s in socks:
                 s.detach()
@@ -190,7 +190,7 @@ def serve(conn: socket.socket) -> int:
         except OSError as e:
             if e.errno in (errno.EPIPE, errno.ECONNRESET):
                 return EXIT_OK
-            raise HelperFailure(f"sending a reply: {e.strerror}") from e
+            raise HelperError(f"sending a reply: {e.strerror}") from e
 
 
 def _tcp_socket(fd: int) -> socket.socket:
