@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -70,14 +71,14 @@ def test_truncation_is_always_detected(record: TcpConnState, data: st.DataObject
 
 @given(st.binary(max_size=FIXED_SIZE + 40))
 def test_garbage_raises_only_record_error(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(RecordError):
         decode(raw)
-    except RecordError:
-        pass
 
 
 def test_fixed_part_is_within_passts_budget() -> None:
-    assert FIXED_SIZE == 88 <= 164
+    passt_fixed = 112 + 52  # tcp_tap_transfer + tcp_tap_transfer_ext
+    assert FIXED_SIZE == 88
+    assert passt_fixed >= FIXED_SIZE
 
 
 def _sample() -> bytearray:
