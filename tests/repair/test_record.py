@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from hypothesis import given
@@ -17,15 +18,16 @@ u32 = st.integers(0, 2**32 - 1)
 port = st.integers(1, 65535)
 
 
+def _usable(a: IPv4Address | IPv6Address) -> bool:
+    return not (a.is_unspecified or a.is_multicast or (isinstance(a, IPv6Address)
+                                                        and a.ipv4_mapped is not None))
+
+
 @st.composite
 def records(draw: st.DrawFn) -> TcpConnState:
     v6 = draw(st.booleans())
-    if v6:
-        addr = st.ip_addresses(v=6).filter(
-            lambda a: not (a.is_unspecified or a.is_multicast or a.ipv4_mapped)
-        )
-    else:
-        addr = st.ip_addresses(v=4)
+    addr: st.SearchStrategy[IPv4Address | IPv6Address]
+    addr = st.ip_addresses(v=6).filter(_usable) if v6 else st.ip_addresses(v=4)
     wscale = draw(st.booleans())
     send_queue = draw(st.binary(max_size=300))
     snd_wnd = draw(u32)
