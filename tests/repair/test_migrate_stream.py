@@ -1,4 +1,4 @@
-"""A live, busy TCP connection moves from one process to another.
+"""A live, busy TCP connection moves to another process, and to another "host".
 
 Process A (source) and process B (target) share a namespace; the peer sits
 in another one behind a veth pair and streams a byte-exact pattern both ways
@@ -42,10 +42,47 @@ def test_busy_connection_moves_between_processes(
     host, peer_ns = netns(), netns()
     veth(host, peer_ns, ["10.77.0.1/24", "fd77::1/64"], ["10.77.0.2/24", "fd77::2/64"])
     peer_addr = "10.77.0.2" if family == 4 else "fd77::2"
+    move_stream(host, host, peer_ns, peer_addr, lambda: None, procs, tmp_path)
 
+
+@pytest.mark.root
+@pytest.mark.parametrize("family", [4, 6])
+def test_busy_connection_moves_between_hosts(
+    family: int, netns: Callable[[], Netns], procs: Callable[[list[str]], Proc], tmp_path: Path
+) -> None:
+    """Two "hosts" with the same address (only one up at a time) behind a
+    bridge; the peer is on the bridge.  The address moves with the connection."""
+    src, dst, peer_ns = netns(), netns(), netns()
+    peer_ns.ip("link", "add", "br0", "type", "bridge")
+    for ns, port, dev in ((src, "pa", "ea"), (dst, "pb", "eb")):
+        peer_ns.ip("link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns.name)
+        peer_ns.ip("link", "set", port, "master", "br0")
+        peer_ns.ip("link", "set", port, "up")
+        ns.ip("link", "set", dev, "address", "02:00:00:78:00:01")
+        ns.ip("addr", "add", "10.78.0.1/24", "dev", dev)
+        ns.ip("addr", "add", "fd78::1/64", "dev", dev, "nodad")
+    peer_ns.ip("addr", "add", "10.78.0.2/24", "dev", "br0")
+    peer_ns.ip("addr", "add", "fd78::2/64", "dev", "br0", "nodad")
+    peer_ns.ip("link", "set", "br0", "up")
+    src.ip("link", "set", "ea", "up")
+    peer_addr = "10.78.0.2" if family == 4 else "fd78::2"
+
+    def move_address() -> None:
+        src.ip("link", "set", "ea", "down")
+        dst.ip("link", "set", "eb", "up")
+
+    move_stream(src, dst, peer_ns, peer_addr, move_address, procs, tmp_path)
+
+
+def move_stream(
+    src: Netns, dst: Netns, peer_ns: Netns, peer_addr: str, between: Callable[[], None],
+    procs: Callable[[list[str]], Proc], tmp_path: Path,
+) -> None:
+    """Stream both ways, move the connection from a process in src to one in
+    dst (calling between() while nobody holds it), stream on, close; check."""
     peer = procs(agent(peer_ns, "peer", peer_addr, str(PORT), str(PEER_MSS)))
     assert peer.read()["listening"]
-    source = procs(agent(host, "source", peer_addr, str(PORT)))
+    source = procs(agent(src, "source", peer_addr, str(PORT)))
     source.read()
     wait_for(lambda: source.ask("status")["received"] > 500_000
              and peer.ask("status")["received"] > 500_000, 20, "traffic both ways")
@@ -65,8 +102,10 @@ def test_busy_connection_moves_between_processes(
     in_limbo = peer.ask("status")["sent"] - frozen["received"] - frozen["rcvq_len"]
     assert in_limbo > 0
 
+    between()
+
     # B restores and carries on from exactly where A's application stopped.
-    target = procs(agent(host, "target"))
+    target = procs(agent(dst, "target"))
     target.send(f"restore {tmp_path / 'b.repair'} {out} {frozen['sent']} {frozen['received']}")
     assert target.read()["listening"]
     helper_b = start_helper(tmp_path / "b.repair")
@@ -90,9 +129,9 @@ def test_busy_connection_moves_between_processes(
     except AssertionError as e:
         raise AssertionError(f"{e}: frozen {frozen}, target {target.ask('status')}, "
                              f"peer {peer.ask('status')}, "
-                             f"\n{sh(*host.argv('ss', '-tinm'))}"
+                             f"\n{sh(*dst.argv('ss', '-tinm'))}"
                              f"\n{sh(*peer_ns.argv('ss', '-tinm'))}"
-                             f"\nhost {_drops(host)}\npeer {_drops(peer_ns)}") from e
+                             f"\nhost {_drops(dst)}\npeer {_drops(peer_ns)}") from e
 
     target.send("finish")
     peer.send("finish")
@@ -102,5 +141,6 @@ def test_busy_connection_moves_between_processes(
     # Every byte once, in order (each receiver checked the pattern), none lost.
     assert p_end["received"] == t_end["sent"]
     assert t_end["received"] == p_end["sent"]
-    assert host.tcp_out_rsts() == 0
+    assert src.tcp_out_rsts() == 0
+    assert dst.tcp_out_rsts() == 0
     assert peer_ns.tcp_out_rsts() == 0
