@@ -1,9 +1,9 @@
 """A live, busy TCP connection moves to another process, and to another "host".
 
-Process A (source) and process B (target) share a namespace; the peer sits
-in another one behind a veth pair and streams a byte-exact pattern both ways
-the whole time, also while A is frozen.  The real tether-repair helper
-switches repair mode for both.
+Process A (source) holds a connection with a peer that streams a byte-exact
+pattern both ways the whole time, also while A is frozen; process B (target)
+restores it, in A's namespace or in another one that takes over A's address.
+The real tether-repair helper switches repair mode for both.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def test_busy_connection_moves_between_processes(
     host, peer_ns = netns(), netns()
     veth(host, peer_ns, ["10.77.0.1/24", "fd77::1/64"], ["10.77.0.2/24", "fd77::2/64"])
     peer_addr = "10.77.0.2" if family == 4 else "fd77::2"
-    move_stream(host, host, peer_ns, peer_addr, lambda: None, procs, tmp_path)
+    move_stream(host, host, peer_ns, peer_addr, between=lambda: None, procs=procs,
+                tmp_path=tmp_path)
 
 
 @pytest.mark.root
@@ -71,11 +72,12 @@ def test_busy_connection_moves_between_hosts(
         src.ip("link", "set", "ea", "down")
         dst.ip("link", "set", "eb", "up")
 
-    move_stream(src, dst, peer_ns, peer_addr, move_address, procs, tmp_path)
+    move_stream(src, dst, peer_ns, peer_addr, between=move_address, procs=procs,
+                tmp_path=tmp_path)
 
 
 def move_stream(
-    src: Netns, dst: Netns, peer_ns: Netns, peer_addr: str, between: Callable[[], None],
+    src: Netns, dst: Netns, peer_ns: Netns, peer_addr: str, *, between: Callable[[], None],
     procs: Callable[[list[str]], Proc], tmp_path: Path,
 ) -> None:
     """Stream both ways, move the connection from a process in src to one in
