@@ -8,7 +8,8 @@ Both directions carry a byte pattern that is a function of the stream offset,
 so each receiver checks every byte it gets, in order.  The agent reads one
 command per line on stdin and answers one JSON object per line on stdout.
 Commands: "status", "freeze PATH OUT" (source), "release" (source),
-"restore PATH IN" (target), "finish" (peer, target), "quit".
+"hold IN" and "restore PATH IN SENT RECEIVED" (target), "finish" (peer,
+target), "quit".
 """
 
 from __future__ import annotations
@@ -227,9 +228,16 @@ def run_source(addr: str, port: int) -> None:
 def run_target() -> None:
     stream: Stream | None = None
     sock: socket.socket | None = None
+    guard: socket.socket | None = None
     for line in sys.stdin:
         cmd = line.split()
-        if cmd[0] == "restore":
+        if cmd[0] == "hold":
+            # Before the address comes up here: segments that arrive before
+            # the restore are dropped, not answered with a reset.
+            with open(cmd[1], "rb") as f:
+                guard = tcp.hold_address(decode(f.read())[0])
+            reply({"holding": True})
+        elif cmd[0] == "restore":
             helper = RepairHelper(cmd[1])
             reply({"listening": cmd[1]})
             helper.wait(10.0)
@@ -239,6 +247,8 @@ def run_target() -> None:
             sock = tcp.restore(state, helper)
             tcp.thaw(sock, state, helper)
             helper.close()
+            if guard is not None:
+                guard.close()
             # The restored queues continue the stream where the source's
             # application left it: unread bytes first, then new ones.
             stream = Stream(sock, PERIOD_UP, PERIOD_DOWN, sent=sent, received=received)

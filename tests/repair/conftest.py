@@ -242,3 +242,19 @@ def real_helper(backend: RepairHelper) -> Iterator[subprocess.Popen[str]]:
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
+
+
+def recv_exactly(sock: socket.socket, length: int, timeout: float = 10.0) -> bytes:
+    """Read exactly length bytes, or fail after timeout (EOF: what came)."""
+    deadline = time.monotonic() + timeout
+    out = bytearray()
+    while len(out) < length:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"got {len(out)} of {length} bytes in {timeout} s")
+        sock.settimeout(left)
+        chunk = sock.recv(length - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.repair.conftest import Netns, tcp_pairs, wait_for
+from tests.repair.conftest import Netns, recv_exactly, tcp_pairs, wait_for
 from tether.repair import kernel as k
 from tether.repair import tcp
 from tether.repair.client import RepairHelper
@@ -106,8 +106,7 @@ def test_half_closed_connection_moves_and_closes_cleanly(
     if state.state in k.FIN_RECEIVED:
         assert read_to_eof(moved) == b"p" * peer_sent
     else:
-        moved.settimeout(10)
-        assert moved.recv(65536, socket.MSG_WAITALL) == b"p" * peer_sent
+        assert recv_exactly(moved, peer_sent) == b"p" * peer_sent
     # The peer's side: every byte we sent, then our FIN.
     if state.state not in k.FIN_SENT:
         moved.shutdown(socket.SHUT_WR)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.repair.conftest import HELPER, Netns, start_helper, tcp_pairs, wait_for
+from tests.repair.conftest import (
+    HELPER,
+    Netns,
+    recv_exactly,
+    start_helper,
+    tcp_pairs,
+    wait_for,
+)
 from tether.repair import kernel as k
 from tether.repair import tcp
 from tether.repair.client import RepairHelper, RepairHelperError
@@ -309,3 +316,22 @@ def test_batches_fit_passt_repair_shrinking_buffer(
     else:
         # What priming prevents: the big batch arrives truncated.
         assert fake.counts[0] == 1 and fake.truncated[1]
+
+
+def test_unfreeze_after_dump_resumes_the_connection(
+    ns: Netns, backend: RepairHelper, real_helper: subprocess.Popen[str]
+) -> None:
+    """A migration that fails after the dump: the source carries on, and
+    nothing sent while it was frozen is lost."""
+    (ours, peer), = tcp_pairs(1)
+    ours.sendall(b"a" * 1000)
+    tcp.freeze([ours], backend)
+    tcp.dump(ours)
+    peer.sendall(b"while frozen")  # dropped by the filter, retransmitted later
+    tcp.unfreeze([ours], backend)
+    assert repair_flag(ours) == 0
+    # The dump zeroed the send window; the window probe's answer reopens it.
+    ours.sendall(b"b" * 1000)
+    assert recv_exactly(peer, 2000) == b"a" * 1000 + b"b" * 1000
+    assert recv_exactly(ours, 12) == b"while frozen"
+    assert ns.tcp_out_rsts() == 0

@@ -104,10 +104,11 @@ def move_stream(
     in_limbo = peer.ask("status")["sent"] - frozen["received"] - frozen["rcvq_len"]
     assert in_limbo > 0
 
-    between()
-
     # B restores and carries on from exactly where A's application stopped.
     target = procs(agent(dst, "target"))
+    if dst is not src:
+        assert target.ask(f"hold {out}")["holding"]
+    between()
     target.send(f"restore {tmp_path / 'b.repair'} {out} {frozen['sent']} {frozen['received']}")
     assert target.read()["listening"]
     helper_b = start_helper(tmp_path / "b.repair")
