@@ -27,6 +27,7 @@ from tests.repair.conftest import (
     tcp_pairs,
     wait_for,
 )
+from tether.loop import Loop
 from tether.repair import kernel as k
 from tether.repair import tcp
 from tether.repair.client import RepairHelper, RepairHelperError
@@ -335,3 +336,18 @@ def test_unfreeze_after_dump_resumes_the_connection(
     assert recv_exactly(peer, 2000) == b"a" * 1000 + b"b" * 1000
     assert recv_exactly(ours, 12) == b"while frozen"
     assert ns.tcp_out_rsts() == 0
+
+
+def test_event_loop_accepts_the_helper_whenever_it_comes(root: None, tmp_path: Path) -> None:
+    loop = Loop()
+    backend = RepairHelper(str(tmp_path / "loop.repair"))
+    backend.attach(loop)
+    proc = start_helper(backend.path)
+    try:
+        assert loop.run(until=lambda: backend.connected, timeout=10)
+        backend.close()
+        assert proc.wait(5) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        loop.close()
