@@ -310,12 +310,12 @@ def _apply(sock: socket.socket, st: TcpConnState) -> None:
     sock.setsockopt(k.SOL_TCP, k.TCP_MAXSEG, 0)
 
     if st.recv_queue:
-        _fill_queue(sock, st.recv_queue)  # still on the receive queue
+        _fill_queue(sock, st.recv_queue, send=False)  # still on the receive queue
     sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
     if st.sent_len:
         # Data written in repair mode counts as sent, not transmitted: it
         # waits in the retransmit queue for the peer's ACK or the RTO.
-        _fill_queue(sock, memoryview(st.send_queue)[: st.sent_len])
+        _fill_queue(sock, memoryview(st.send_queue)[: st.sent_len], send=True)
     sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_NO_QUEUE)
 
     opts = [(k.TCPOPT_MAXSEG, st.mss)]
@@ -338,15 +338,19 @@ def _as_int(seq: int) -> int:
     return int(struct.unpack("=i", struct.pack("=I", seq))[0])
 
 
-def _fill_queue(sock: socket.socket, data: bytes | memoryview) -> None:
+def _fill_queue(sock: socket.socket, data: bytes | memoryview, *, send: bool) -> None:
     """Write data into the queue selected with TCP_REPAIR_QUEUE.
 
-    A fresh socket's send buffer is small, and in repair mode nothing drains
-    it: grow it first (the kernel caps this at wmem_max, no privilege needed),
-    and when the kernel is short of memory retry with smaller writes.
+    The send queue is charged to a fresh socket's small send buffer, and in
+    repair mode nothing drains it: grow the buffer first (the kernel caps it
+    at 2 * net.core.wmem_max, no privilege needed; setting it also ends send
+    buffer autotuning for this socket, so only when the queue needs it).  The
+    receive queue needs no such thing.  When the kernel is short of memory,
+    retry with smaller writes.
     """
     view = memoryview(data)
-    _grow_sndbuf(sock, len(view))
+    if send:
+        _grow_sndbuf(sock, len(view))
     chunk = _SEND_CHUNK
     while view:
         try:
