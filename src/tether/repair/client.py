@@ -131,7 +131,8 @@ class RepairHelper:
         # passt-repair keeps the control-buffer length the kernel wrote back
         # for its first message, so it would truncate any later, larger one
         # (reference: passt-migration.md 3.4).  A first message of the largest
-        # size, on a harmless fresh socket, makes every later batch fit.
+        # size, on a harmless fresh socket, makes every later batch fit (and
+        # without it, batches are capped to the first message's size).
         # OFF_NO_WP on an unconnected socket changes nothing.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as dummy:
             try:
@@ -165,6 +166,9 @@ class RepairHelper:
                 e.errno or errno.EIO, f"repair helper connection failed during {what}: {e}", done
             ) from e
         if reply == byte:
+            # passt-repair can never again receive more descriptors than in
+            # the first message of a connection: cap batches to it.
+            self._batch_max = min(self._batch_max, len(fds))
             return
         self.disconnect()
         if not reply:

@@ -57,6 +57,7 @@ _OPT_KNOWN = OPT_TIMESTAMPS | OPT_SACK | OPT_WSCALE
 QUEUE_MAX = 64 << 20
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_V4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 class RecordError(ValueError):
@@ -235,10 +236,14 @@ def decode(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[TcpCon
 
 def _addr_text(family: int, raw: bytes, offset: int) -> str:
     mapped = raw[:12] == _V4_MAPPED
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
     if family == socket.AF_INET:
         if not mapped:
             raise RecordError(offset, "IPv4 record with an address that is not IPv4-mapped")
-        return socket.inet_ntop(socket.AF_INET, raw[12:])
+        addr = ipaddress.IPv4Address(raw[12:])
+        if addr.is_unspecified or addr.is_multicast or addr == _V4_BROADCAST:
+            raise RecordError(offset, f"address {addr} cannot be a connection endpoint")
+        return str(addr)
     if mapped:
         raise RecordError(offset, "IPv6 record with an IPv4-mapped address")
     addr = ipaddress.IPv6Address(raw)
