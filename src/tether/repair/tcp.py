@@ -15,6 +15,12 @@ Kernel facts this relies on (net/ipv4/tcp.c, tcp_input.c, tcp_output.c):
 - repair mode does not stop the receive path: data and FINs that arrive are
   still queued and acknowledged.  `freeze` therefore first attaches a
   drop-everything socket filter, so nothing changes after the dump.
+- nor does it stop the send timers: a tail loss probe may still transmit
+  never-sent data.  `dump` zeroes the send window first (the record keeps the
+  real one); after `unfreeze`, the window probe's answer reopens it.
+- a repaired socket has no RTT sample, so the kernel starts its RTO at the
+  3 s fallback (RFC 6298 5.7): a segment lost around the move, or a zero
+  window at the peer, costs up to 3 s before the first retransmission/probe.
 - SIOCOUTQ/SIOCOUTQNSD and TCP_QUEUE_SEQ count our FIN once it is queued;
   TCP_QUEUE_SEQ on the receive queue counts the peer's FIN; SIOCINQ does not.
   The record holds data sequence numbers only; the FINs are implied by state.
