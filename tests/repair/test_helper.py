@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -352,3 +353,31 @@ def test_event_loop_accepts_the_helper_whenever_it_comes(root: None, tmp_path: P
         proc.kill()
         proc.wait()
         loop.close()
+
+
+def test_helper_runs_unprivileged_with_just_cap_net_admin(root: None, ns: Netns) -> None:
+    """As nobody with CAP_NET_ADMIN as its only capability: enough."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as where:
+        os.chmod(where, 0o755)  # nobody must reach the socket
+        backend = RepairHelper(os.path.join(where, "nobody.repair"))
+        os.chmod(backend.path, 0o666)
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "--inh-caps=+net_admin", "--ambient-caps=+net_admin", *HELPER, backend.path],
+            stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            backend.wait(10)
+            (a, _peer), = tcp_pairs(1)
+            backend.set_repair([a], k.REPAIR_ON)
+            assert repair_flag(a) == 1
+            backend.set_repair([a], k.REPAIR_OFF)
+            with open(f"/proc/{proc.pid}/status", encoding="ascii") as f:
+                assert "CapEff:\t0000000000001000" in f.read()
+            backend.close()
+            assert proc.wait(5) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
