@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .guest import READY_MARKER, GuestImage
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 90.0  # TCG boot is ~8 s alone; two cores shared by four engineers
 GUEST_MAC = "52:54:00:12:34:56"
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1 mitigations=off"
 
 
 def qemu_missing_reason() -> str | None:
@@ -112,7 +113,10 @@ class Console:
 
 class Vm:
     def __init__(self, workdir: Path, name: str, socket: Path, guest: GuestImage, *,
-                 incoming: str | None = None, memory_mib: int = 256) -> None:
+                 incoming: str | None = None, memory_mib: int = 256,
+                 kernel_args: Sequence[str] = ()) -> None:
+        """kernel_args go after the default kernel command line, e.g.
+        guest.DHCP_ARG to configure eth0 by DHCP instead of statically."""
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
         accel = os.environ.get("TETHER_ACCEL", "tcg")
@@ -123,7 +127,7 @@ class Vm:
             "-machine", "q35,memory-backend=mem",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-            "-append", "console=ttyS0 quiet panic=-1 mitigations=off",
+            "-append", " ".join([KERNEL_CMDLINE, *kernel_args]),
             # reconnect-ms: QEMU reconnects when the back-end drops the socket.
             "-chardev", f"socket,id=c0,path={socket},reconnect-ms=500",
             "-netdev", "vhost-user,id=n0,chardev=c0",
