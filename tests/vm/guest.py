@@ -149,7 +149,9 @@ def _recipe() -> str:
     """What the image is built from, so a changed recipe forces a rebuild."""
     text = "\n".join([KERNEL_META, *PACKAGES_FIXED, *MODULES, INIT, UDHCPC_SCRIPT,
                       *(f"{p}:{f}" for p, f in TOOLS.items()), *TSTREAM_CFLAGS,
-                      TSTREAM_SRC.read_text(), _toolchain()])
+                      TSTREAM_SRC.read_text(), _toolchain(),
+                      # the build code itself: how the files are chosen and laid out
+                      Path(__file__).read_text()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -322,6 +324,7 @@ def _fetch_tools(work: Path) -> tuple[dict[str, Path], list[Path]]:
     debdir.mkdir()
     fetched: dict[str, Path] = {}
     owner: dict[str, str] = {}  # path in root -> package
+    missing: set[str] = set()
     wanted = list(TOOLS)
     while True:
         new = sorted({p for p in wanted if p not in fetched})

@@ -9,6 +9,7 @@ pattern.py, the udhcpc script, and a boot with tether.net=dhcp.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -21,8 +22,15 @@ import pytest
 
 from . import pattern
 from .conftest import _unavailable
-from .guest import DHCP_ARG, GATEWAY_IP, GUEST_IP, READY_MARKER, UDHCPC_SCRIPT_PATH, GuestImage
-from .guest import build_tstream
+from .guest import (
+    DHCP_ARG,
+    GATEWAY_IP,
+    GUEST_IP,
+    READY_MARKER,
+    UDHCPC_SCRIPT_PATH,
+    GuestImage,
+    build_tstream,
+)
 from .harness import Backend, Vm
 
 TIMEOUT = 30.0
@@ -165,12 +173,9 @@ def test_tstream_reports_the_offset_of_a_corrupt_byte(tstream: Path) -> None:
     data[100_003] ^= 0x5A
     with _listener() as lsock:
         proc = _spawn(tstream, "recv", "127.0.0.1", str(lsock.getsockname()[1]), "3")
-        with _accept(lsock) as conn:
-            # tstream may stop reading (and reset) once it has seen the damage.
-            try:
-                _send_all_in_odd_pieces(conn, bytes(data))
-            except ConnectionError:
-                pass
+        # tstream may stop reading (and reset) once it has seen the damage.
+        with _accept(lsock) as conn, contextlib.suppress(ConnectionError):
+            _send_all_in_odd_pieces(conn, bytes(data))
     status, result, err = _finish(proc)
     assert status == 1, (result, err)
     assert result == {"result": "bad", "offset": "100003",
@@ -211,7 +216,7 @@ def test_tstream_rate_limit_and_duration(tstream: Path) -> None:
     assert status == 0, err
     sent = int(result["bytes"])
     assert checker.offset == sent
-    assert 1.4 < elapsed and 200 * 1024 * 1.2 < sent < 200 * 1024 * 1.6 + 65536, (elapsed, sent)
+    assert elapsed > 1.4 and 200 * 1024 * 1.2 < sent < 200 * 1024 * 1.6 + 65536, (elapsed, sent)
 
 
 def test_tstream_serve_both_ways(tstream: Path) -> None:
@@ -269,7 +274,7 @@ def run_ok(vm: Vm, command: str, timeout: float = TIMEOUT) -> str:
 
 def start_server(vm: Vm, name: str, args: str) -> None:
     """`tstream serve ...` in the background, once it listens."""
-    run_ok(vm, f"tstream serve {args} >/tmp/{name}.out 2>/tmp/{name}.err &")
+    run_ok(vm, f"tstream serve {args} >/tmp/{name}.out 2>/tmp/{name}.err & true")
     # Bounded by run()'s timeout: waits for the real listening line.
     run_ok(vm, f"until grep -q listening /tmp/{name}.err; do usleep 20000; done")
 
@@ -294,7 +299,7 @@ def test_guest_has_iperf3_tstream_and_the_dhcp_script(
         out = run_ok(vm, "iperf3 --version")
         assert re.search(r"iperf 3\.\d+", out), out
         # A real (loopback) iperf3 transfer: its libraries all load.
-        run_ok(vm, "iperf3 -s -1 >/tmp/iperf-s.out 2>&1 &")
+        run_ok(vm, "iperf3 -s -1 >/tmp/iperf-s.out 2>&1 & true")
         run_ok(vm, "until netstat -ltn | grep -q ':5201 '; do usleep 20000; done")
         out = run_ok(vm, "iperf3 -c 127.0.0.1 -n 4M -f m", 60)
         assert re.search(r"receiver", out), out
@@ -359,7 +364,9 @@ def test_guest_runs_udhcpc_when_asked(workdir: Path, guest: GuestImage,
     tests against tether's.)"""
     vm = Vm(workdir, "vm1", backend.socket, guest, kernel_args=[DHCP_ARG])
     try:
-        vm.console.expect(r"udhcpc: sending discover", 60)
+        vm.console.expect(r"udhcpc: (sending|broadcasting) discover", 60)
+        # No server here: it gives up waiting and keeps asking in the background.
+        vm.console.expect(r"udhcpc: leasefail on eth0", 60)
         vm.wait_booted()
         assert DHCP_ARG in run_ok(vm, "cat /proc/cmdline")
         assert "inet " not in run_ok(vm, "ip -4 addr show dev eth0")
