@@ -356,12 +356,14 @@ def build(directory: Path) -> None:
     try:
         _build_into(staging)
         staging.chmod(0o755)
+        if _manifest_ok(directory):
+            return  # a concurrent build finished first: keep the one in use
         if directory.exists():
-            shutil.rmtree(directory)
+            shutil.rmtree(directory)  # damaged
         try:
             staging.rename(directory)
         except OSError:
-            if not _manifest_ok(directory):  # another build won the race: fine if good
+            if not _manifest_ok(directory):  # lost a race to a good build: fine
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

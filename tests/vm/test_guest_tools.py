@@ -219,6 +219,20 @@ def test_tstream_rate_limit_and_duration(tstream: Path) -> None:
     assert elapsed > 1.4 and 200 * 1024 * 1.2 < sent < 200 * 1024 * 1.6 + 65536, (elapsed, sent)
 
 
+def test_tstream_idle_limit(tstream: Path, tmp_path: Path) -> None:
+    """-t: a stream that stops moving fails instead of hanging (a migration
+    that lost the connection must not hang the test until its timeout)."""
+    progress = tmp_path / "progress"
+    with _listener() as lsock:
+        proc = _spawn(tstream, "-t", "0.5", "-p", str(progress), "recv", "127.0.0.1",
+                      str(lsock.getsockname()[1]), "6")
+        with _accept(lsock) as conn:
+            conn.sendall(pattern.generate(6, 0, 5000))
+            status, result, err = _finish(proc)  # the connection stays open, silent
+    assert status == 3 and result == {"result": "error", "kind": "idle", "after": "5000"}, err
+    assert progress.read_text().startswith("TSTREAM progress bytes=5000 ")
+
+
 def test_tstream_serve_both_ways(tstream: Path) -> None:
     def listening_port(proc: subprocess.Popen[str]) -> int:
         assert proc.stderr is not None
