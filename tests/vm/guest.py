@@ -289,7 +289,6 @@ def _elf_closure(root: Path, programs: list[str]) -> tuple[dict[str, Path], set[
                 missing.add(interp)
         for soname in needed:
             image_path = f"lib/x86_64-linux-gnu/{soname}"
-            # libc NEEDs the loader by soname: the one already loaded serves.
             if image_path in files:
                 continue
             found = [_in_root(root, f"{d}/{soname}") for d in LIB_DIRS]
