@@ -1,0 +1,132 @@
+"""`tether`: parse options, build the stack, attach a transport, run the loop."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from tether.config import Config, ConfigError, build_parser, from_args
+from tether.frames import FrameSink, GuestPort
+from tether.loop import Loop
+from tether.net.icmp import ping_sockets_allowed
+from tether.net.stack import Stack
+from tether.pcap import CapturingPort, CapturingSink, PcapWriter
+from tether.transport.stream import StreamTransport
+from tether.transport.tap import TapTransport, create_tap
+
+log = logging.getLogger("tether")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line and status 1, as passt does, not argparse's usage dump and 2.
+        self.exit(1, f"tether: {message} (see --help)\n")
+
+
+def _setup_logging(config: Config) -> None:
+    handler: logging.Handler = (logging.FileHandler(config.log_file) if config.log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s tether: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if config.debug else logging.INFO)
+
+
+def _daemonise() -> None:
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class _Port:
+    """Late binding: the transport needs a port before the stack's wrappers exist."""
+
+    def __init__(self) -> None:
+        self.target: GuestPort | None = None
+
+    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
+        if self.target is not None:
+            self.target.frames_from_guest(frames)
+
+    def guest_room_available(self) -> None:
+        if self.target is not None:
+            self.target.guest_room_available()
+
+
+def run(config: Config) -> int:
+    loop = Loop()
+    stack = Stack(loop, config.net)
+    port = _Port()
+    sink: FrameSink
+    if config.vhost_user:
+        # The vhost-user transport (tether.transport.vhost_user) plugs in here: it
+        # serves config.socket_path and implements frames.FrameSink like the others.
+        raise ConfigError("--vhost-user: the vhost-user transport is not part of this build")
+    if config.netns is not None:
+        fd = create_tap(config.netns, config.ifname, config.net.mtu)
+        sink = TapTransport(loop, fd, port)
+        log.info("tap %s up in namespace %s", config.ifname, config.netns)
+    elif config.socket_path is not None:
+        sink = StreamTransport(loop, config.socket_path, port)
+        log.info("waiting for QEMU on %s (-netdev stream)", config.socket_path)
+    else:
+        raise ConfigError("no transport: give --netns PATH|NAME or --socket PATH")
+    guest_port: GuestPort = stack
+    if config.pcap is not None:
+        pcap = PcapWriter(config.pcap)
+        sink = CapturingSink(sink, pcap)
+        guest_port = CapturingPort(stack, pcap)
+    port.target = guest_port
+    stack.attach(sink)
+    stack.start()
+    allowed, why = ping_sockets_allowed()
+    if not allowed:
+        log.warning("%s", why)
+    if not config.foreground:
+        _daemonise()
+    if config.pid_file is not None:
+        with open(config.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    signal.signal(signal.SIGINT, lambda *_: loop.stop())
+    log.info("running")
+    try:
+        loop.run()
+    finally:
+        stack.close()
+        if config.pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.__class__ = _Parser
+    ns = parser.parse_args(argv)
+    try:
+        config = from_args(ns)
+        _setup_logging(config)
+        return run(config)
+    except ConfigError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

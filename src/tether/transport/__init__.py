@@ -1,0 +1,1 @@
+"""Transports: how Ethernet frames reach the guest (tap, stream, vhost-user)."""

@@ -1,0 +1,175 @@
+"""A tap device inside a network namespace, as pasta uses one.
+
+The device is created from inside the target namespace (setns on this thread,
+then back), so it lives there while tether's own sockets stay in the namespace
+tether started in.  Frames are read and written without any prefix (IFF_NO_PI).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import io
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tether import loop as evloop
+from tether.frames import GuestPort
+
+log = logging.getLogger(__name__)
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_SIOCSIFMTU = 0x8922
+_SIOCSIFHWADDR = 0x8924
+_IFF_UP = 0x1
+_CLONE_NEWNET = 0x40000000
+_ARPHRD_ETHER = 1
+
+FRAME_MAX = 65536 + 14
+BATCH = 32  # frames read per wake-up before the stack sees them
+
+
+class NamespaceError(OSError):
+    """The namespace cannot be entered or the device cannot be made in it."""
+
+
+def netns_path(name_or_path: str) -> str:
+    """A path as is; a bare name as iproute2 keeps it (/run/netns/NAME)."""
+    return name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NamespaceError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def inside(path: str) -> Iterator[None]:
+    """Run the body with this thread in the network namespace at path."""
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NamespaceError(exc.errno, f"network namespace {path}: {exc.strerror}") from None
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+def _ifreq(name: str, fmt: str = "", *values: int | bytes) -> bytes:
+    return struct.pack("16s" + fmt, name.encode(), *values).ljust(40, b"\0")
+
+
+def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None) -> int:
+    """Create (or attach to) tap `name` in netns, set its MTU (and MAC), bring it up.
+
+    Returns the non-blocking tap fd; raises NamespaceError / OSError with the reason.
+    """
+    if len(name.encode()) > 15:
+        raise ValueError(f"interface name {name!r} is longer than 15 bytes")
+    with inside(netns_path(netns)):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, _ifreq(name, "H", _IFF_TAP | _IFF_NO_PI))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+                fcntl.ioctl(ctl, _SIOCSIFMTU, _ifreq(name, "i", mtu))
+                if mac is not None:
+                    fcntl.ioctl(ctl, _SIOCSIFHWADDR, _ifreq(name, "H6s", _ARPHRD_ETHER, mac))
+                flags = struct.unpack_from("H", fcntl.ioctl(ctl, _SIOCGIFFLAGS, _ifreq(name)),
+                                           16)[0]
+                fcntl.ioctl(ctl, _SIOCSIFFLAGS, _ifreq(name, "H", flags | _IFF_UP))
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+class TapTransport:
+    """Implements frames.FrameSink over a tap fd and feeds a GuestPort."""
+
+    def __init__(self, loop: evloop.Loop, fd: int, port: GuestPort) -> None:
+        self.loop = loop
+        self.fd = fd
+        self.port = port
+        self._file = io.FileIO(fd, "r+b", closefd=False)
+        self._buffers = [bytearray(FRAME_MAX) for _ in range(BATCH)]
+        self._views = [memoryview(b) for b in self._buffers]
+        self._blocked = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self.frames_dropped = 0
+        loop.add(fd, evloop.READ, self._on_event)
+
+    def _on_event(self, events: int) -> None:
+        if events & evloop.WRITE and self._blocked:
+            self._blocked = False
+            self.loop.modify(self.fd, evloop.READ)
+            self.port.guest_room_available()
+        if events & evloop.READ:
+            self._read_batch()
+
+    def _read_batch(self) -> None:
+        batch: list[memoryview] = []
+        for view in self._views:
+            try:
+                n = self._file.readinto(view)
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                log.warning("tap read: %s", exc)
+                break
+            if not n:  # None: EAGAIN
+                break
+            batch.append(view[:n])
+        if batch:
+            self.frames_in += len(batch)
+            self.port.frames_from_guest(batch)
+
+    # -- frames.FrameSink ----------------------------------------------------
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        try:
+            os.write(self.fd, frame)
+        except BlockingIOError:
+            self._block()
+            self.frames_dropped += 1
+            return False
+        except OSError as exc:
+            # EIO while the link is down, EINVAL for an oversized frame: drop this one.
+            log.debug("tap write: %s", exc)
+            self.frames_dropped += 1
+            return False
+        self.frames_out += 1
+        return True
+
+    def _block(self) -> None:
+        if not self._blocked:
+            self._blocked = True
+            self.loop.modify(self.fd, evloop.READ | evloop.WRITE)
+
+    def has_room(self) -> bool:
+        return not self._blocked
+
+    def flush(self) -> None:
+        pass  # every write is already visible to the guest's kernel
+
+    def close(self) -> None:
+        self.loop.remove(self.fd)
+        os.close(self.fd)
