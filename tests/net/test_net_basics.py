@@ -1,0 +1,192 @@
+"""Bring-up: DHCP with a real client, ARP, ping, UDP, inbound forwarding, pcap, CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import GATEWAY, GUEST, Tether, delete_netns, make_netns, require, wait_for
+from hostside import UdpEchoPeer, free_port
+
+UDHCPC_SCRIPT = """#!/bin/sh
+# Called by busybox udhcpc: record what the server said, then configure like a distro.
+[ "$1" = bound ] || exit 0
+env | grep -E '^(ip|subnet|router|dns|mtu|lease|search|domain)=' | sort > "$OUT"
+ip addr add "$ip/$mask" dev "$interface"
+[ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+ip route add default via "$router"
+"""
+
+
+def test_busybox_udhcpc_gets_the_configuration(start_tether: Callable[..., Tether],
+                                               tmp_path: Path) -> None:
+    require(shutil.which("busybox") is not None, "needs busybox (apt install busybox)")
+    t = start_tether("-S", "example.org", configure=False)
+    script = tmp_path / "udhcpc.sh"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    out = tmp_path / "lease"
+    env = dict(os.environ, OUT=str(out))
+    subprocess.run(t.ns.cmd("busybox", "udhcpc", "-q", "-f", "-n", "-t", "5", "-T", "1",
+                            "-i", "tap0", "-s", str(script), "-O", "mtu", "-O", "search"),
+                   env=env, check=True, capture_output=True, timeout=30)
+    lease = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert lease["ip"] == GUEST
+    assert lease["subnet"] == "255.255.255.0"
+    assert lease["router"] == GATEWAY
+    assert lease["dns"].split() == [GATEWAY]
+    assert lease["mtu"] == "65520"
+    assert lease["search"] == "example.org"
+    # The lease works: the gateway (the host's loopback) answers TCP.
+    peer = socket.socket()
+    peer.bind(("127.0.0.1", 0))
+    peer.listen(1)
+    t.ns.run("python3", "-c", f"import socket; socket.create_connection(('{GATEWAY}', "
+                              f"{peer.getsockname()[1]}), timeout=10)")
+    peer.close()
+
+
+def test_arp_resolves_every_address_but_the_guests_own(
+        start_tether: Callable[..., Tether]) -> None:
+    t = start_tether()
+    for addr in (GATEWAY, "10.77.0.99"):
+        # Any datagram makes the guest's kernel resolve the next hop.
+        t.ns.run("python3", "-c", "import socket; socket.socket(socket.AF_INET, "
+                 f"socket.SOCK_DGRAM).sendto(b'x', ('{addr}', 9))")
+        wait_for(lambda a=addr: "9a:55:9a:55:9a:55 REACHABLE" in  # type: ignore[misc]
+                 t.ns.run("ip", "neigh", "show", a).stdout, f"ARP reply for {addr}")
+
+
+def test_ping_gateway_through_ping_sockets(tmp_path: Path) -> None:
+    # Ping sockets need net.ipv4.ping_group_range to admit tether's group.  Rather than
+    # change the machine's setting, tether runs in a namespace of the test's own.
+    host = make_netns("thost")
+    guest = make_netns()
+    t: Tether | None = None
+    try:
+        host.run("sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647")
+        t = Tether(guest, ["-a", GUEST, "-n", "24", "-g", GATEWAY], tmp_path, host_ns=host)
+        guest.run("ip", "addr", "add", f"{GUEST}/24", "dev", "tap0")
+        guest.run("ip", "route", "add", "default", "via", GATEWAY)
+        out = guest.run("busybox", "ping", "-c", "3", "-i", "0.2", "-W", "2", GATEWAY).stdout
+        assert "3 packets received" in out, out
+    finally:
+        if t is not None:
+            t.stop()
+        delete_netns(guest)
+        delete_netns(host)
+
+
+def test_ping_group_range_warning_at_start(start_tether: Callable[..., Tether]) -> None:
+    with open("/proc/sys/net/ipv4/ping_group_range") as f:
+        low, high = (int(x) for x in f.read().split())
+    t = start_tether()
+    if not low <= os.getegid() <= high:
+        assert "ping_group_range" in t.log_text()
+
+
+def test_udp_echo_to_host(start_tether: Callable[..., Tether]) -> None:
+    t = start_tether()
+    peer = UdpEchoPeer()
+    assert t.ns.guest_tool("udp-echo", GATEWAY, str(peer.port)).startswith("ok")
+    peer.close()
+
+
+def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether]) -> None:
+    port = free_port()
+    t = start_tether("-t", str(port))
+    server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
+                        "tcp-server", str(port), str(3 << 20))
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "listening"
+    sent = bytes(range(256)) * 8192
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+    out, err = server.communicate(timeout=30)
+    from hostside import pattern
+    assert bytes(got) == pattern(3 << 20)
+    import hashlib
+    assert f"received {len(sent)} sha {hashlib.sha256(sent).hexdigest()}" in out, err
+    assert f"peer {GATEWAY}" in out  # the host's loopback appears as the gateway
+
+
+def test_inbound_udp_forwarding(start_tether: Callable[..., Tether]) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    t = start_tether("-u", str(port))
+    server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
+                        "udp-server", str(port))
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "listening"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"inbound datagram", ("127.0.0.1", port))
+        data, peer = sock.recvfrom(1000)
+    assert data == b"inbound datagram"[::-1]
+    assert peer == ("127.0.0.1", port)
+    server.communicate(timeout=10)
+
+
+def test_pcap_is_readable_by_scapy(start_tether: Callable[..., Tether],
+                                   tmp_path: Path) -> None:
+    from scapy.layers.inet import TCP
+    from scapy.layers.l2 import ARP
+    from scapy.utils import rdpcap
+    capture = tmp_path / "cap.pcap"
+    t = start_tether("--pcap", str(capture))
+    peer = UdpEchoPeer()
+    t.ns.guest_tool("udp-echo", GATEWAY, str(peer.port))
+    t.stop()
+    packets = rdpcap(str(capture))
+    assert any(ARP in p for p in packets)
+    assert sum(1 for p in packets if p.haslayer("UDP")) >= 6
+    assert not any(TCP in p for p in packets)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tether.cli", *args], capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+def test_bad_options_one_line_exit_1() -> None:
+    for args in (["--mtu", "10", "--netns", "x"], ["-a", "999.1.1.1", "--netns", "x"],
+                 ["--bogus"], ["-t", "70000", "--netns", "x"]):
+        done = run_cli(*args)
+        assert done.returncode == 1, args
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("tether: ")
+
+
+def test_help_explains_options() -> None:
+    out = run_cli("--help").stdout
+    for opt in ("--netns", "--socket", "--map-host-loopback", "--dns-forward", "--pcap",
+                "-t", "-u", "-P", "-l"):
+        assert opt in out
+
+
+def test_missing_namespace_is_one_clear_line() -> None:
+    done = run_cli("-f", "-a", GUEST, "--netns", f"no-such-ns-{os.getpid()}")
+    assert done.returncode == 1
+    assert "no-such-ns" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_pid_file_and_clean_exit(start_tether: Callable[..., Tether], tmp_path: Path) -> None:
+    pid_file = tmp_path / "tether.pid"
+    t = start_tether("-P", str(pid_file))
+    wait_for(pid_file.exists, "pid file")
+    assert int(pid_file.read_text()) == t.proc.pid
+    t.stop()
+    assert t.proc.returncode == 0
+    deadline = time.monotonic() + 5
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pid_file.exists()
