@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -11,8 +12,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import GATEWAY, GUEST, Tether, delete_netns, make_netns, require, wait_for
-from hostside import UdpEchoPeer, free_port
+from hostside import UdpEchoPeer, free_port, pattern
+from netlab import GATEWAY, GUEST, Tether, delete_netns, make_netns, require, wait_for
+from scapy.layers.inet import TCP
+from scapy.layers.l2 import ARP
+from scapy.utils import rdpcap
+
+pytest_plugins = ("netlab",)  # the start_tether fixture
 
 UDHCPC_SCRIPT = """#!/bin/sh
 # Called by busybox udhcpc: record what the server said, then configure like a distro.
@@ -113,9 +119,7 @@ def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether]) -> None:
         while chunk := sock.recv(1 << 20):
             got += chunk
     out, err = server.communicate(timeout=30)
-    from hostside import pattern
     assert bytes(got) == pattern(3 << 20)
-    import hashlib
     assert f"received {len(sent)} sha {hashlib.sha256(sent).hexdigest()}" in out, err
     assert f"peer {GATEWAY}" in out  # the host's loopback appears as the gateway
 
@@ -138,9 +142,6 @@ def test_inbound_udp_forwarding(start_tether: Callable[..., Tether]) -> None:
 
 def test_pcap_is_readable_by_scapy(start_tether: Callable[..., Tether],
                                    tmp_path: Path) -> None:
-    from scapy.layers.inet import TCP
-    from scapy.layers.l2 import ARP
-    from scapy.utils import rdpcap
     capture = tmp_path / "cap.pcap"
     t = start_tether("--pcap", str(capture))
     peer = UdpEchoPeer()

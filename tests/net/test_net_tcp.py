@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conftest import GATEWAY, Tether
 from hostside import TcpPeer, free_port, pattern
+from netlab import GATEWAY, Tether
 
+pytest_plugins = ("netlab",)  # the start_tether fixture
 MiB = 1 << 20
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
+from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
+from scapy.utils import checksum as scapy_checksum
 
 from tether.net.output import L2L3, TCP_PAYLOAD, UDP_PAYLOAD, Output
 from tether.wire import ParseError, arp, dhcp, ethernet, icmp, ipv4, tcp, udp
@@ -26,7 +29,6 @@ def test_checksum_matches_rfc1071_example() -> None:
 
 @given(st.binary(max_size=300))
 def test_checksum_is_scapy_checksum(data: bytes) -> None:
-    from scapy.utils import checksum as scapy_checksum
     assert checksum(data) == scapy_checksum(data)
 
 
@@ -108,7 +110,6 @@ def test_icmp_echo_reply_read_by_scapy() -> None:
 
 
 def test_dhcp_roundtrip_with_scapy() -> None:
-    from scapy.layers.dhcp import BOOTP, DHCP
     raw = bytes(BOOTP(chaddr=bytes.fromhex("020000000002"), xid=99) /
                 DHCP(options=[("message-type", "discover"), "end"]))
     msg = dhcp.parse(memoryview(raw))
@@ -118,7 +119,7 @@ def test_dhcp_roundtrip_with_scapy() -> None:
                                        (dhcp.OPT_DOMAIN_SEARCH,
                                         dhcp.encode_search_list(["example.org"]))])
     reply = BOOTP(out)
-    opts = dict(o for o in reply[DHCP].options if isinstance(o, tuple))
+    opts: dict[str, object] = dict(o for o in reply[DHCP].options if isinstance(o, tuple))
     assert reply.yiaddr == "10.0.0.2" and reply.xid == 99
     assert opts["message-type"] == 2 and opts["interface-mtu"] == 65520
 
@@ -130,10 +131,8 @@ PARSERS = [ethernet.parse, arp.parse, ipv4.parse, udp.parse, tcp.parse,
 @given(st.binary(max_size=400))
 def test_parsers_are_total(data: bytes) -> None:
     for parse in PARSERS:
-        try:
-            parse(memoryview(data))  # type: ignore[operator]
-        except ParseError:
-            pass
+        with contextlib.suppress(ParseError):
+            parse(memoryview(data))
 
 
 def test_ipv4_refuses_fragments_and_bad_lengths() -> None:
