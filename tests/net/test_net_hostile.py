@@ -11,9 +11,11 @@ import os
 import random
 import socket
 import struct
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from hostside import UdpEchoPeer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netlab import GATEWAY, Netns, Tether, delete_netns, make_netns
@@ -50,7 +52,7 @@ class Recorder:
 
 def _base(proto_layer: object) -> bytes:
     return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src="10.77.0.2", dst=GATEWAY) /
-                 proto_layer)  # type: ignore[operator]
+                 proto_layer)
 
 
 SEEDS = [
@@ -117,7 +119,6 @@ def test_mangled_frames_never_escape_the_stack(empty_netns: Netns, data: st.Data
 def test_garbage_on_the_wire_leaves_the_daemon_serving(
         start_tether: Callable[..., Tether]) -> None:
     """Raw frames written to the guest's tap: random bytes and broken headers."""
-    from hostside import UdpEchoPeer
     t = start_tether()
     rng = random.Random(4)
     frames = [rng.randbytes(rng.randrange(0, 200)) for _ in range(500)]
@@ -142,7 +143,6 @@ def test_garbage_on_the_wire_leaves_the_daemon_serving(
             "    try: s.send(f)\n"
             "    except OSError: pass\n")
     blob = b"".join(struct.pack("!H", len(f)) + f for f in frames)
-    import subprocess
     subprocess.run(t.ns.cmd("python3", "-c", code), input=blob, check=True, timeout=60)
     assert t.alive()
     peer = UdpEchoPeer()
