@@ -105,6 +105,10 @@ def run(config: Config) -> int:
     try:
         loop.run()
     finally:
+        tcp = stack.tcp
+        log.info("exiting: %d bad guest frames; TCP: %d socket-full stalls, %d guest gaps, "
+                 "%d rewinds", stack.bad_frames, tcp.socket_full, tcp.gaps_from_guest,
+                 tcp.rewinds)
         stack.close()
         if config.pid_file is not None:
             with contextlib.suppress(OSError):

@@ -110,6 +110,7 @@ class Tether:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stop tether; any internal error it logged fails the test that ran it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -117,6 +118,8 @@ class Tether:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        text = self.log_text()
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
 
 
 def configure_guest(ns: Netns, mtu: int | None = None) -> None:

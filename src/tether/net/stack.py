@@ -44,6 +44,7 @@ class Stack:
         self.udp = UdpTranslator(self)
         self.icmp = IcmpTranslator(self)
         self.bad_frames = 0
+        self.internal_errors = 0
         self._sink: FrameSink | None = None
         self._waiting: dict[int, TcpConn] = {}
         self._listeners: list[socket.socket] = []
@@ -101,6 +102,11 @@ class Stack:
             except ParseError as exc:
                 self.bad_frames += 1
                 log.debug("dropped guest frame: %s", exc)
+            except Exception:
+                # A bug, not bad input: say so loudly, but one frame must not take
+                # every other connection down with the daemon.
+                self.internal_errors += 1
+                log.exception("internal error handling a guest frame")
         self.tcp.end_of_batch()
         self.sink_flush()
 

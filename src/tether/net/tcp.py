@@ -59,6 +59,7 @@ WS_TO_GUEST = 8
 DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
 _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 _SIOCOUTQ = 0x5411
+PENDING_MAX = 4 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
 _OUTQ = bytearray(4)
 
@@ -134,6 +135,8 @@ class TcpConn:
         "guest_addr",
         "guest_port",
         "key",
+        "pending",
+        "pending_fin",
         "remote_addr",
         "remote_port",
         "retries",
@@ -178,6 +181,8 @@ class TcpConn:
         self.flow_ack_due = False
         self.waiting_room = False
         self.fin_seq = 0
+        self.pending = bytearray()  # guest data the socket had no room for: not yet acked
+        self.pending_fin = False
         self.timer: evloop.Timer | None = None
 
     def close(self) -> None:
@@ -205,6 +210,10 @@ class TcpTranslator:
         self.stack = stack
         self.conns: dict[int, TcpConn] = {}  # by socket fd
         self._ack_due: list[TcpConn] = []
+        # Counters for the log and the benchmarks: how often the slow paths run.
+        self.socket_full = 0
+        self.gaps_from_guest = 0
+        self.rewinds = 0
         self.mss_to_guest = stack.params.mtu - ipv4.HLEN - wtcp.HLEN
 
     # -- frames from the guest -------------------------------------------
@@ -385,45 +394,90 @@ class TcpTranslator:
         return True
 
     def _guest_data(self, conn: TcpConn, seq: int, payload: memoryview, fin: bool) -> None:
-        offset = _seq_diff(conn.seq_from_tap, seq)
+        """In-order guest data goes to the socket; only what the socket took is acknowledged.
+
+        When the socket is full, in-order data is held (unacknowledged, bounded by
+        PENDING_MAX) and written when the socket has room, so the guest need not
+        retransmit what merely arrived early; beyond the bound it is dropped and
+        the guest's retransmission brings it back.
+        """
+        expected = (conn.seq_from_tap + len(conn.pending)) & 0xFFFFFFFF
+        offset = _seq_diff(expected, seq)
         if offset < 0:
             # A gap: something before this was not accepted.  Say where we are.
+            self.gaps_from_guest += 1
             self._control(conn, wtcp.ACK)
             return
         if offset > len(payload) or (offset == len(payload) and not fin):
             self._ack_later(conn)  # entirely old: a retransmission
             return
+        if conn.events & TAP_FIN_RCVD:
+            self._ack_later(conn)
+            return
         data = payload[offset:]
-        if data and not conn.events & TAP_FIN_RCVD:
-            written = 0
-            if not conn.sock_blocked:
-                try:
-                    written = conn.sock.send(data)
-                except BlockingIOError:
-                    written = 0
-                except OSError as exc:
-                    log.debug("send to host: %s", exc)
-                    self._reset_guest(conn)
-                    return
-            conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
-            if written < len(data):
-                # The socket is full: acknowledge what it took, close the window and
-                # wait for room; the guest sends the rest again.
-                if not conn.sock_blocked:
-                    conn.sock_blocked = True
-                    self.stack.loop.modify(conn.fd, evloop.READ | evloop.WRITE | evloop.HANGUP
-                                           | _EPOLLET)
-                self._ack_later(conn)
+        if conn.sock_blocked:
+            if len(conn.pending) + len(data) > PENDING_MAX:
+                return  # dropped, unacknowledged: the guest sends it again
+            conn.pending += data
+            conn.pending_fin = fin
+            return
+        written = 0
+        if data:
+            try:
+                written = conn.sock.send(data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                log.debug("send to host: %s", exc)
+                self._reset_guest(conn)
                 return
-        if fin and not conn.events & TAP_FIN_RCVD:
-            conn.seq_from_tap = (conn.seq_from_tap + 1) & 0xFFFFFFFF
-            conn.events |= TAP_FIN_RCVD
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_WR)
-            conn.events |= SOCK_FIN_SENT
-            self._control(conn, wtcp.ACK)
+            conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        if written < len(data):
+            self.socket_full += 1
+            conn.sock_blocked = True
+            conn.pending = bytearray(data[written:])
+            conn.pending_fin = fin
+            self.stack.loop.modify(conn.fd, evloop.READ | evloop.WRITE | evloop.HANGUP
+                                   | _EPOLLET)
+            self._ack_later(conn)
+            return
+        if fin:
+            self._guest_fin(conn)
             return
         self._ack_later(conn)
+
+    def _guest_fin(self, conn: TcpConn) -> None:
+        conn.seq_from_tap = (conn.seq_from_tap + 1) & 0xFFFFFFFF
+        conn.events |= TAP_FIN_RCVD
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.events |= SOCK_FIN_SENT
+        self._control(conn, wtcp.ACK)
+
+    def _socket_writable(self, conn: TcpConn) -> None:
+        """The socket has room again: write what was held, then acknowledge it."""
+        pending = conn.pending
+        try:
+            written = conn.sock.send(pending) if pending else 0
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            log.debug("send to host: %s", exc)
+            self._reset_guest(conn)
+            return
+        conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        del pending[:written]
+        if pending:
+            self._control(conn, wtcp.ACK)
+            return
+        conn.sock_blocked = False
+        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET)
+        if conn.pending_fin:
+            conn.pending_fin = False
+            self._guest_fin(conn)
+            self._maybe_done(conn)
+        else:
+            self._control(conn, wtcp.ACK)  # with an open window: the guest may send again
 
     # -- acknowledgements and windows towards the guest ---------------------
 
@@ -473,9 +527,9 @@ class TcpTranslator:
 
     def _sock_event(self, conn: TcpConn, events: int) -> None:
         if events & evloop.WRITE and conn.sock_blocked:
-            conn.sock_blocked = False
-            self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET)
-            self._control(conn, wtcp.ACK)  # window update: the guest may send again
+            self._socket_writable(conn)
+            if conn.sock.fileno() < 0:
+                return
         if events & (evloop.READ | evloop.HANGUP):
             self._push(conn)
         if conn.sock.fileno() >= 0:
@@ -567,6 +621,7 @@ class TcpTranslator:
     def _rewind(self, conn: TcpConn) -> None:
         """Go back to the guest's last ACK and send from there again."""
         conn.dup_acks = 0
+        self.rewinds += 1
         if conn.events & TAP_FIN_SENT and not conn.events & TAP_FIN_ACKED:
             conn.events &= ~(TAP_FIN_SENT | SOCK_FIN_RCVD)
         conn.seq_to_tap = conn.seq_ack_from_tap
