@@ -543,6 +543,7 @@ class TcpTranslator:
         window = conn.wnd_from_tap << conn.ws_from_tap
         mss = min(conn.tap_mss, self.mss_to_guest)
         sock = conn.sock
+        window_field = -1
         while True:
             room = window - _seq_diff(conn.seq_to_tap, conn.seq_ack_from_tap)
             if room <= 0:
@@ -569,7 +570,8 @@ class TcpTranslator:
                 conn.events |= TAP_FIN_SENT
                 self._arm(conn, ACK_TIMEOUT)
                 return
-            window_field = self._window(conn)
+            if window_field < 0:  # once per burst: it costs two system calls
+                window_field = self._window(conn)
             conn.wnd_to_tap = window_field
             conn.seq_ack_to_tap = conn.seq_from_tap
             stack.send(stack.output.tcp(

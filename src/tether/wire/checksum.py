@@ -11,13 +11,26 @@ from __future__ import annotations
 BytesLike = bytes | bytearray | memoryview
 
 
+_CHUNK = 4096  # even, so every chunk starts on a 16-bit word boundary
+
+
 def ones_sum(data: BytesLike, initial: int = 0) -> int:
-    """Folded 16-bit ones' complement sum of data (odd length padded with a zero)."""
+    """Folded 16-bit ones' complement sum of data (odd length padded with a zero).
+
+    Summing 4 KiB chunks as integers (each congruent to its words' sum) and
+    taking one small modulo at the end is ~2.5x faster than one modulo of a
+    64 KiB integer, measured with bench/bench_net.py's checksum figure.
+    """
     view = memoryview(data).cast("B")
-    value = int.from_bytes(view, "big")
-    if len(view) & 1:
-        value <<= 8
-    return fold(value + initial)
+    n = len(view)
+    even = n & ~1
+    from_bytes = int.from_bytes
+    total = initial
+    for start in range(0, even, _CHUNK):
+        total += from_bytes(view[start:min(start + _CHUNK, even)], "big")
+    if n & 1:
+        total += view[n - 1] << 8
+    return fold(total)
 
 
 def fold(value: int) -> int:
