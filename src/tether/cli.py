@@ -89,6 +89,9 @@ def run(config: Config) -> int:
         sink = CapturingSink(sink, pcap)
         guest_port = CapturingPort(stack, pcap)
     port.target = guest_port
+    # A transport that completes TCP/UDP checksums (virtio NEEDS_CSUM) says so with a
+    # `checksum_offload` attribute; frames.FrameSink leaves it optional.
+    stack.output.partial_l4_checksums = bool(getattr(sink, "checksum_offload", False))
     stack.attach(sink)
     stack.start()
     allowed, why = ping_sockets_allowed()

@@ -47,6 +47,9 @@ class CapturingSink:
     def __init__(self, sink: FrameSink, pcap: PcapWriter) -> None:
         self.sink = sink
         self.pcap = pcap
+        # Captured frames then show partial TCP/UDP checksums, as on a real
+        # offloading NIC; Wireshark reads them and flags the checksum only.
+        self.checksum_offload = bool(getattr(sink, "checksum_offload", False))
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         sent = self.sink.send_frame(frame)

@@ -59,7 +59,8 @@ WS_TO_GUEST = 8
 DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
 _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 _SIOCOUTQ = 0x5411
-PENDING_MAX = 4 << 20
+WINDOW_FLOOR = 1 << 20
+PENDING_MAX = 2 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
 _OUTQ = bytearray(4)
 
@@ -495,7 +496,14 @@ class TcpTranslator:
                 self._control(conn, wtcp.ACK)
 
     def _window(self, conn: TcpConn) -> int:
-        """Free space in the socket's send buffer, as the (scaled) window field."""
+        """Free space in the socket's send buffer, but at least WINDOW_FLOOR.
+
+        The kernel grows a socket's send buffer only as the connection speeds up,
+        so offering just the free space starts a slow feedback loop (the guest
+        cannot send fast because the buffer is small, and the other way round).
+        What the socket cannot take at once is held in `pending` (up to
+        PENDING_MAX, more than the floor), not dropped, so the floor costs no data.
+        """
         if conn.sock_blocked:
             return 0
         try:
@@ -504,7 +512,7 @@ class TcpTranslator:
             queued = int.from_bytes(_OUTQ, "little")
         except OSError:
             return 0
-        free = max(sndbuf - queued, 0)
+        free = max(sndbuf - queued, WINDOW_FLOOR)
         return min(free >> conn.ws_to_tap, 0xFFFF)
 
     def _control(self, conn: TcpConn, flags: int, seq: int | None = None,

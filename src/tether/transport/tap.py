@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+# struct virtio_net_hdr (virtio spec 1.2, section 5.1.6): flags, gso_type, hdr_len,
+# gso_size, csum_start, csum_offset; little-endian as a modern tap expects.
+_VNET_HDR = struct.Struct("<BBHHHH")
+VNET_HDR_LEN = _VNET_HDR.size  # 10
+_F_NEEDS_CSUM = 1
+_TUNSETVNETLE = 0x400454DC
+_PLAIN_HDR = bytes(VNET_HDR_LEN)
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _SIOCSIFMTU = 0x8922
@@ -77,7 +85,8 @@ def _ifreq(name: str, fmt: str = "", *values: int | bytes) -> bytes:
     return struct.pack("16s" + fmt, name.encode(), *values).ljust(40, b"\0")
 
 
-def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None) -> int:
+def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None,
+               vnet_hdr: bool = True) -> int:
     """Create (or attach to) tap `name` in netns, set its MTU (and MAC), bring it up.
 
     Returns the non-blocking tap fd; raises NamespaceError / OSError with the reason.
@@ -87,7 +96,10 @@ def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None) -> int
     with inside(netns_path(netns)):
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(fd, _TUNSETIFF, _ifreq(name, "H", _IFF_TAP | _IFF_NO_PI))
+            flags = _IFF_TAP | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_hdr else 0)
+            fcntl.ioctl(fd, _TUNSETIFF, _ifreq(name, "H", flags))
+            if vnet_hdr:
+                fcntl.ioctl(fd, _TUNSETVNETLE, struct.pack("i", 1))
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
                 fcntl.ioctl(ctl, _SIOCSIFMTU, _ifreq(name, "i", mtu))
                 if mac is not None:
@@ -104,10 +116,16 @@ def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None) -> int
 class TapTransport:
     """Implements frames.FrameSink over a tap fd and feeds a GuestPort."""
 
-    def __init__(self, loop: evloop.Loop, fd: int, port: GuestPort) -> None:
+    def __init__(self, loop: evloop.Loop, fd: int, port: GuestPort,
+                 vnet_hdr: bool = True) -> None:
         self.loop = loop
         self.fd = fd
         self.port = port
+        # With a virtio-net header on each frame, the kernel completes TCP/UDP
+        # checksums for us (NEEDS_CSUM), so the stack may leave them partial.
+        self.vnet_hdr = vnet_hdr
+        self.checksum_offload = vnet_hdr
+        self._skip = VNET_HDR_LEN if vnet_hdr else 0
         self._file = io.FileIO(fd, "r+b", closefd=False)
         self._buffers = [bytearray(FRAME_MAX) for _ in range(BATCH)]
         self._views = [memoryview(b) for b in self._buffers]
@@ -137,16 +155,32 @@ class TapTransport:
                 break
             if not n:  # None: EAGAIN
                 break
-            batch.append(view[:n])
+            if n > self._skip:
+                batch.append(view[self._skip:n])
         if batch:
             self.frames_in += len(batch)
             self.port.frames_from_guest(batch)
 
     # -- frames.FrameSink ----------------------------------------------------
 
+    def _header(self, frame: bytes | bytearray | memoryview) -> bytes:
+        """NEEDS_CSUM for IPv4 TCP/UDP (the stack left the pseudo-header sum), else none."""
+        if len(frame) < 34 or frame[12] != 0x08 or frame[13] != 0x00:
+            return _PLAIN_HDR
+        proto = frame[23]
+        l4 = 14 + (frame[14] & 0xF) * 4
+        if proto == 6:
+            return _VNET_HDR.pack(_F_NEEDS_CSUM, 0, 0, 0, l4, 16)
+        if proto == 17:
+            return _VNET_HDR.pack(_F_NEEDS_CSUM, 0, 0, 0, l4, 6)
+        return _PLAIN_HDR
+
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         try:
-            os.write(self.fd, frame)
+            if self.vnet_hdr:
+                os.writev(self.fd, (self._header(frame), frame))
+            else:
+                os.write(self.fd, frame)
         except BlockingIOError:
             self._block()
             self.frames_dropped += 1
