@@ -7,13 +7,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from tether.config import Config, ConfigError, build_parser, from_args
 from tether.frames import FrameSink, GuestPort
-from tether.loop import Loop
+from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack
 from tether.pcap import CapturingPort, CapturingSink, PcapWriter
@@ -65,6 +66,11 @@ class _Port:
             self.target.guest_room_available()
 
 
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        sock.recv(4096)
+
+
 def run(config: Config) -> int:
     loop = Loop()
     stack = Stack(loop, config.net)
@@ -102,6 +108,12 @@ def run(config: Config) -> int:
     if config.pid_file is not None:
         with open(config.pid_file, "w") as f:
             f.write(f"{os.getpid()}\n")
+    # The wakeup fd makes a signal end epoll_wait, which Python would otherwise retry.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    loop.add(wake_r.fileno(), READ, lambda _ev: _drain(wake_r))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
     log.info("running")
