@@ -18,8 +18,9 @@ from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack
 from tether.pcap import CapturingPort, CapturingSink, PcapWriter
+from tether.spawn import Child
 from tether.transport.stream import StreamTransport
-from tether.transport.tap import TapTransport, create_tap
+from tether.transport.tap import TapTransport, configure_ipv4, create_tap
 
 log = logging.getLogger("tether")
 
@@ -80,15 +81,27 @@ def run(config: Config) -> int:
         # The vhost-user transport (tether.transport.vhost_user) plugs in here: it
         # serves config.socket_path and implements frames.FrameSink like the others.
         raise ConfigError("--vhost-user: the vhost-user transport is not part of this build")
-    if config.netns is not None:
-        fd = create_tap(config.netns, config.ifname, config.net.mtu)
-        sink = TapTransport(loop, fd, port)
-        log.info("tap %s up in namespace %s", config.ifname, config.netns)
-    elif config.socket_path is not None:
-        sink = StreamTransport(loop, config.socket_path, port)
-        log.info("waiting for QEMU on %s (-netdev stream)", config.socket_path)
-    else:
-        raise ConfigError("no transport: give --netns PATH|NAME or --socket PATH")
+    child: Child | None = None
+    netns = config.netns
+    if netns is None and config.socket_path is None:
+        child = Child(config.command or [os.environ.get("SHELL", "/bin/sh")])
+        netns = child.netns
+    try:
+        if netns is not None:
+            fd = create_tap(netns, config.ifname, config.net.mtu)
+            if config.config_net or child is not None:
+                p = config.net
+                configure_ipv4(netns, config.ifname, p.addr4, p.prefix4, p.gateway4)
+            sink = TapTransport(loop, fd, port)
+            log.info("tap %s up in namespace %s", config.ifname, netns)
+        else:
+            assert config.socket_path is not None
+            sink = StreamTransport(loop, config.socket_path, port)
+            log.info("waiting for QEMU on %s (-netdev stream)", config.socket_path)
+    except BaseException:
+        if child is not None:
+            child.abandon()
+        raise
     guest_port: GuestPort = stack
     if config.pcap is not None:
         pcap = PcapWriter(config.pcap)
@@ -103,7 +116,12 @@ def run(config: Config) -> int:
     allowed, why = ping_sockets_allowed()
     if not allowed:
         log.warning("%s", why)
-    if not config.foreground:
+    if child is not None:
+        # tether lives as long as the command: its exit ends the loop.
+        pidfd = os.pidfd_open(child.pid)
+        loop.add(pidfd, READ, lambda _ev: loop.stop())
+        child.release()
+    elif not config.foreground:
         _daemonise()
     if config.pid_file is not None:
         with open(config.pid_file, "w") as f:
@@ -119,6 +137,8 @@ def run(config: Config) -> int:
     log.info("running")
     try:
         loop.run()
+        if child is not None:
+            return child.exit_status()
     finally:
         tcp = stack.tcp
         log.info("exiting: %d bad guest frames; TCP: %d socket-full stalls, %d guest gaps, "

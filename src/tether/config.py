@@ -37,6 +37,7 @@ class Config:
     log_file: str | None = None
     pid_file: str | None = None
     command: list[str] = field(default_factory=list)
+    config_net: bool = False
 
 
 def _ipv4(text: str, what: str) -> bytes:
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--netns", metavar="PATH|NAME",
                    help="attach to this network namespace (a path, or a name under "
                         "/run/netns) and create the tap interface in it")
+    t.add_argument("--config-net", action="store_true",
+                   help="with --netns: also give the interface the guest's address and a "
+                        "default route (always done for COMMAND)")
     t.add_argument("-I", "--ns-ifname", metavar="NAME", default="tap0",
                    help="name of the tap interface in the namespace (default tap0)")
     t.add_argument("-s", "--socket", metavar="PATH",
@@ -216,6 +220,8 @@ def from_args(ns: argparse.Namespace) -> Config:
         raise ConfigError("choose one transport: --netns, --socket or --vhost-user")
     if ns.vhost_user and not ns.socket:
         raise ConfigError("--vhost-user needs --socket PATH")
+    if ns.command and modes:
+        raise ConfigError("COMMAND runs in a new namespace: not with --netns/--socket")
     if not 68 <= ns.mtu <= 65520:
         raise ConfigError(f"--mtu: {ns.mtu} outside 68..65520")
     if ns.max_flows < 1:
@@ -276,4 +282,4 @@ def from_args(ns: argparse.Namespace) -> Config:
     return Config(net=params, netns=ns.netns, ifname=ns.ns_ifname, socket_path=ns.socket,
                   vhost_user=ns.vhost_user, pcap=ns.pcap, foreground=ns.foreground,
                   debug=ns.debug, log_file=ns.log_file, pid_file=ns.pid,
-                  command=list(ns.command))
+                  command=list(ns.command), config_net=ns.config_net)

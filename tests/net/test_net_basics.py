@@ -12,8 +12,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hostside import UdpEchoPeer, free_port, pattern
-from netlab import GATEWAY, GUEST, Tether, delete_netns, make_netns, require, wait_for
+from hostside import TcpPeer, UdpEchoPeer, free_port, pattern
+from netlab import (
+    GATEWAY,
+    GUEST,
+    TETHER_ARGS,
+    Tether,
+    delete_netns,
+    make_netns,
+    require,
+    wait_for,
+)
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import ARP
 from scapy.utils import rdpcap
@@ -191,3 +200,34 @@ def test_pid_file_and_clean_exit(start_tether: Callable[..., Tether], tmp_path: 
     while pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not pid_file.exists()
+
+
+def test_config_net_sets_address_and_route(start_tether: Callable[..., Tether]) -> None:
+    t = start_tether("--config-net", configure=False)
+    addrs = t.ns.run("ip", "-4", "addr", "show", "tap0").stdout
+    assert f"inet {GUEST}/24" in addrs
+    assert f"default via {GATEWAY}" in t.ns.run("ip", "route").stdout
+    peer = UdpEchoPeer()
+    assert t.ns.guest_tool("udp-echo", GATEWAY, str(peer.port)).startswith("ok")
+
+
+def test_command_runs_in_a_new_namespace_on_tether(tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "needs root to create network namespaces")
+
+    peer = TcpPeer("transfer", send=1 << 20)
+    tool = str(Path(__file__).parent / "guest_tool.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "-l", str(tmp_path / "log"), *TETHER_ARGS, "--",
+         sys.executable, tool, "tcp-client", GATEWAY, str(peer.port), str(1 << 20),
+         str(1 << 20)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr + (tmp_path / "log").read_text()
+    assert done.stdout.startswith("ok")
+    assert peer.done.wait(10) and peer.received == [pattern(1 << 20)]
+    status = subprocess.run([sys.executable, "-m", "tether.cli", "-l", str(tmp_path / "log2"),
+                             *TETHER_ARGS, "--", "sh", "-c", "exit 3"], timeout=60,
+                            check=False)
+    assert status.returncode == 3
+    lo = subprocess.run([sys.executable, "-m", "tether.cli", "-l", str(tmp_path / "log3"),
+                         *TETHER_ARGS, "--", "ip", "-o", "link", "show", "lo"],
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert "LOOPBACK,UP" in lo.stdout

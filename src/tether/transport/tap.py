@@ -7,6 +7,7 @@ tether started in.  Frames are read and written without any prefix (IFF_NO_PI).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -85,6 +86,11 @@ def _ifreq(name: str, fmt: str = "", *values: int | bytes) -> bytes:
     return struct.pack("16s" + fmt, name.encode(), *values).ljust(40, b"\0")
 
 
+def _set_up(ctl: socket.socket, name: str) -> None:
+    flags = struct.unpack_from("H", fcntl.ioctl(ctl, _SIOCGIFFLAGS, _ifreq(name)), 16)[0]
+    fcntl.ioctl(ctl, _SIOCSIFFLAGS, _ifreq(name, "H", flags | _IFF_UP))
+
+
 def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None,
                vnet_hdr: bool = True) -> int:
     """Create (or attach to) tap `name` in netns, set its MTU (and MAC), bring it up.
@@ -104,13 +110,44 @@ def create_tap(netns: str, name: str, mtu: int, mac: bytes | None = None,
                 fcntl.ioctl(ctl, _SIOCSIFMTU, _ifreq(name, "i", mtu))
                 if mac is not None:
                     fcntl.ioctl(ctl, _SIOCSIFHWADDR, _ifreq(name, "H6s", _ARPHRD_ETHER, mac))
-                flags = struct.unpack_from("H", fcntl.ioctl(ctl, _SIOCGIFFLAGS, _ifreq(name)),
-                                           16)[0]
-                fcntl.ioctl(ctl, _SIOCSIFFLAGS, _ifreq(name, "H", flags | _IFF_UP))
+                _set_up(ctl, name)
         except BaseException:
             os.close(fd)
             raise
     return fd
+
+
+_SIOCSIFADDR = 0x8916
+_SIOCSIFNETMASK = 0x891C
+_SIOCADDRT = 0x890B
+_RTF_UP = 0x1
+_RTF_GATEWAY = 0x2
+# struct rtentry on LP64 (linux/route.h): pad, dst, gateway, genmask, flags, pad,
+# pad, pad, metric, dev pointer, mtu, window, irtt; 120 bytes.
+_RTENTRY = struct.Struct("=Q16s16s16sHh4xQQh6xQQQH6x")
+
+
+def _sockaddr_in(addr: bytes) -> bytes:
+    return struct.pack("=HH4s8x", socket.AF_INET, 0, addr)
+
+
+def configure_ipv4(netns: str, name: str, addr: bytes, prefix: int, gateway: bytes) -> None:
+    """Give the interface its address and a default route, as pasta's --config-net does.
+
+    Plain ioctls (no netlink library), run from inside the namespace.
+    """
+    mask = (0xFFFFFFFF << (32 - prefix) & 0xFFFFFFFF).to_bytes(4, "big")
+    with inside(netns_path(netns)), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+        _set_up(ctl, "lo")  # a fresh namespace's loopback starts down
+        fcntl.ioctl(ctl, _SIOCSIFADDR, struct.pack("16s16s8x", name.encode(),
+                                                   _sockaddr_in(addr)))
+        fcntl.ioctl(ctl, _SIOCSIFNETMASK, struct.pack("16s16s8x", name.encode(),
+                                                      _sockaddr_in(mask)))
+        route = _RTENTRY.pack(0, _sockaddr_in(bytes(4)), _sockaddr_in(gateway),
+                              _sockaddr_in(bytes(4)), _RTF_UP | _RTF_GATEWAY, 0, 0, 0, 0,
+                              0, 0, 0, 0)
+        with contextlib.suppress(FileExistsError):  # a default route exists: keep it
+            fcntl.ioctl(ctl, _SIOCADDRT, route)
 
 
 class TapTransport:
