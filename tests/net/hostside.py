@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from guest_tool import pattern, recv_all, send_pattern
+from tests.net.guest_tool import pattern, recv_all, send_pattern
 
 
 class TcpPeer:

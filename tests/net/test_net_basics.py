@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hostside import TcpPeer, UdpEchoPeer, free_port, pattern
-from netlab import (
+from scapy.layers.inet import TCP
+from scapy.layers.l2 import ARP
+from scapy.utils import rdpcap
+
+from tests.net.conftest import (
     GATEWAY,
     GUEST,
     TETHER_ARGS,
@@ -23,11 +26,7 @@ from netlab import (
     require,
     wait_for,
 )
-from scapy.layers.inet import TCP
-from scapy.layers.l2 import ARP
-from scapy.utils import rdpcap
-
-pytest_plugins = ("netlab",)  # the start_tether fixture
+from tests.net.hostside import TcpPeer, UdpEchoPeer, free_port, pattern
 
 UDHCPC_SCRIPT = """#!/bin/sh
 # Called by busybox udhcpc: record what the server said, then configure like a distro.

@@ -15,19 +15,17 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
-from hostside import UdpEchoPeer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from netlab import GATEWAY, Netns, Tether, delete_netns, make_netns
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
+from tests.net.conftest import GATEWAY, Netns, Tether, delete_netns, make_netns
+from tests.net.hostside import UdpEchoPeer
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
 from tether.transport.tap import inside
-
-pytest_plugins = ("netlab",)  # the start_tether fixture
 
 GUEST_MAC = "02:00:00:00:00:02"
 OUR_MAC = "9a:55:9a:55:9a:55"

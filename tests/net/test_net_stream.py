@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostside import TcpPeer, pattern
-from netlab import GATEWAY, GUEST, Netns, delete_netns, make_netns, wait_for
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
+from tests.net.conftest import GATEWAY, GUEST, Netns, delete_netns, make_netns, wait_for
+from tests.net.hostside import TcpPeer, pattern
 from tether.transport.tap import inside
 
 MiB = 1 << 20

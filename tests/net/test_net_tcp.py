@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hostside import TcpPeer, free_port, pattern
-from netlab import GATEWAY, Tether
+from tests.net.conftest import GATEWAY, Tether
+from tests.net.hostside import TcpPeer, free_port, pattern
 
-pytest_plugins = ("netlab",)  # the start_tether fixture
 MiB = 1 << 20
 
 

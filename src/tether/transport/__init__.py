@@ -1,1 +1,1 @@
-"""Transports: how Ethernet frames reach the guest (tap, stream, vhost-user)."""
+"""Transports: ways frames reach a guest (vhost-user, stream, tap)."""
