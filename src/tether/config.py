@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import socket
@@ -45,6 +46,31 @@ def _ipv4(text: str, what: str) -> bytes:
         return ipaddress.IPv4Address(text).packed
     except ValueError:
         raise ConfigError(f"{what}: not an IPv4 address: {text!r}") from None
+
+
+def default_route6() -> tuple[bytes, int] | None:
+    """(global address, prefix length) on the interface of the IPv6 default route."""
+    try:
+        with open("/proc/net/ipv6_route") as f:
+            routes = [line.split() for line in f]
+        with open("/proc/net/if_inet6") as f:
+            addrs = [line.split() for line in f]
+    except OSError:
+        return None
+    ifname = next((r[9] for r in routes if len(r) >= 10 and r[0] == "0" * 32 and r[1] == "00"
+                   and r[9] != "lo"), None)
+    for a in addrs:
+        # scope 00 is global; flags 0x80 would be "permanent", any state will do
+        if len(a) >= 6 and a[5] == ifname and a[3] == "00":
+            return bytes.fromhex(a[0]), int(a[2], 16)
+    return None
+
+
+def _ipv6(text: str, what: str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(text).packed
+    except ValueError:
+        raise ConfigError(f"{what}: not an IPv6 address: {text!r}") from None
 
 
 def _prefix(text: str) -> int:
@@ -175,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve QEMU over vhost-user on --socket PATH")
     a = p.add_argument_group("addresses (defaults copied from the host's default-route "
                              "interface)")
-    a.add_argument("-a", "--address", metavar="ADDR", help="the guest's IPv4 address")
+    a.add_argument("-a", "--address", metavar="ADDR", action="append",
+                   help="the guest's address: IPv4, or IPv6 (given by DHCPv6; the RA "
+                        "announces its /64 for SLAAC); repeat for both")
     a.add_argument("-n", "--netmask", metavar="PREFIX|MASK", help="the guest's prefix length")
     a.add_argument("-g", "--gateway", metavar="ADDR", help="the guest's default gateway")
     a.add_argument("-m", "--mtu", metavar="MTU", type=int, default=DEFAULT_MTU,
@@ -226,8 +254,18 @@ def from_args(ns: argparse.Namespace) -> Config:
         raise ConfigError(f"--mtu: {ns.mtu} outside 68..65520")
     if ns.max_flows < 1:
         raise ConfigError("--max-flows: must be at least 1")
+    given4 = [a for a in ns.address or () if ":" not in a]
+    given6 = [a for a in ns.address or () if ":" in a]
+    if len(given4) > 1 or len(given6) > 1:
+        raise ConfigError("--address: at most one IPv4 and one IPv6 address")
+    ns.address = given4[0] if given4 else None
     route = default_route4()
     host = interface_address4(route[0]) if route else None
+    if given6:
+        addr6: bytes | None = _ipv6(given6[0], "--address")
+    else:
+        host6 = default_route6() if not given4 else None
+        addr6 = host6[0] if host6 else None
     if ns.address is not None:
         addr = _ipv4(ns.address, "--address")
     elif host is not None:
@@ -255,10 +293,16 @@ def from_args(ns: argparse.Namespace) -> Config:
     else:
         dns_match = None
         dns = tuple(host_dns)
+    dns6: tuple[bytes, ...] = ()
     if ns.dns:
-        dns = tuple(_ipv4(d, "--dns") for d in ns.dns)
+        dns = tuple(_ipv4(d, "--dns") for d in ns.dns if ":" not in d)
+        dns6 = tuple(_ipv6(d, "--dns") for d in ns.dns if ":" in d)
+    map_lo6: bytes | None = None
     if ns.no_map_gw:
         map_lo = None
+    elif ns.map_host_loopback is not None and ":" in ns.map_host_loopback:
+        map_lo = gateway
+        map_lo6 = _ipv6(ns.map_host_loopback, "--map-host-loopback")
     elif ns.map_host_loopback is not None:
         map_lo = _ipv4(ns.map_host_loopback, "--map-host-loopback")
     else:
@@ -278,7 +322,11 @@ def from_args(ns: argparse.Namespace) -> Config:
         search=tuple(ns.search) if ns.search else tuple(host_search), mtu=ns.mtu,
         our_mac=mac, map_host_loopback4=map_lo, dns_match4=dns_match,
         dns_host4=host_dns[0] if dns_match is not None else None,
-        tcp_forward=tcp_fwd, udp_forward=udp_fwd, max_flows=ns.max_flows)
+        tcp_forward=tcp_fwd, udp_forward=udp_fwd, max_flows=ns.max_flows, addr6=addr6,
+        dns6=dns6)
+    if not ns.no_map_gw:
+        # IPv6: the router's link-local address (or the given one) is the host's ::1.
+        params = dataclasses.replace(params, map_host_loopback6=map_lo6 or params.router6)
     return Config(net=params, netns=ns.netns, ifname=ns.ns_ifname, socket_path=ns.socket,
                   vhost_user=ns.vhost_user, pcap=ns.pcap, foreground=ns.foreground,
                   debug=ns.debug, log_file=ns.log_file, pid_file=ns.pid,

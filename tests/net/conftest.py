@@ -20,6 +20,8 @@ import pytest
 
 GUEST = "10.77.0.2"
 GATEWAY = "10.77.0.1"
+GUEST6 = "fd00:77::2"
+ROUTER6 = "fe80::9855:9aff:fe55:9a55"  # tether's link-local address, from its MAC
 HERE = Path(__file__).parent
 GUEST_TOOL = str(HERE / "guest_tool.py")
 _counter = itertools.count()
@@ -130,7 +132,8 @@ def configure_guest(ns: Netns, mtu: int | None = None) -> None:
     ns.run("ip", "route", "add", "default", "via", GATEWAY)
 
 
-TETHER_ARGS = ["-a", GUEST, "-n", "24", "-g", GATEWAY, "-D", GATEWAY]
+TETHER_ARGS = ["-a", GUEST, "-n", "24", "-g", GATEWAY, "-D", GATEWAY, "-a", GUEST6,
+               "-D", "fd00:77::53"]
 
 
 @pytest.fixture

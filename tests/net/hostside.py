@@ -12,9 +12,10 @@ from tests.net.guest_tool import pattern, recv_all, send_pattern
 class TcpPeer:
     """Accepts connections on 127.0.0.1; `handler` runs per connection in a thread."""
 
-    def __init__(self, handler: str, send: int = 0, delay: float = 0.0) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, handler: str, send: int = 0, delay: float = 0.0,
+                 family: socket.AddressFamily = socket.AF_INET) -> None:
+        self.sock = socket.socket(family)
+        self.sock.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.handler = handler

@@ -19,6 +19,8 @@ from scapy.utils import rdpcap
 from tests.net.conftest import (
     GATEWAY,
     GUEST,
+    GUEST6,
+    ROUTER6,
     TETHER_ARGS,
     Tether,
     delete_netns,
@@ -85,10 +87,17 @@ def test_ping_gateway_through_ping_sockets(tmp_path: Path) -> None:
     t: Tether | None = None
     try:
         host.run("sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647")
-        t = Tether(guest, ["-a", GUEST, "-n", "24", "-g", GATEWAY], tmp_path, host_ns=host)
+        t = Tether(guest, ["-a", GUEST, "-n", "24", "-g", GATEWAY, "-a", GUEST6], tmp_path,
+                   host_ns=host)
         guest.run("ip", "addr", "add", f"{GUEST}/24", "dev", "tap0")
         guest.run("ip", "route", "add", "default", "via", GATEWAY)
         out = guest.run("busybox", "ping", "-c", "3", "-i", "0.2", "-W", "2", GATEWAY).stdout
+        assert "3 packets received" in out, out
+        # ICMPv6 echo to tether's link-local address: ping sockets on the host's ::1.
+        wait_for(lambda: "tentative" not in guest.run("ip", "-6", "addr", "show", "dev",
+                                                      "tap0").stdout, "IPv6 DAD")
+        out = guest.run("busybox", "ping", "-6", "-c", "3", "-W", "2", "-I", "tap0",
+                        ROUTER6).stdout
         assert "3 packets received" in out, out
     finally:
         if t is not None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
-from tether.net.output import L2L3
-from tether.wire import icmp, ipv4
+from tether.net.output import L2L3, l4_offset
+from tether.wire import icmp, ipv4, ipv6
 
 if TYPE_CHECKING:
     from tether.net.stack import Stack
@@ -64,9 +64,11 @@ class IcmpTranslator:
 
     def from_guest(self, src: bytes, dst: bytes, message: memoryview) -> None:
         echo = icmp.parse_echo(message)
-        if echo.type != icmp.V4_ECHO_REQUEST or echo.code != 0:
+        request = icmp.V4_ECHO_REQUEST if len(src) == 4 else icmp.V6_ECHO_REQUEST
+        if echo.type != request or echo.code != 0:
             return  # only echo is translated; other ICMP from the guest has no host meaning
-        key = (ipv4.PROTO_ICMP, src, echo.ident, dst, 0)
+        proto = ipv4.PROTO_ICMP if len(src) == 4 else ipv6.PROTO_ICMPV6
+        key = (proto, src, echo.ident, dst, 0)
         flow = self.stack.flows.get(key)
         if flow is None:
             flow = self._open(key)
@@ -76,7 +78,7 @@ class IcmpTranslator:
         flow.last_used = self.stack.loop.now()
         target = self.stack.host_target(dst, 0)
         try:
-            flow.sock.sendto(message, (target or "0.0.0.0", 0))
+            flow.sock.sendto(message, (target or "", 0))
         except OSError as exc:
             log.debug("ping send: %s", exc)
 
@@ -85,7 +87,10 @@ class IcmpTranslator:
             return None
         try:
             self.stack.flows.check_room()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            if len(key[1]) == 4:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            else:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
         except TableFull as exc:
             log.warning("dropping ping: %s", exc)
             return None
@@ -112,10 +117,11 @@ class IcmpTranslator:
 
     def _readable(self, flow: EchoFlow) -> None:
         _, guest_addr, ident, remote, _ = flow.key
+        off = l4_offset(guest_addr)
         while self.stack.has_room():
-            frame = bytearray(L2L3 + MAX_MESSAGE)
+            frame = bytearray(off + MAX_MESSAGE)
             try:
-                n = flow.sock.recv_into(memoryview(frame)[L2L3:], MAX_MESSAGE)
+                n = flow.sock.recv_into(memoryview(frame)[off:], MAX_MESSAGE)
             except BlockingIOError:
                 break
             except OSError:
@@ -123,8 +129,10 @@ class IcmpTranslator:
             if n < icmp.HLEN:
                 continue
             # The kernel put the socket's own identifier in; the guest expects its own.
-            struct.pack_into("!H", frame, L2L3 + 4, ident)
-            struct.pack_into("!H", frame, L2L3 + 2, 0)
+            struct.pack_into("!H", frame, off + 4, ident)
+            struct.pack_into("!H", frame, off + 2, 0)
             flow.last_used = self.stack.loop.now()
-            self.stack.send(self.stack.output.icmp(frame, n, remote, guest_addr))
+            out = self.stack.output
+            self.stack.send(out.icmp(frame, n, remote, guest_addr) if off == L2L3 else
+                            out.icmp6(frame, n, remote, guest_addr))
         self.stack.sink_flush()

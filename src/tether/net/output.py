@@ -1,19 +1,26 @@
-"""Building IPv4 frames towards the guest: Ethernet + IPv4 + L4, checksums filled in.
+"""Building frames towards the guest: Ethernet + IPv4/IPv6 + L4, checksums filled in.
 
-Builders take a buffer whose L4 payload the caller has already placed (often
-straight from a socket with recv_into), so payload bytes are copied at most once.
+The address length picks the IP version (4 or 16 bytes).  Builders take a
+buffer whose L4 payload the caller has already placed at `l4_offset(addr) +
+L4 header length` (often straight from a socket with recv_into), so payload
+bytes are copied at most once.
 """
 
 from __future__ import annotations
 
 import struct
 
-from tether.wire import ethernet, ipv4, tcp, udp
+from tether.wire import ethernet, ipv4, ipv6, tcp, udp
 from tether.wire.checksum import finish, ones_sum, pseudo_sum
 
-L2L3 = ethernet.HLEN + ipv4.HLEN  # 34: where the L4 header starts
+L2L3 = ethernet.HLEN + ipv4.HLEN  # 34: where the L4 header starts over IPv4
+L2L3_V6 = ethernet.HLEN + ipv6.HLEN  # 54: over IPv6
 UDP_PAYLOAD = L2L3 + udp.HLEN
-TCP_PAYLOAD = L2L3 + tcp.HLEN  # for segments without options
+TCP_PAYLOAD = L2L3 + tcp.HLEN  # for IPv4 segments without options
+
+
+def l4_offset(addr: bytes) -> int:
+    return L2L3 if len(addr) == 4 else L2L3_V6
 
 
 class Output:
@@ -28,23 +35,32 @@ class Output:
         self.partial_l4_checksums = False
 
     def _l2l3(self, frame: bytearray, l4_len: int, proto: int, src: bytes, dst: bytes,  # noqa: PLR0917
-              dst_mac: bytes | None = None) -> None:
-        ethernet.pack_into(frame, 0, dst_mac or self.guest_mac, self.our_mac, ethernet.TYPE_IPV4)
-        ipv4.pack_into(frame, ethernet.HLEN, ipv4.HLEN + l4_len, proto, src, dst)
+              dst_mac: bytes | None = None, hop_limit: int = 64) -> int:
+        mac = dst_mac or self.guest_mac
+        if len(src) == 4:
+            ethernet.pack_into(frame, 0, mac, self.our_mac, ethernet.TYPE_IPV4)
+            ipv4.pack_into(frame, ethernet.HLEN, ipv4.HLEN + l4_len, proto, src, dst)
+            return L2L3
+        ethernet.pack_into(frame, 0, mac, self.our_mac, ethernet.TYPE_IPV6)
+        ipv6.pack_into(frame, ethernet.HLEN, l4_len, proto, src, dst, hop_limit)
+        return L2L3_V6
+
+    def _l4_checksum(self, view: memoryview, field: int, pseudo: int, zero_is: int) -> None:
+        if self.partial_l4_checksums:
+            struct.pack_into("!H", view, field, pseudo)
+        else:
+            l4 = L2L3 if field < L2L3_V6 else L2L3_V6
+            csum = finish(ones_sum(view[l4:], pseudo))
+            struct.pack_into("!H", view, field, csum or zero_is)
 
     def udp(self, frame: bytearray, payload_len: int, src: bytes, sport: int, dst: bytes,  # noqa: PLR0917
             dport: int, dst_mac: bytes | None = None) -> memoryview:
-        """frame[UDP_PAYLOAD:UDP_PAYLOAD + payload_len] holds the payload already."""
         length = udp.HLEN + payload_len
-        self._l2l3(frame, length, ipv4.PROTO_UDP, src, dst, dst_mac)
-        udp.pack_into(frame, L2L3, sport, dport, length)
-        view = memoryview(frame)[:L2L3 + length]
-        pseudo = pseudo_sum(src, dst, ipv4.PROTO_UDP, length)
-        if self.partial_l4_checksums:
-            struct.pack_into("!H", frame, L2L3 + 6, pseudo)
-        else:
-            csum = finish(ones_sum(view[L2L3:], pseudo))
-            struct.pack_into("!H", frame, L2L3 + 6, csum or 0xFFFF)  # RFC 768: 0 is "none"
+        l4 = self._l2l3(frame, length, ipv4.PROTO_UDP, src, dst, dst_mac)
+        udp.pack_into(frame, l4, sport, dport, length)
+        view = memoryview(frame)[:l4 + length]
+        # RFC 768: a computed 0 is sent as 0xFFFF (0 means "no checksum").
+        self._l4_checksum(view, l4 + 6, pseudo_sum(src, dst, ipv4.PROTO_UDP, length), 0xFFFF)
         return view
 
     def icmp(self, frame: bytearray, icmp_len: int, src: bytes, dst: bytes) -> memoryview:
@@ -54,17 +70,23 @@ class Output:
         struct.pack_into("!H", frame, L2L3 + 2, finish(ones_sum(view[L2L3:])))
         return view
 
+    def icmp6(self, frame: bytearray, icmp_len: int, src: bytes, dst: bytes,  # noqa: PLR0917
+              dst_mac: bytes | None = None, hop_limit: int = 64) -> memoryview:
+        """frame[L2L3_V6:...] is a full ICMPv6 message with a zero checksum (RFC 4443 2.3)."""
+        self._l2l3(frame, icmp_len, ipv6.PROTO_ICMPV6, src, dst, dst_mac, hop_limit)
+        view = memoryview(frame)[:L2L3_V6 + icmp_len]
+        pseudo = pseudo_sum(src, dst, ipv6.PROTO_ICMPV6, icmp_len)
+        struct.pack_into("!H", frame, L2L3_V6 + 2, finish(ones_sum(view[L2L3_V6:], pseudo)))
+        return view
+
     def tcp(self, frame: bytearray, payload_len: int, src: bytes, sport: int, dst: bytes,  # noqa: PLR0917
             dport: int, seq: int, ack: int, flags: int, window: int,
             options: bytes = b"") -> memoryview:
-        """With options, the caller put the payload at TCP_PAYLOAD + len(options)."""
-        hlen = tcp.pack_into(frame, L2L3, sport, dport, seq, ack, flags, window, options)
+        """The payload is at l4_offset(src) + 20 + len(options)."""
+        l4 = l4_offset(src)
+        hlen = tcp.pack_into(frame, l4, sport, dport, seq, ack, flags, window, options)
         length = hlen + payload_len
         self._l2l3(frame, length, ipv4.PROTO_TCP, src, dst)
-        view = memoryview(frame)[:L2L3 + length]
-        pseudo = pseudo_sum(src, dst, ipv4.PROTO_TCP, length)
-        if self.partial_l4_checksums:
-            struct.pack_into("!H", frame, L2L3 + 16, pseudo)
-        else:
-            struct.pack_into("!H", frame, L2L3 + 16, finish(ones_sum(view[L2L3:], pseudo)))
+        view = memoryview(frame)[:l4 + length]
+        self._l4_checksum(view, l4 + 16, pseudo_sum(src, dst, ipv4.PROTO_TCP, length), 0)
         return view

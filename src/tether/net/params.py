@@ -37,6 +37,13 @@ class NetParams:
     # Guest DNS traffic to dns_match4 goes to dns_host4 (--dns-forward).
     dns_match4: bytes | None = None
     dns_host4: bytes | None = None
+    # IPv6: the guest's address (DHCPv6; SLAAC gives it one from the same /64 too),
+    # the router (tether's own link-local address unless set) and DNS (RDNSS, DHCPv6).
+    addr6: bytes | None = None
+    prefix6: int = 64
+    gateway6: bytes | None = None
+    dns6: tuple[bytes, ...] = ()
+    map_host_loopback6: bytes | None = None
     tcp_forward: tuple[PortRange, ...] = ()
     udp_forward: tuple[PortRange, ...] = ()
     max_flows: int = 4096
@@ -45,6 +52,12 @@ class NetParams:
     lease_time: int = 0xFFFFFFFF  # infinite, like passt: the address never changes
     forward_bind4: str = "0.0.0.0"
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def router6(self) -> bytes:
+        """The address router advertisements come from: always link-local (RFC 4861 4.2)."""
+        eui = bytes([self.our_mac[0] ^ 0x02, *self.our_mac[1:3], 0xFF, 0xFE, *self.our_mac[3:]])
+        return bytes.fromhex("fe80000000000000") + eui
 
     @property
     def netmask4(self) -> bytes:

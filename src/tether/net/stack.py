@@ -19,14 +19,15 @@ from collections.abc import Sequence
 from tether import loop as evloop
 from tether.frames import FrameSink
 from tether.net import dhcp as dhcp_server
+from tether.net import dhcpv6 as dhcpv6_server
 from tether.net.addresses import GuestAddresses
 from tether.net.flows import FlowTable
 from tether.net.icmp import IcmpTranslator
-from tether.net.output import UDP_PAYLOAD, Output
+from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams
 from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
 from tether.net.udp import UdpTranslator
-from tether.wire import ParseError, arp, dhcp, ethernet, ipv4, udp
+from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,14 @@ class Stack:
     def host_target(self, dst: bytes, port: int) -> str | None:
         """The host address a guest destination maps to, None for nowhere."""
         p = self.params
+        if len(dst) == 16:
+            if dst in (p.map_host_loopback6, p.router6) and p.map_host_loopback6 is not None:
+                return "::1"
+            addr6 = ipaddress.IPv6Address(dst)
+            if addr6.is_multicast or addr6.is_unspecified or addr6.is_loopback or \
+                    addr6.is_link_local:
+                return None
+            return str(addr6)
         if p.map_host_loopback4 is not None and dst == p.map_host_loopback4:
             return "127.0.0.1"
         if p.dns_match4 is not None and p.dns_host4 is not None and dst == p.dns_match4 \
@@ -169,7 +178,8 @@ class Stack:
             self._arp(payload)
         elif ethertype == ethernet.TYPE_IPV4:
             self._ipv4(payload)
-        # IPv6 and everything else: dropped (IPv6 is not translated yet).
+        elif ethertype == ethernet.TYPE_IPV6:
+            self._ipv6(payload)
 
     def _arp(self, payload: memoryview) -> None:
         req = arp.parse(payload)
@@ -205,6 +215,67 @@ class Stack:
             self.tcp.from_guest(hdr.src, hdr.dst, body)
         elif hdr.proto == ipv4.PROTO_ICMP:
             self.icmp.from_guest(hdr.src, hdr.dst, body)
+
+    def _ipv6(self, packet: memoryview) -> None:
+        hdr = ipv6.parse(packet)
+        body = packet[ipv6.HLEN:ipv6.HLEN + hdr.payload_len]
+        src = hdr.src
+        if src[0] == 0xFE and src[1] & 0xC0 == 0x80:
+            self.addrs.addr6_ll = src
+        elif src != ipv6.UNSPECIFIED and src[0] != 0xFF:
+            self.addrs.addr6 = src
+        nxt = hdr.next_header
+        if nxt == ipv6.PROTO_ICMPV6:
+            if len(body) >= 1 and body[0] in (ndp.ROUTER_SOLICITATION,
+                                              ndp.NEIGHBOR_SOLICITATION):
+                if hdr.hop_limit == ndp.HOP_LIMIT:
+                    self._ndp(src, body)
+            elif src != ipv6.UNSPECIFIED:
+                self.icmp.from_guest(src, hdr.dst, body)
+        elif src == ipv6.UNSPECIFIED or src[0] == 0xFF:
+            return
+        elif nxt == ipv4.PROTO_UDP:
+            _sport, dport, length = udp.parse(body)
+            if dport == dhcpv6.SERVER_PORT:
+                self._dhcpv6(src, body[udp.HLEN:length])
+            else:
+                self.udp.from_guest(src, hdr.dst, body)
+        elif nxt == ipv4.PROTO_TCP:
+            self.tcp.from_guest(src, hdr.dst, body)
+        # Extension headers and other protocols: dropped.
+
+    def _ndp(self, src: bytes, message: memoryview) -> None:
+        p = self.params
+        sol = ndp.parse(message)
+        if sol.type == ndp.ROUTER_SOLICITATION:
+            if p.addr6 is None:
+                return
+            prefix = (int.from_bytes(p.addr6, "big") >> (128 - p.prefix6) <<
+                      (128 - p.prefix6)).to_bytes(16, "big")
+            answer = ndp.build_ra(p.our_mac, prefix, p.prefix6, p.mtu, p.dns6)
+            dst = src if src != ipv6.UNSPECIFIED else ipv6.ALL_NODES
+        else:
+            own = (self.addrs.addr6, self.addrs.addr6_ll)
+            if sol.target in own or sol.target[0] == 0xFF or src == ipv6.UNSPECIFIED:
+                return  # the guest's own (or duplicate address detection): no answer
+            answer = ndp.build_na(sol.target, p.our_mac, router=True)
+            dst = src
+        frame = bytearray(L2L3_V6 + len(answer))
+        frame[L2L3_V6:] = answer
+        dst_mac = self.output.guest_mac if dst != ipv6.ALL_NODES else ipv6.multicast_mac(dst)
+        self.send(self.output.icmp6(frame, len(answer), p.router6 if sol.type ==
+                                    ndp.ROUTER_SOLICITATION else sol.target, dst, dst_mac,
+                                    ndp.HOP_LIMIT))
+
+    def _dhcpv6(self, src: bytes, payload: memoryview) -> None:
+        answer = dhcpv6_server.reply(self.params, dhcpv6.parse(payload))
+        if answer is None:
+            return
+        off = L2L3_V6 + udp.HLEN
+        frame = bytearray(off + len(answer))
+        frame[off:] = answer
+        self.send(self.output.udp(frame, len(answer), self.params.router6, dhcpv6.SERVER_PORT,
+                                  src, dhcpv6.CLIENT_PORT))
 
     def _dhcp(self, payload: memoryview) -> None:
         answer = dhcp_server.reply(self.params, dhcp.parse(payload))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
-from tether.net.output import TCP_PAYLOAD
+from tether.net.output import l4_offset
 from tether.wire import ipv4
 from tether.wire import tcp as wtcp
 
@@ -136,6 +136,8 @@ class TcpConn:
         "guest_addr",
         "guest_port",
         "key",
+        "mss_to_guest",
+        "payload_off",
         "pending",
         "pending_fin",
         "remote_addr",
@@ -164,6 +166,9 @@ class TcpConn:
         _, self.guest_addr, self.guest_port, self.remote_addr, self.remote_port = key
         self.sock = sock
         self.fd = sock.fileno()
+        # Where segment payload starts in a frame to the guest, and the MSS we offer.
+        self.payload_off = l4_offset(self.guest_addr) + wtcp.HLEN
+        self.mss_to_guest = translator.stack.params.mtu - (self.payload_off - 14)
         self.events = 0
         # The initial sequence number is seq_to_tap - 1: the SYN takes one number.
         self.seq_to_tap = (random.getrandbits(32) + 1) & 0xFFFFFFFF
@@ -215,7 +220,6 @@ class TcpTranslator:
         self.socket_full = 0
         self.gaps_from_guest = 0
         self.rewinds = 0
-        self.mss_to_guest = stack.params.mtu - ipv4.HLEN - wtcp.HLEN
 
     # -- frames from the guest -------------------------------------------
 
@@ -256,7 +260,8 @@ class TcpTranslator:
             log.warning("refusing TCP connection: %s", exc)
             self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex((target, key[4]))
         if err not in (0, errno.EINPROGRESS):
@@ -292,9 +297,9 @@ class TcpTranslator:
         """SYN (inbound) or SYN|ACK (outbound), sent again by the timer until answered."""
         if flags & wtcp.ACK and not conn.ws_to_tap:
             # The guest offered no window scaling, so neither side may use it (RFC 7323 1.3).
-            opts = wtcp.mss_option(self.mss_to_guest)
+            opts = wtcp.mss_option(conn.mss_to_guest)
         else:
-            opts = wtcp.syn_options(self.mss_to_guest, WS_TO_GUEST)
+            opts = wtcp.syn_options(conn.mss_to_guest, WS_TO_GUEST)
         self._control(conn, flags, seq=(conn.seq_to_tap - 1) & 0xFFFFFFFF, options=opts)
         self._arm(conn, SYN_TIMEOUT)
 
@@ -517,7 +522,7 @@ class TcpTranslator:
 
     def _control(self, conn: TcpConn, flags: int, seq: int | None = None,
                  options: bytes = b"") -> None:
-        frame = bytearray(TCP_PAYLOAD + len(options))
+        frame = bytearray(conn.payload_off + len(options))
         window = self._window(conn) if conn.events & ESTABLISHED else 0xFFFF
         conn.wnd_to_tap = window
         conn.seq_ack_to_tap = conn.seq_from_tap
@@ -527,7 +532,7 @@ class TcpTranslator:
             conn.seq_to_tap if seq is None else seq, conn.seq_from_tap, flags, window, options))
 
     def _raw_reset(self, key: FlowKey, seq: int, ack: int, flags: int) -> None:
-        frame = bytearray(TCP_PAYLOAD)
+        frame = bytearray(l4_offset(key[1]) + wtcp.HLEN)
         self.stack.send(self.stack.output.tcp(frame, 0, key[3], key[4], key[1], key[2], seq,
                                               ack, flags, 0))
 
@@ -549,9 +554,10 @@ class TcpTranslator:
             return
         stack = self.stack
         window = conn.wnd_from_tap << conn.ws_from_tap
-        mss = min(conn.tap_mss, self.mss_to_guest)
+        mss = min(conn.tap_mss, conn.mss_to_guest)
         sock = conn.sock
         window_field = -1
+        payload_off = conn.payload_off
         while True:
             room = window - _seq_diff(conn.seq_to_tap, conn.seq_ack_from_tap)
             if room <= 0:
@@ -560,9 +566,9 @@ class TcpTranslator:
                 stack.wait_for_room(conn)
                 return
             want = min(mss, room)
-            frame = bytearray(TCP_PAYLOAD + want)
+            frame = bytearray(payload_off + want)
             try:
-                got = sock.recv_into(memoryview(frame)[TCP_PAYLOAD:], want,
+                got = sock.recv_into(memoryview(frame)[payload_off:], want,
                                      socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
-from tether.net.output import UDP_PAYLOAD
+from tether.net.output import UDP_PAYLOAD, l4_offset
 from tether.wire import ipv4, udp
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ class UdpTranslator:
         except TableFull as exc:
             log.warning("dropping UDP datagram: %s", exc)
             return None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
             sock.connect((target, key[4]))
@@ -99,9 +100,10 @@ class UdpTranslator:
         for _ in range(64):  # a bounded batch per wake-up keeps other flows served
             if not self.stack.has_room():
                 break
-            frame = bytearray(UDP_PAYLOAD + MAX_PAYLOAD)
+            off = l4_offset(flow.key[1]) + udp.HLEN
+            frame = bytearray(off + MAX_PAYLOAD)
             try:
-                n = flow.sock.recv_into(memoryview(frame)[UDP_PAYLOAD:], MAX_PAYLOAD)
+                n = flow.sock.recv_into(memoryview(frame)[off:], MAX_PAYLOAD)
             except BlockingIOError:
                 break
             except OSError as exc:

@@ -201,11 +201,17 @@ class TapTransport:
     # -- frames.FrameSink ----------------------------------------------------
 
     def _header(self, frame: bytes | bytearray | memoryview) -> bytes:
-        """NEEDS_CSUM for IPv4 TCP/UDP (the stack left the pseudo-header sum), else none."""
-        if len(frame) < 34 or frame[12] != 0x08 or frame[13] != 0x00:
+        """NEEDS_CSUM for TCP/UDP (the stack left the pseudo-header sum), else none."""
+        if len(frame) < 54 or frame[12] not in (0x08, 0x86):
             return _PLAIN_HDR
-        proto = frame[23]
-        l4 = 14 + (frame[14] & 0xF) * 4
+        if frame[12] == 0x08 and frame[13] == 0x00:
+            proto = frame[23]
+            l4 = 14 + (frame[14] & 0xF) * 4
+        elif frame[12] == 0x86 and frame[13] == 0xDD:
+            proto = frame[20]
+            l4 = 54
+        else:
+            return _PLAIN_HDR
         if proto == 6:
             return _VNET_HDR.pack(_F_NEEDS_CSUM, 0, 0, 0, l4, 16)
         if proto == 17:
