@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -72,7 +73,15 @@ def _drain(sock: socket.socket) -> None:
         sock.recv(4096)
 
 
+def _raise_fd_limit() -> None:
+    """Every flow holds a socket: allow as many as the hard limit does, as passt does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: Config) -> int:
+    _raise_fd_limit()
     loop = Loop()
     stack = Stack(loop, config.net)
     port = _Port()

@@ -14,6 +14,7 @@ Exit status 0 and a one-line summary on success.
 from __future__ import annotations
 
 import hashlib
+import resource
 import socket
 import sys
 import threading
@@ -81,6 +82,8 @@ def tcp_server(port: int, send: int) -> None:
 
 
 def tcp_many(host: str, port: int, n: int) -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # n sockets open at once
     socks = [socket.create_connection((host, port), timeout=60) for _ in range(n)]
     for i, s in enumerate(socks):
         s.sendall(f"{i}\n".encode())

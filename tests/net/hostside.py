@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import selectors
 import socket
 import threading
 import time
@@ -76,6 +78,54 @@ class TcpPeer:
         self.sock.close()
 
 
+class LineEchoPeer:
+    """Echoes one line per connection, for many connections at once, in one thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.served = 0
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.sock, selectors.EVENT_READ)
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        buffers: dict[socket.socket, bytes] = {}
+        while not self._stop:
+            for key, _ in self._sel.select(0.2):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                if s is self.sock:
+                    with contextlib.suppress(BlockingIOError):
+                        conn, _ = s.accept()
+                        conn.setblocking(False)
+                        buffers[conn] = b""
+                        self._sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(100)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._sel.unregister(s)
+                    s.close()
+                    buffers.pop(s, None)
+                    continue
+                buffers[s] += data
+                if buffers[s].endswith(b"\n"):
+                    s.sendall(buffers[s])
+                    self.served += 1
+
+    def close(self) -> None:
+        self._stop = True
+
+
 class UdpEchoPeer:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -102,4 +152,4 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return port
 
 
-__all__ = ["TcpPeer", "UdpEchoPeer", "free_port", "pattern"]
+__all__ = ["LineEchoPeer", "TcpPeer", "UdpEchoPeer", "free_port", "pattern"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.net.conftest import GATEWAY, Tether
-from tests.net.hostside import TcpPeer, free_port, pattern
+from tests.net.hostside import LineEchoPeer, TcpPeer, free_port, pattern
 
 MiB = 1 << 20
 
@@ -54,11 +54,13 @@ def test_host_reset_reaches_guest(start_tether: Callable[..., Tether]) -> None:
     assert "ok" in t.ns.guest_tool("tcp-expect-reset", GATEWAY, str(peer.port))
 
 
-def test_many_concurrent_connections(start_tether: Callable[..., Tether]) -> None:
+def test_thousand_concurrent_connections(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
-    peer = TcpPeer("echo-line")
-    assert t.ns.guest_tool("tcp-many", GATEWAY, str(peer.port), "300").startswith("ok")
-    assert not peer.errors
+    peer = LineEchoPeer()
+    out = t.ns.guest_tool("tcp-many", GATEWAY, str(peer.port), "1000")
+    assert out.strip() == "ok 1000"
+    assert peer.served == 1000
+    peer.close()
 
 
 def test_full_flow_table_refuses_cleanly(start_tether: Callable[..., Tether]) -> None:
