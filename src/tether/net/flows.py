@@ -57,6 +57,11 @@ class FlowTable:
             del self._flows[flow.key]
             flow.close()
 
+    def detach(self, flow: Flow) -> None:
+        """Remove flow without closing it (its resources were handed elsewhere)."""
+        if self._flows.get(flow.key) is flow:
+            del self._flows[flow.key]
+
     def close_all(self) -> None:
         for flow in self:
             self.remove(flow)

@@ -312,5 +312,17 @@ class Stack:
         if self.addrs.mac is not None:
             self.output.guest_mac = self.addrs.mac
 
-    def dump_tcp_flows(self) -> list[TcpFlowRecord]:
+    def dump_tcp_flows(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
+        """Established TCP connections: (record, host socket) for each."""
         return self.tcp.dump()
+
+    def forget_tcp_flows(self) -> list[socket.socket]:
+        """Let go of every TCP connection without closing its socket."""
+        return self.tcp.forget()
+
+    def restore_tcp_flow(self, record: TcpFlowRecord, sock: socket.socket) -> None:
+        """Serve a connection dumped elsewhere; ValueError/TableFull leave nothing behind."""
+        self.tcp.restore(record, sock)
+
+    def forget_waiting(self) -> None:
+        self._waiting.clear()

@@ -122,8 +122,22 @@ class TcpFlowRecord:
         return cls((data[0], data[1]), (s0, s1), *tail)
 
 
-def _mapped(addr4: bytes) -> bytes:
-    return bytes(10) + b"\xff\xff" + addr4
+def _mapped(addr: bytes) -> bytes:
+    """passt's `union inany_addr`: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
+    return addr if len(addr) == 16 else bytes(10) + b"\xff\xff" + addr
+
+
+def _unmapped(addr: bytes) -> bytes:
+    return addr[12:] if addr[:12] == bytes(10) + b"\xff\xff" else addr
+
+
+def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
+    """The host side of a flow as a flowside: (our address, peer address, ports)."""
+    family = sock.family
+    local = sock.getsockname()
+    peer = sock.getpeername()
+    return (_mapped(socket.inet_pton(family, local[0])),
+            _mapped(socket.inet_pton(family, peer[0])), local[1], peer[1])
 
 
 class TcpConn:
@@ -199,9 +213,14 @@ class TcpConn:
         self.sock.close()
 
     def record(self) -> TcpFlowRecord:
-        guest = (_mapped(self.guest_addr), _mapped(self.remote_addr), self.guest_port,
-                 self.remote_port)
-        host = (bytes(16), bytes(16), 0, 0)  # the socket's side: read from it by the dumper
+        """passt's flowside is (oaddr, eaddr, oport, eport): "o" is our end of that side,
+        "e" the endpoint's.  On the guest side our end is the address the guest talks to."""
+        guest = (_mapped(self.remote_addr), _mapped(self.guest_addr), self.remote_port,
+                 self.guest_port)
+        try:
+            host = _sockaddr_side(self.sock)
+        except OSError:
+            host = (bytes(16), bytes(16), 0, 0)  # the peer is gone; the record still stands
         inbound = bool(self.events & SOCK_ACCEPTED)
         pif = (PIF_HOST, PIF_TAP) if inbound else (PIF_TAP, PIF_HOST)
         sides = (host, guest) if inbound else (guest, host)
@@ -693,9 +712,77 @@ class TcpTranslator:
         conn.flow_ack_due = False
         self.stack.flows.remove(conn)
 
-    def dump(self) -> list[TcpFlowRecord]:
-        """Established connections as passt-style records (what migration moves)."""
-        return [c.record() for c in self.conns.values() if c.events & ESTABLISHED]
+    def dump(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
+        """Established connections: passt-style record and host socket for each.
+
+        The socket's kernel state (sequence numbers, queues: with data the guest
+        has not acknowledged still in the receive queue) is the other half of a
+        flow; dumping it needs TCP_REPAIR, which is the migration code's job.
+        """
+        return [(c.record(), c.sock) for c in self.conns.values() if c.events & ESTABLISHED]
+
+    def forget(self) -> list[socket.socket]:
+        """Drop every connection without closing its socket: the caller owns them now."""
+        sockets = []
+        for conn in list(self.conns.values()):
+            self.stack.loop.remove(conn.fd)
+            self._disarm(conn)
+            self.conns.pop(conn.fd, None)
+            conn.flow_ack_due = False
+            self.stack.flows.detach(conn)
+            sockets.append(conn.sock)
+        self.stack.forget_waiting()
+        return sockets
+
+    def restore(self, record: TcpFlowRecord, sock: socket.socket) -> TcpConn:
+        """Carry on an established connection from its record and its connected socket.
+
+        Raises ValueError (having changed nothing) for a record this stack cannot
+        serve, flows.TableFull when there is no room.
+        """
+        if not record.events & ESTABLISHED:
+            raise ValueError("only established connections can be restored")
+        tap = 1 if record.pif[1] == PIF_TAP else 0
+        if record.pif[tap] != PIF_TAP:
+            raise ValueError(f"record has no guest side (pif {record.pif})")
+        oaddr, eaddr, oport, eport = record.sides[tap]
+        remote, guest = _unmapped(oaddr), _unmapped(eaddr)
+        if len(remote) != len(guest):
+            raise ValueError("guest side mixes IPv4 and IPv6")
+        key = (ipv4.PROTO_TCP, guest, eport, remote, oport)
+        if self.stack.flows.get(key) is not None:
+            raise ValueError(f"a flow for {key!r} exists already")
+        self.stack.flows.check_room()
+        sock.setblocking(False)
+        in_flight = _seq_diff(record.seq_to_tap, record.seq_ack_from_tap)
+        if in_flight < 0:
+            raise ValueError("record acknowledges more than was sent")
+        # Data sent to the guest but not acknowledged is still in the receive queue:
+        # peeking resumes right after it.  A FIN already sent takes no queue byte.
+        fin_sent = bool(record.events & TAP_FIN_SENT)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, max(in_flight - fin_sent, 0))
+        conn = TcpConn(self, key, sock)
+        conn.events = record.events
+        conn.seq_to_tap = record.seq_to_tap
+        conn.seq_ack_from_tap = record.seq_ack_from_tap
+        conn.seq_from_tap = record.seq_from_tap
+        conn.seq_ack_to_tap = record.seq_ack_to_tap
+        conn.seq_init_from_tap = record.seq_init_from_tap
+        conn.wnd_from_tap = record.wnd_from_tap
+        conn.wnd_to_tap = record.wnd_to_tap
+        conn.ws_from_tap = record.ws_from_tap
+        conn.ws_to_tap = record.ws_to_tap
+        conn.tap_mss = record.tap_mss
+        conn.retries = record.retries
+        self.stack.flows.add(conn)
+        self.conns[conn.fd] = conn
+        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+                            lambda ev: self._sock_event(conn, ev))
+        if in_flight:
+            self._arm(conn, ACK_TIMEOUT)
+        self.stack.loop.call_soon(lambda: self._push(conn) if conn.sock.fileno() >= 0
+                                  else None)
+        return conn
 
 
 _EPOLLET = 1 << 31
