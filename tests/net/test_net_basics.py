@@ -23,6 +23,7 @@ from tests.net.conftest import (
     ROUTER6,
     TETHER_ARGS,
     Tether,
+    configure_guest,
     delete_netns,
     make_netns,
     require,
@@ -239,3 +240,46 @@ def test_command_runs_in_a_new_namespace_on_tether(tmp_path: Path) -> None:
                          *TETHER_ARGS, "--", "ip", "-o", "link", "show", "lo"],
                         capture_output=True, text=True, timeout=60, check=False)
     assert "LOOPBACK,UP" in lo.stdout
+
+
+def test_dns_forward_reaches_the_hosts_resolver(tmp_path: Path) -> None:
+    # The "host" is a namespace of the test's own whose resolv.conf (ip netns exec
+    # bind-mounts /etc/netns/NAME/resolv.conf) names a resolver on its loopback.
+    host = make_netns("tdns")
+    guest = make_netns()
+    etc = Path("/etc/netns") / host.name
+    t: Tether | None = None
+    resolver = None
+    try:
+        etc.mkdir(parents=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        resolver = host.popen(sys.executable, "-c", """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("ready", flush=True)
+data, peer = s.recvfrom(512)
+s.sendto(b"answer:" + data, peer)
+""")
+        assert resolver.stdout is not None and resolver.stdout.readline().strip() == "ready"
+        t = Tether(guest, ["-a", GUEST, "-n", "24", "-g", GATEWAY, "--dns-forward",
+                           "10.77.0.53"], tmp_path, host_ns=host)
+        configure_guest(guest)
+        out = guest.run("python3", "-c", """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"query", ("10.77.0.53", 53))
+data, peer = s.recvfrom(512)
+print(data.decode(), peer[0])
+""").stdout
+        assert out.split() == ["answer:query", "10.77.0.53"]
+    finally:
+        if t is not None:
+            t.stop()
+        if resolver is not None:
+            resolver.kill()
+            resolver.wait()
+        shutil.rmtree(etc, ignore_errors=True)
+        delete_netns(guest)
+        delete_netns(host)
