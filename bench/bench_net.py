@@ -181,14 +181,16 @@ class Setup:
                                          str(self.iperf_port), "-t", str(seconds), "-J",
                                          *(["-R"] if reverse else [])),
                                   capture_output=True, text=True, check=False)
-            if done.returncode == 0:
+            try:
+                end = json.loads(done.stdout)["end"]["sum_received"]
                 break
-            time.sleep(0.2)  # the server may not listen yet
+            except (ValueError, KeyError):
+                pass
+            time.sleep(0.2)  # the server may not listen yet, or still be busy
             cpu0 = self.cpu()
         else:
             raise SystemExit(f"iperf3 failed over {self.kind}: {done.stdout[-400:]}")
         cpu = self.cpu() - cpu0
-        end = json.loads(done.stdout)["end"]["sum_received"]
         gbytes = end["bytes"] / 1e9
         return end["bits_per_second"] / 1e9, (cpu / gbytes if gbytes else 0.0)
 

@@ -3,9 +3,14 @@ a host socket on loopback (--map-host-loopback: the gateway) on the other."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import shutil
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from tests.net.conftest import GATEWAY, Tether
+from tests.net.conftest import GATEWAY, Tether, require
 from tests.net.hostside import LineEchoPeer, TcpPeer, free_port, pattern
 
 MiB = 1 << 20
@@ -80,3 +85,22 @@ for s in held:
 """).stdout
     assert out.strip() == "refused"
     assert t.alive()
+
+
+def test_curl_fetches_from_a_host_http_server(start_tether: Callable[..., Tether],
+                                              tmp_path: Path) -> None:
+    require(shutil.which("curl") is not None, "needs curl (apt install curl)")
+    body = pattern(3 * MiB)
+    (tmp_path / "file.bin").write_bytes(body)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t = start_tether()
+        got = tmp_path / "got.bin"
+        t.ns.run("curl", "-sS", "--max-time", "30", "-o", str(got),
+                 f"http://{GATEWAY}:{server.server_address[1]}/file.bin")
+        assert got.read_bytes() == body
+    finally:
+        server.shutdown()
+        server.server_close()
