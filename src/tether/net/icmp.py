@@ -118,7 +118,7 @@ class IcmpTranslator:
     def _readable(self, flow: EchoFlow) -> None:
         _, guest_addr, ident, remote, _ = flow.key
         off = l4_offset(guest_addr)
-        while self.stack.has_room():
+        for _ in range(64):
             frame = bytearray(off + MAX_MESSAGE)
             try:
                 n = flow.sock.recv_into(memoryview(frame)[off:], MAX_MESSAGE)
@@ -126,8 +126,8 @@ class IcmpTranslator:
                 break
             except OSError:
                 continue
-            if n < icmp.HLEN:
-                continue
+            if n < icmp.HLEN or not self.stack.has_room():
+                continue  # dropped, but read: see UdpTranslator._readable
             # The kernel put the socket's own identifier in; the guest expects its own.
             struct.pack_into("!H", frame, off + 4, ident)
             struct.pack_into("!H", frame, off + 2, 0)

@@ -167,7 +167,6 @@ class TcpConn:
         "tap_mss",
         "timer",
         "translator",
-        "waiting_room",
         "wnd_from_tap",
         "wnd_to_tap",
         "ws_from_tap",
@@ -199,7 +198,6 @@ class TcpConn:
         self.dup_acks = 0
         self.sock_blocked = False
         self.flow_ack_due = False
-        self.waiting_room = False
         self.fin_seq = 0
         self.pending = bytearray()  # guest data the socket had no room for: not yet acked
         self.pending_fin = False

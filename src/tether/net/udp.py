@@ -98,8 +98,6 @@ class UdpTranslator:
 
     def _readable(self, flow: UdpFlow) -> None:
         for _ in range(64):  # a bounded batch per wake-up keeps other flows served
-            if not self.stack.has_room():
-                break
             off = l4_offset(flow.key[1]) + udp.HLEN
             frame = bytearray(off + MAX_PAYLOAD)
             try:
@@ -109,7 +107,10 @@ class UdpTranslator:
             except OSError as exc:
                 log.debug("udp recv: %s", exc)  # e.g. ECONNREFUSED from an ICMP error
                 continue
-            self._to_guest(flow, frame, n)
+            # No room towards the guest: the datagram is dropped (UDP may lose it), but it
+            # is read, or the level-triggered socket would wake the loop without end.
+            if self.stack.has_room():
+                self._to_guest(flow, frame, n)
         self.stack.sink_flush()
 
     def _to_guest(self, flow: UdpFlow, frame: bytearray, n: int) -> None:
