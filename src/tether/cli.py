@@ -101,7 +101,7 @@ def run(config: Config) -> int:
             if config.config_net or child is not None:
                 p = config.net
                 configure_ipv4(netns, config.ifname, p.addr4, p.prefix4, p.gateway4)
-            sink = TapTransport(loop, fd, port)
+            sink = TapTransport(loop, fd, port, mtu=config.net.mtu)
             log.info("tap %s up in namespace %s", config.ifname, netns)
         else:
             assert config.socket_path is not None
@@ -120,6 +120,7 @@ def run(config: Config) -> int:
     # A transport that completes TCP/UDP checksums (virtio NEEDS_CSUM) says so with a
     # `checksum_offload` attribute; frames.FrameSink leaves it optional.
     stack.output.partial_l4_checksums = bool(getattr(sink, "checksum_offload", False))
+    stack.output.segment_offload = bool(getattr(sink, "segment_offload", False))
     stack.attach(sink)
     stack.start()
     allowed, why = ping_sockets_allowed()

@@ -50,6 +50,7 @@ class CapturingSink:
         # Captured frames then show partial TCP/UDP checksums, as on a real
         # offloading NIC; Wireshark reads them and flags the checksum only.
         self.checksum_offload = bool(getattr(sink, "checksum_offload", False))
+        self.segment_offload = bool(getattr(sink, "segment_offload", False))
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         sent = self.sink.send_frame(frame)

@@ -59,6 +59,9 @@ WS_TO_GUEST = 8
 DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
 _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 _SIOCOUTQ = 0x5411
+# Largest payloads when the transport segments for us: what fits the IP length fields.
+_GSO_PAYLOAD_V4 = 0xFFFF - ipv4.HLEN - wtcp.HLEN
+_GSO_PAYLOAD_V6 = 0xFFFF - wtcp.HLEN
 WINDOW_FLOOR = 1 << 20
 PENDING_MAX = 2 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
@@ -571,7 +574,10 @@ class TcpTranslator:
             return
         stack = self.stack
         window = conn.wnd_from_tap << conn.ws_from_tap
-        mss = min(conn.tap_mss, conn.mss_to_guest)
+        if stack.output.segment_offload:
+            mss = _GSO_PAYLOAD_V4 if len(conn.guest_addr) == 4 else _GSO_PAYLOAD_V6
+        else:
+            mss = min(conn.tap_mss, conn.mss_to_guest)
         sock = conn.sock
         window_field = -1
         payload_off = conn.payload_off
