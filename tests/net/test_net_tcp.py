@@ -6,9 +6,12 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.net.conftest import GATEWAY, Tether, require
 from tests.net.hostside import LineEchoPeer, TcpPeer, free_port, pattern
@@ -104,3 +107,34 @@ def test_curl_fetches_from_a_host_http_server(start_tether: Callable[..., Tether
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_guest_reset_reaches_host(start_tether: Callable[..., Tether]) -> None:
+    t = start_tether()
+    peer = socket.socket()
+    peer.bind(("127.0.0.1", 0))
+    peer.listen(1)
+    peer.settimeout(10)
+    guest = t.ns.popen("python3", "-c", f"""
+import socket, struct
+s = socket.create_connection(("{GATEWAY}", {peer.getsockname()[1]}), timeout=10)
+s.sendall(b"before the reset")
+s.recv(1)  # the host's byte: the data before it has surely arrived
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print("reset sent")
+""")
+    conn, _ = peer.accept()
+    conn.settimeout(10)
+    got = b""
+    while len(got) < 16:
+        got += conn.recv(16)
+    assert got == b"before the reset"
+    conn.sendall(b"x")
+    out, err = guest.communicate(timeout=20)
+    assert out.strip() == "reset sent", err
+    with pytest.raises(ConnectionResetError):
+        while conn.recv(100):
+            pass
+    conn.close()
+    peer.close()
