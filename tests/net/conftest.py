@@ -132,6 +132,23 @@ def configure_guest(ns: Netns, mtu: int | None = None) -> None:
     ns.run("ip", "route", "add", "default", "via", GATEWAY)
 
 
+class Recorder:
+    """A FrameSink that keeps what the stack sends (the stack is what is under test)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        self.frames.append(bytes(frame))
+        return True
+
+    def has_room(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
 TETHER_ARGS = ["-a", GUEST, "-n", "24", "-g", GATEWAY, "-D", GATEWAY, "-a", GUEST6,
                "-D", "fd00:77::53"]
 

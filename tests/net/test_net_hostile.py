@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from tests.net.conftest import GATEWAY, Netns, Tether, delete_netns, make_netns
+from tests.net.conftest import GATEWAY, Netns, Recorder, Tether, delete_netns, make_netns
 from tests.net.hostside import UdpEchoPeer
 from tether.loop import Loop
 from tether.net.params import NetParams
@@ -29,23 +29,6 @@ from tether.transport.tap import inside
 
 GUEST_MAC = "02:00:00:00:00:02"
 OUR_MAC = "9a:55:9a:55:9a:55"
-
-
-class Recorder:
-    """A FrameSink that keeps what the stack sends (the stack is what is under test)."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
-        self.frames.append(bytes(frame))
-        return True
-
-    def has_room(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        pass
 
 
 def _base(proto_layer: object) -> bytes:

@@ -18,9 +18,8 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import Ether
 
-from tests.net.conftest import GUEST6, ROUTER6, Tether, wait_for
+from tests.net.conftest import GUEST6, ROUTER6, Recorder, Tether, wait_for
 from tests.net.hostside import TcpPeer, pattern
-from tests.net.test_net_hostile import Recorder
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
