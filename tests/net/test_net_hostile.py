@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scapy.layers.dhcp6 import DHCP6_Solicit
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6ND_RS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from tests.net.conftest import GATEWAY, Netns, Recorder, Tether, delete_netns, make_netns
@@ -44,6 +46,14 @@ SEEDS = [
     _base(ICMP() / b"ping"),
     bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") /
           ARP(hwsrc=GUEST_MAC, psrc="10.77.0.2", pdst=GATEWAY)),
+    bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="fe80::2", dst="ff02::2", hlim=255) /
+          ICMPv6ND_RS()),
+    bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="fe80::2", dst="ff02::1:ff00:1",
+                                                   hlim=255) / ICMPv6ND_NS(tgt="fe80::1")),
+    bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="fe80::2", dst="ff02::1:2") /
+          UDP(sport=546, dport=547) / DHCP6_Solicit()),
+    bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IPv6(src="fd00:77::2", dst="fd00:77::1") /
+          TCP(sport=1000, dport=9, flags="S")),
 ]
 
 
@@ -84,7 +94,8 @@ def test_mangled_frames_never_escape_the_stack(empty_netns: Netns, data: st.Data
         loop = Loop()
         params = NetParams(addr4=socket.inet_aton("10.77.0.2"), prefix4=24,
                            gateway4=socket.inet_aton(GATEWAY),
-                           map_host_loopback4=socket.inet_aton(GATEWAY), max_flows=8)
+                           map_host_loopback4=socket.inet_aton(GATEWAY), max_flows=8,
+                           addr6=socket.inet_pton(socket.AF_INET6, "fd00:77::2"))
         stack = Stack(loop, params)
         stack.attach(Recorder())
         frames = [mangle(data) for _ in range(data.draw(st.integers(1, 8)))]
