@@ -1,0 +1,6 @@
+"""The user-mode network stack: guest frames in, ordinary host sockets out.
+
+`Stack` (net.stack) is the entry point: a transport hands it frames as a
+`frames.GuestPort` and gives it a `frames.FrameSink` for frames to the guest.
+This package never imports `tether.transport`.
+"""

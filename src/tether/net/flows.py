@@ -1,0 +1,67 @@
+"""The flow table: every translated connection, looked up by its guest-side 4-tuple.
+
+Bounded on purpose: a guest that opens flows without end must hit a clean
+refusal (TableFull), not exhaust tether's file descriptors or memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+FlowKey = tuple[int, bytes, int, bytes, int]
+"""(IP protocol, guest address, guest port, remote address as the guest sees it, remote port)."""
+
+
+class TableFull(Exception):  # noqa: N818 - reads as the condition it is
+    """No room for another flow."""
+
+
+class Flow(Protocol):
+    key: FlowKey
+
+    def close(self) -> None:
+        """Release the flow's socket(s) and timers; called once, on removal."""
+        ...
+
+
+class FlowTable:
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("flow table capacity must be at least 1")
+        self.capacity = capacity
+        self._flows: dict[FlowKey, Flow] = {}
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows.values()))
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self._flows.get(key)
+
+    def check_room(self) -> None:
+        if len(self._flows) >= self.capacity:
+            raise TableFull(f"flow table full ({self.capacity} flows)")
+
+    def add(self, flow: Flow) -> None:
+        self.check_room()
+        if flow.key in self._flows:
+            raise ValueError(f"duplicate flow {flow.key!r}")
+        self._flows[flow.key] = flow
+
+    def remove(self, flow: Flow) -> None:
+        """Remove and close flow; harmless if it is already gone."""
+        if self._flows.get(flow.key) is flow:
+            del self._flows[flow.key]
+            flow.close()
+
+    def detach(self, flow: Flow) -> None:
+        """Remove flow without closing it (its resources were handed elsewhere)."""
+        if self._flows.get(flow.key) is flow:
+            del self._flows[flow.key]
+
+    def close_all(self) -> None:
+        for flow in self:
+            self.remove(flow)

@@ -1,0 +1,328 @@
+"""The stack: dispatches guest frames, answers ARP and DHCP, owns the flow table.
+
+Construct one per guest, give it a FrameSink, hand it to the transport as its
+GuestPort:
+
+    stack = Stack(loop, params)
+    transport = SomeTransport(loop, ..., port=stack)
+    stack.attach(transport)         # transport implements frames.FrameSink
+    stack.start()                   # opens inbound forwarding sockets
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+
+from tether import loop as evloop
+from tether.frames import FrameSink
+from tether.net import dhcp as dhcp_server
+from tether.net import dhcpv6 as dhcpv6_server
+from tether.net.addresses import GuestAddresses
+from tether.net.flows import FlowTable
+from tether.net.icmp import IcmpTranslator
+from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
+from tether.net.params import NetParams
+from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
+from tether.net.udp import UdpTranslator
+from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
+
+log = logging.getLogger(__name__)
+
+
+class Stack:
+    """Implements frames.GuestPort."""
+
+    def __init__(self, loop: evloop.Loop, params: NetParams) -> None:
+        self.loop = loop
+        self.params = params
+        self.addrs = GuestAddresses()
+        self.flows = FlowTable(params.max_flows)
+        self.output = Output(params.our_mac)
+        self.tcp = TcpTranslator(self)
+        self.udp = UdpTranslator(self)
+        self.icmp = IcmpTranslator(self)
+        self.bad_frames = 0
+        self.internal_errors = 0
+        self._sink: FrameSink | None = None
+        self._waiting: dict[int, TcpConn] = {}
+        self._listeners: list[socket.socket] = []
+
+    # -- wiring ------------------------------------------------------------
+
+    def attach(self, sink: FrameSink) -> None:
+        self._sink = sink
+
+    def start(self) -> None:
+        """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken."""
+        for rng in self.params.tcp_forward:
+            for port in range(rng.first, rng.last + 1):
+                s = self._listen(socket.SOCK_STREAM, port)
+                s.listen(128)
+                gport = rng.guest_port(port)
+                self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
+        for rng in self.params.udp_forward:
+            for port in range(rng.first, rng.last + 1):
+                s = self._listen(socket.SOCK_DGRAM, port)
+                gport = rng.guest_port(port)
+                self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
+
+    def _acceptor(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
+        return lambda _events: self._accept(s, guest_port)
+
+    def _receiver(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
+        return lambda _events: self.udp.inbound(s, guest_port)
+
+    def _listen(self, kind: int, port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setblocking(False)
+        try:
+            s.bind((self.params.forward_bind4, port))
+        except OSError:
+            s.close()
+            raise
+        self._listeners.append(s)
+        return s
+
+    def close(self) -> None:
+        self.flows.close_all()
+        for s in self._listeners:
+            self.loop.remove(s.fileno())
+            s.close()
+        self._listeners.clear()
+
+    # -- frames.GuestPort --------------------------------------------------
+
+    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
+        for frame in frames:
+            try:
+                self._frame(frame)
+            except ParseError as exc:
+                self.bad_frames += 1
+                log.debug("dropped guest frame: %s", exc)
+            except Exception:
+                # A bug, not bad input: say so loudly, but one frame must not take
+                # every other connection down with the daemon.
+                self.internal_errors += 1
+                log.exception("internal error handling a guest frame")
+        self.tcp.end_of_batch()
+        self.sink_flush()
+
+    def guest_room_available(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for conn in waiting.values():
+            self.tcp.room_available(conn)
+        self.sink_flush()
+
+    # -- used by the translators -------------------------------------------
+
+    def send(self, frame: bytes | bytearray | memoryview) -> bool:
+        return self._sink.send_frame(frame) if self._sink is not None else False
+
+    def has_room(self) -> bool:
+        return self._sink is not None and self._sink.has_room()
+
+    def sink_flush(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def wait_for_room(self, conn: TcpConn) -> None:
+        self._waiting[conn.fd] = conn
+
+    def guest_addr4(self) -> bytes:
+        """Where inbound traffic goes: what the guest uses, else what DHCP gives it."""
+        return self.addrs.addr4 or self.params.addr4
+
+    def host_target(self, dst: bytes, port: int) -> str | None:
+        """The host address a guest destination maps to, None for nowhere."""
+        p = self.params
+        if len(dst) == 16:
+            if dst in (p.map_host_loopback6, p.router6) and p.map_host_loopback6 is not None:
+                return "::1"
+            addr6 = ipaddress.IPv6Address(dst)
+            if addr6.is_multicast or addr6.is_unspecified or addr6.is_loopback or \
+                    addr6.is_link_local:
+                return None
+            return str(addr6)
+        if p.map_host_loopback4 is not None and dst == p.map_host_loopback4:
+            return "127.0.0.1"
+        if p.dns_match4 is not None and p.dns_host4 is not None and dst == p.dns_match4 \
+                and port == 53:
+            return socket.inet_ntoa(p.dns_host4)
+        addr = ipaddress.IPv4Address(dst)
+        if addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address(
+                "255.255.255.255") or addr.is_loopback:
+            return None
+        return str(addr)
+
+    def guest_view_of(self, host_addr: str) -> bytes:
+        """How a host peer's address looks to the guest (loopback becomes the gateway)."""
+        raw = socket.inet_aton(host_addr)
+        mapped = self.params.map_host_loopback4 or self.params.gateway4
+        if raw[0] == 127 or raw == self.guest_addr4():
+            return mapped
+        return raw
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _frame(self, frame: memoryview) -> None:
+        __dst_mac, src_mac, ethertype = ethernet.parse(frame)
+        if not src_mac[0] & 1 and src_mac != self.addrs.mac:
+            self.addrs.mac = src_mac
+            self.output.guest_mac = src_mac
+        payload = frame[ethernet.HLEN:]
+        if ethertype == ethernet.TYPE_ARP:
+            self._arp(payload)
+        elif ethertype == ethernet.TYPE_IPV4:
+            self._ipv4(payload)
+        elif ethertype == ethernet.TYPE_IPV6:
+            self._ipv6(payload)
+
+    def _arp(self, payload: memoryview) -> None:
+        req = arp.parse(payload)
+        if req.op != arp.OP_REQUEST:
+            return
+        if req.spa != bytes(4) and req.spa != self.addrs.addr4:
+            self.addrs.addr4 = req.spa
+        if req.tpa == req.spa or req.tpa == self.guest_addr4():
+            return  # gratuitous ARP or duplicate address detection: the guest's own
+        frame = bytearray(ethernet.HLEN + arp.LEN)
+        ethernet.pack_into(frame, 0, req.sha, self.params.our_mac, ethernet.TYPE_ARP)
+        arp.pack_into(frame, ethernet.HLEN,
+                      arp.Arp(arp.OP_REPLY, self.params.our_mac, req.tpa, req.sha, req.spa))
+        self.send(frame)
+
+    def _ipv4(self, packet: memoryview) -> None:
+        hdr = ipv4.parse(packet)
+        body = packet[hdr.header_len:hdr.total_len]
+        if hdr.src != bytes(4) and hdr.src != self.addrs.addr4 and hdr.src[0] != 127 \
+                and hdr.src[0] < 224:
+            self.addrs.addr4 = hdr.src
+        if hdr.proto == ipv4.PROTO_UDP:
+            __sport, dport, length = udp.parse(body)
+            if dport == dhcp.SERVER_PORT:
+                self._dhcp(body[udp.HLEN:length])
+                return
+            if hdr.src == bytes(4):
+                return
+            self.udp.from_guest(hdr.src, hdr.dst, body)
+        elif hdr.src == bytes(4):
+            return
+        elif hdr.proto == ipv4.PROTO_TCP:
+            self.tcp.from_guest(hdr.src, hdr.dst, body)
+        elif hdr.proto == ipv4.PROTO_ICMP:
+            self.icmp.from_guest(hdr.src, hdr.dst, body)
+
+    def _ipv6(self, packet: memoryview) -> None:
+        hdr = ipv6.parse(packet)
+        body = packet[ipv6.HLEN:ipv6.HLEN + hdr.payload_len]
+        src = hdr.src
+        if src[0] == 0xFE and src[1] & 0xC0 == 0x80:
+            self.addrs.addr6_ll = src
+        elif src != ipv6.UNSPECIFIED and src[0] != 0xFF:
+            self.addrs.addr6 = src
+        nxt = hdr.next_header
+        if nxt == ipv6.PROTO_ICMPV6:
+            if len(body) >= 1 and body[0] in (ndp.ROUTER_SOLICITATION,
+                                              ndp.NEIGHBOR_SOLICITATION):
+                if hdr.hop_limit == ndp.HOP_LIMIT:
+                    self._ndp(src, body)
+            elif src != ipv6.UNSPECIFIED:
+                self.icmp.from_guest(src, hdr.dst, body)
+        elif src == ipv6.UNSPECIFIED or src[0] == 0xFF:
+            return
+        elif nxt == ipv4.PROTO_UDP:
+            _sport, dport, length = udp.parse(body)
+            if dport == dhcpv6.SERVER_PORT:
+                self._dhcpv6(src, body[udp.HLEN:length])
+            else:
+                self.udp.from_guest(src, hdr.dst, body)
+        elif nxt == ipv4.PROTO_TCP:
+            self.tcp.from_guest(src, hdr.dst, body)
+        # Extension headers and other protocols: dropped.
+
+    def _ndp(self, src: bytes, message: memoryview) -> None:
+        p = self.params
+        sol = ndp.parse(message)
+        if sol.type == ndp.ROUTER_SOLICITATION:
+            if p.addr6 is None:
+                return
+            prefix = (int.from_bytes(p.addr6, "big") >> (128 - p.prefix6) <<
+                      (128 - p.prefix6)).to_bytes(16, "big")
+            answer = ndp.build_ra(p.our_mac, prefix, p.prefix6, p.mtu, p.dns6)
+            dst = src if src != ipv6.UNSPECIFIED else ipv6.ALL_NODES
+        else:
+            own = (self.addrs.addr6, self.addrs.addr6_ll)
+            if sol.target in own or sol.target[0] == 0xFF or src == ipv6.UNSPECIFIED:
+                return  # the guest's own (or duplicate address detection): no answer
+            answer = ndp.build_na(sol.target, p.our_mac, router=True)
+            dst = src
+        frame = bytearray(L2L3_V6 + len(answer))
+        frame[L2L3_V6:] = answer
+        dst_mac = self.output.guest_mac if dst != ipv6.ALL_NODES else ipv6.multicast_mac(dst)
+        self.send(self.output.icmp6(frame, len(answer), p.router6 if sol.type ==
+                                    ndp.ROUTER_SOLICITATION else sol.target, dst, dst_mac,
+                                    ndp.HOP_LIMIT))
+
+    def _dhcpv6(self, src: bytes, payload: memoryview) -> None:
+        answer = dhcpv6_server.reply(self.params, dhcpv6.parse(payload))
+        if answer is None:
+            return
+        off = L2L3_V6 + udp.HLEN
+        frame = bytearray(off + len(answer))
+        frame[off:] = answer
+        self.send(self.output.udp(frame, len(answer), self.params.router6, dhcpv6.SERVER_PORT,
+                                  src, dhcpv6.CLIENT_PORT))
+
+    def _dhcp(self, payload: memoryview) -> None:
+        answer = dhcp_server.reply(self.params, dhcp.parse(payload))
+        if answer is None:
+            return
+        frame = bytearray(UDP_PAYLOAD + len(answer))
+        frame[UDP_PAYLOAD:] = answer
+        # Broadcast, as RFC 2131 section 4.1 allows: the client has no address yet.
+        self.send(self.output.udp(frame, len(answer), self.params.gateway4, dhcp.SERVER_PORT,
+                                  b"\xff\xff\xff\xff", dhcp.CLIENT_PORT,
+                                  dst_mac=ethernet.BROADCAST))
+
+    # -- inbound TCP -------------------------------------------------------
+
+    def _accept(self, listener: socket.socket, guest_port: int) -> None:
+        for _ in range(64):
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accept: %s", exc)
+                return
+            guest = self.guest_addr4()
+            self.tcp.accepted(sock, guest, guest_port, self.guest_view_of(peer[0]), peer[1])
+
+    # -- state for migration ----------------------------------------------
+
+    def dump_addresses(self) -> bytes:
+        return self.addrs.dump()
+
+    def load_addresses(self, record: bytes) -> None:
+        self.addrs.load(record)
+        if self.addrs.mac is not None:
+            self.output.guest_mac = self.addrs.mac
+
+    def dump_tcp_flows(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
+        """Established TCP connections: (record, host socket) for each."""
+        return self.tcp.dump()
+
+    def forget_tcp_flows(self) -> list[socket.socket]:
+        """Let go of every TCP connection without closing its socket."""
+        return self.tcp.forget()
+
+    def restore_tcp_flow(self, record: TcpFlowRecord, sock: socket.socket) -> None:
+        """Serve a connection dumped elsewhere; ValueError/TableFull leave nothing behind."""
+        self.tcp.restore(record, sock)
+
+    def forget_waiting(self) -> None:
+        self._waiting.clear()

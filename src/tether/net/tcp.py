@@ -1,0 +1,792 @@
+"""TCP translation: the guest's TCP connection ends here and continues as a host socket.
+
+tether speaks TCP to the guest itself and uses an ordinary kernel socket towards
+the host, as passt does:
+
+* guest -> host: in-order payload is written to the socket at once and only the
+  bytes the socket took are acknowledged, so nothing the guest believes delivered
+  can be lost; the window offered to the guest is the socket's free send space.
+* host -> guest: data is read with MSG_PEEK at SO_PEEK_OFF and stays in the
+  socket's receive queue until the guest acknowledges it; only then is it
+  consumed.  Retransmission rewinds the peek offset, so tether keeps no copy.
+
+Sequence-number state mirrors passt's `struct tcp_tap_conn`, so a flow can be
+dumped as passt's per-flow migration record (reference/passt-migration.md 2.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import random
+import socket
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tether import loop as evloop
+from tether.net.flows import FlowKey, TableFull
+from tether.net.output import l4_offset
+from tether.wire import ipv4
+from tether.wire import tcp as wtcp
+
+if TYPE_CHECKING:
+    from tether.net.stack import Stack
+
+log = logging.getLogger(__name__)
+
+# passt's connection event bits (tcp_conn.h), kept identical for the dump record.
+SOCK_ACCEPTED = 0x01
+TAP_SYN_RCVD = 0x02
+ESTABLISHED = 0x04
+TAP_SYN_ACK_SENT = 0x08  # before ESTABLISHED
+SOCK_FIN_RCVD = 0x08  # after ESTABLISHED
+SOCK_FIN_SENT = 0x10
+TAP_FIN_RCVD = 0x20
+TAP_FIN_SENT = 0x40
+TAP_FIN_ACKED = 0x80
+
+PIF_HOST = 1
+PIF_TAP = 2
+
+ACK_TIMEOUT = 1.0  # seconds before unacknowledged data is sent again
+SYN_TIMEOUT = 3.0
+MAX_RETRIES = 6
+WS_TO_GUEST = 8
+DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
+_SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+_SIOCOUTQ = 0x5411
+# Largest payloads when the transport segments for us: what fits the IP length fields.
+_GSO_PAYLOAD_V4 = 0xFFFF - ipv4.HLEN - wtcp.HLEN
+_GSO_PAYLOAD_V6 = 0xFFFF - wtcp.HLEN
+WINDOW_FLOOR = 1 << 20
+PENDING_MAX = 2 << 20
+_DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
+_OUTQ = bytearray(4)
+
+
+def _seq_diff(a: int, b: int) -> int:
+    """a - b in sequence space, as a signed 32-bit value (RFC 9293 section 3.4)."""
+    return ((a - b + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+
+
+@dataclass(frozen=True)
+class TcpFlowRecord:
+    """One flow as passt's `struct tcp_tap_transfer` (112 bytes) describes it.
+
+    Side 0 is the initiator: the guest for outbound flows, the host peer for
+    inbound ones.  Addresses are IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+    """
+
+    pif: tuple[int, int]
+    sides: tuple[tuple[bytes, bytes, int, int], tuple[bytes, bytes, int, int]]
+    retries: int
+    ws_from_tap: int
+    ws_to_tap: int
+    events: int
+    tap_mss: int
+    sndbuf: int
+    flags: int
+    seq_dup_ack_approx: int
+    wnd_from_tap: int
+    wnd_to_tap: int
+    seq_to_tap: int
+    seq_ack_from_tap: int
+    seq_from_tap: int
+    seq_ack_to_tap: int
+    seq_init_from_tap: int
+
+    # Ports travel in the sender's native byte order in passt (section 2.5): "=H".
+    _SIDE = struct.Struct("=16s16sHH")
+    _TAIL = struct.Struct("!BBBBIIBBHHIIIII")
+    SIZE = 112
+
+    def pack(self) -> bytes:
+        out = bytes(self.pif)
+        for side in self.sides:
+            out += self._SIDE.pack(*side)
+        out += self._TAIL.pack(self.retries, self.ws_from_tap, self.ws_to_tap, self.events,
+                               self.tap_mss, self.sndbuf, self.flags, self.seq_dup_ack_approx,
+                               self.wnd_from_tap, self.wnd_to_tap, self.seq_to_tap,
+                               self.seq_ack_from_tap, self.seq_from_tap, self.seq_ack_to_tap,
+                               self.seq_init_from_tap)
+        return out
+
+    @classmethod
+    def unpack(cls, data: bytes) -> TcpFlowRecord:
+        if len(data) != cls.SIZE:
+            raise ValueError(f"TCP flow record is {len(data)} bytes, need {cls.SIZE}")
+        s0 = cls._SIDE.unpack_from(data, 2)
+        s1 = cls._SIDE.unpack_from(data, 38)
+        tail = cls._TAIL.unpack_from(data, 74)
+        return cls((data[0], data[1]), (s0, s1), *tail)
+
+
+def _mapped(addr: bytes) -> bytes:
+    """passt's `union inany_addr`: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
+    return addr if len(addr) == 16 else bytes(10) + b"\xff\xff" + addr
+
+
+def _unmapped(addr: bytes) -> bytes:
+    return addr[12:] if addr[:12] == bytes(10) + b"\xff\xff" else addr
+
+
+def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
+    """The host side of a flow as a flowside: (our address, peer address, ports)."""
+    family = sock.family
+    local = sock.getsockname()
+    peer = sock.getpeername()
+    return (_mapped(socket.inet_pton(family, local[0])),
+            _mapped(socket.inet_pton(family, peer[0])), local[1], peer[1])
+
+
+class TcpConn:
+    __slots__ = (
+        "dup_acks",
+        "events",
+        "fd",
+        "fin_seq",
+        "flow_ack_due",
+        "guest_addr",
+        "guest_port",
+        "key",
+        "mss_to_guest",
+        "payload_off",
+        "pending",
+        "pending_fin",
+        "remote_addr",
+        "remote_port",
+        "retries",
+        "seq_ack_from_tap",
+        "seq_ack_to_tap",
+        "seq_from_tap",
+        "seq_init_from_tap",
+        "seq_to_tap",
+        "sock",
+        "sock_blocked",
+        "tap_mss",
+        "timer",
+        "translator",
+        "wnd_from_tap",
+        "wnd_to_tap",
+        "ws_from_tap",
+        "ws_to_tap",
+    )
+
+    def __init__(self, translator: TcpTranslator, key: FlowKey, sock: socket.socket) -> None:
+        self.translator = translator
+        self.key = key
+        _, self.guest_addr, self.guest_port, self.remote_addr, self.remote_port = key
+        self.sock = sock
+        self.fd = sock.fileno()
+        # Where segment payload starts in a frame to the guest, and the MSS we offer.
+        self.payload_off = l4_offset(self.guest_addr) + wtcp.HLEN
+        self.mss_to_guest = translator.stack.params.mtu - (self.payload_off - 14)
+        self.events = 0
+        # The initial sequence number is seq_to_tap - 1: the SYN takes one number.
+        self.seq_to_tap = (random.getrandbits(32) + 1) & 0xFFFFFFFF
+        self.seq_ack_from_tap = self.seq_to_tap
+        self.seq_from_tap = 0
+        self.seq_ack_to_tap = 0
+        self.seq_init_from_tap = 0
+        self.wnd_from_tap = 0
+        self.wnd_to_tap = 0
+        self.ws_from_tap = 0
+        self.ws_to_tap = 0
+        self.tap_mss = DEFAULT_GUEST_MSS
+        self.retries = 0
+        self.dup_acks = 0
+        self.sock_blocked = False
+        self.flow_ack_due = False
+        self.fin_seq = 0
+        self.pending = bytearray()  # guest data the socket had no room for: not yet acked
+        self.pending_fin = False
+        self.timer: evloop.Timer | None = None
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.translator.stack.loop.remove(self.fd)
+        self.sock.close()
+
+    def record(self) -> TcpFlowRecord:
+        """passt's flowside is (oaddr, eaddr, oport, eport): "o" is our end of that side,
+        "e" the endpoint's.  On the guest side our end is the address the guest talks to."""
+        guest = (_mapped(self.remote_addr), _mapped(self.guest_addr), self.remote_port,
+                 self.guest_port)
+        try:
+            host = _sockaddr_side(self.sock)
+        except OSError:
+            host = (bytes(16), bytes(16), 0, 0)  # the peer is gone; the record still stands
+        inbound = bool(self.events & SOCK_ACCEPTED)
+        pif = (PIF_HOST, PIF_TAP) if inbound else (PIF_TAP, PIF_HOST)
+        sides = (host, guest) if inbound else (guest, host)
+        return TcpFlowRecord(pif, sides, self.retries, self.ws_from_tap, self.ws_to_tap,
+                             self.events, self.tap_mss, 0, 0, 0, self.wnd_from_tap,
+                             self.wnd_to_tap, self.seq_to_tap, self.seq_ack_from_tap,
+                             self.seq_from_tap, self.seq_ack_to_tap, self.seq_init_from_tap)
+
+
+class TcpTranslator:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.conns: dict[int, TcpConn] = {}  # by socket fd
+        self._ack_due: list[TcpConn] = []
+        # Counters for the log and the benchmarks: how often the slow paths run.
+        self.socket_full = 0
+        self.gaps_from_guest = 0
+        self.rewinds = 0
+
+    # -- frames from the guest -------------------------------------------
+
+    def from_guest(self, src: bytes, dst: bytes, segment: memoryview) -> None:
+        hdr = wtcp.parse(segment)
+        key = (ipv4.PROTO_TCP, src, hdr.sport, dst, hdr.dport)
+        conn = self.stack.flows.get(key)
+        payload = segment[hdr.header_len:]
+        if conn is None:
+            self._no_flow(key, hdr, segment, payload)
+            return
+        assert isinstance(conn, TcpConn)
+        self._segment(conn, hdr, segment, payload)
+
+    def _no_flow(self, key: FlowKey, hdr: wtcp.Tcp, segment: memoryview,
+                 payload: memoryview) -> None:
+        if hdr.flags & wtcp.RST:
+            return
+        if hdr.flags & (wtcp.SYN | wtcp.ACK) == wtcp.SYN:
+            opts = wtcp.parse_syn_options(segment[wtcp.HLEN:hdr.header_len])
+            self._connect(key, hdr, opts)
+            return
+        # RFC 9293 section 3.10.7.1: a segment for no connection gets a reset.
+        seg_len = len(payload) + (1 if hdr.flags & wtcp.SYN else 0) + (hdr.flags & wtcp.FIN)
+        if hdr.flags & wtcp.ACK:
+            self._raw_reset(key, hdr.ack, 0, wtcp.RST)
+        else:
+            self._raw_reset(key, 0, (hdr.seq + seg_len) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
+
+    def _connect(self, key: FlowKey, hdr: wtcp.Tcp, opts: wtcp.SynOptions) -> None:
+        stack = self.stack
+        target = stack.host_target(key[3], key[4])
+        if target is None:
+            return
+        try:
+            stack.flows.check_room()
+        except TableFull as exc:
+            log.warning("refusing TCP connection: %s", exc)
+            self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
+            return
+        family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((target, key[4]))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
+            return
+        conn = TcpConn(self, key, sock)
+        conn.events = TAP_SYN_RCVD
+        conn.seq_init_from_tap = hdr.seq
+        conn.seq_from_tap = conn.seq_ack_to_tap = (hdr.seq + 1) & 0xFFFFFFFF
+        conn.wnd_from_tap = hdr.window
+        conn.tap_mss = opts.mss or DEFAULT_GUEST_MSS
+        if opts.wscale is not None:
+            conn.ws_from_tap = opts.wscale
+            conn.ws_to_tap = WS_TO_GUEST
+        stack.flows.add(conn)
+        self.conns[conn.fd] = conn
+        stack.loop.add(conn.fd, evloop.WRITE | evloop.HANGUP, lambda ev: self._connected(conn))
+
+    def _connected(self, conn: TcpConn) -> None:
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log.debug("connect to port %d failed: %s", conn.remote_port, os.strerror(err))
+            self._reset_guest(conn)
+            return
+        conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+                               lambda ev: self._sock_event(conn, ev))
+        self._send_syn(conn, wtcp.SYN | wtcp.ACK)
+        conn.events |= TAP_SYN_ACK_SENT
+
+    def _send_syn(self, conn: TcpConn, flags: int) -> None:
+        """SYN (inbound) or SYN|ACK (outbound), sent again by the timer until answered."""
+        if flags & wtcp.ACK and not conn.ws_to_tap:
+            # The guest offered no window scaling, so neither side may use it (RFC 7323 1.3).
+            opts = wtcp.mss_option(conn.mss_to_guest)
+        else:
+            opts = wtcp.syn_options(conn.mss_to_guest, WS_TO_GUEST)
+        self._control(conn, flags, seq=(conn.seq_to_tap - 1) & 0xFFFFFFFF, options=opts)
+        self._arm(conn, SYN_TIMEOUT)
+
+    def _segment(self, conn: TcpConn, hdr: wtcp.Tcp, segment: memoryview,
+                 payload: memoryview) -> None:
+        flags = hdr.flags
+        if flags & wtcp.RST:
+            # Pass the reset on: SO_LINGER 0 makes close() send RST to the host peer.
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.remove(conn)
+            return
+        if not conn.events & ESTABLISHED:
+            self._handshake(conn, hdr, segment)
+            if not conn.events & ESTABLISHED:
+                return
+            if not payload and not flags & wtcp.FIN:
+                return
+        elif flags & wtcp.SYN:
+            self._ack_later(conn)  # a retransmitted SYN|ACK: the guest lost our ACK
+            return
+        if flags & wtcp.ACK:
+            self._guest_ack(conn, hdr, bool(payload))
+            if conn.sock.fileno() < 0:
+                return
+        if payload or flags & wtcp.FIN:
+            self._guest_data(conn, hdr.seq, payload, bool(flags & wtcp.FIN))
+        self._maybe_done(conn)
+
+    def _handshake(self, conn: TcpConn, hdr: wtcp.Tcp, segment: memoryview) -> None:
+        if conn.events & SOCK_ACCEPTED:
+            # We sent SYN; the guest answers SYN|ACK.
+            if hdr.flags & (wtcp.SYN | wtcp.ACK) != (wtcp.SYN | wtcp.ACK) or \
+                    hdr.ack != conn.seq_to_tap:
+                return
+            opts = wtcp.parse_syn_options(segment[wtcp.HLEN:hdr.header_len])
+            conn.seq_init_from_tap = hdr.seq
+            conn.seq_from_tap = (hdr.seq + 1) & 0xFFFFFFFF
+            conn.tap_mss = opts.mss or DEFAULT_GUEST_MSS
+            if opts.wscale is not None:
+                conn.ws_from_tap = opts.wscale
+                conn.ws_to_tap = WS_TO_GUEST
+            conn.wnd_from_tap = hdr.window
+            conn.events = SOCK_ACCEPTED | ESTABLISHED
+            self._disarm(conn)
+            self._control(conn, wtcp.ACK)
+            self._push(conn)
+            return
+        if conn.events & TAP_SYN_ACK_SENT and hdr.flags & wtcp.ACK and \
+                hdr.ack == conn.seq_to_tap and not hdr.flags & wtcp.SYN:
+            conn.events = ESTABLISHED
+            conn.seq_ack_from_tap = hdr.ack
+            conn.wnd_from_tap = hdr.window
+            self._disarm(conn)
+            self._push(conn)
+
+    def _guest_ack(self, conn: TcpConn, hdr: wtcp.Tcp, has_data: bool) -> None:
+        acked = _seq_diff(hdr.ack, conn.seq_ack_from_tap)
+        in_flight = _seq_diff(conn.seq_to_tap, conn.seq_ack_from_tap)
+        old_window = conn.wnd_from_tap
+        conn.wnd_from_tap = hdr.window
+        if acked < 0 or acked > in_flight:
+            return  # old or from the future: ignore (RFC 9293 section 3.10.7.4)
+        if acked == 0:
+            if in_flight and not has_data and hdr.window == old_window:
+                conn.dup_acks += 1
+                if conn.dup_acks == 3:  # fast retransmit, RFC 5681 section 3.2
+                    self._rewind(conn)
+            elif hdr.window != old_window:
+                self._push(conn)
+            return
+        conn.dup_acks = 0
+        conn.retries = 0
+        data_acked = acked
+        if conn.events & TAP_FIN_SENT and hdr.ack == conn.seq_to_tap:
+            data_acked -= 1
+            conn.events |= TAP_FIN_ACKED
+        if data_acked > 0 and not self._consume(conn, data_acked):
+            return
+        conn.seq_ack_from_tap = hdr.ack
+        if conn.seq_ack_from_tap == conn.seq_to_tap:
+            self._disarm(conn)
+        else:
+            self._arm(conn, ACK_TIMEOUT)
+        self._push(conn)
+
+    def _consume(self, conn: TcpConn, n: int) -> bool:
+        """Drop n acknowledged bytes from the socket's receive queue."""
+        while n > 0:
+            try:
+                got = conn.sock.recv_into(_DISCARD, min(n, len(_DISCARD)), socket.MSG_TRUNC)
+            except OSError as exc:
+                log.debug("consume: %s", exc)
+                self._reset_guest(conn)
+                return False
+            if got <= 0:
+                break
+            n -= got
+        return True
+
+    def _guest_data(self, conn: TcpConn, seq: int, payload: memoryview, fin: bool) -> None:
+        """In-order guest data goes to the socket; only what the socket took is acknowledged.
+
+        When the socket is full, in-order data is held (unacknowledged, bounded by
+        PENDING_MAX) and written when the socket has room, so the guest need not
+        retransmit what merely arrived early; beyond the bound it is dropped and
+        the guest's retransmission brings it back.
+        """
+        expected = (conn.seq_from_tap + len(conn.pending)) & 0xFFFFFFFF
+        offset = _seq_diff(expected, seq)
+        if offset < 0:
+            # A gap: something before this was not accepted.  Say where we are.
+            self.gaps_from_guest += 1
+            self._control(conn, wtcp.ACK)
+            return
+        if offset > len(payload) or (offset == len(payload) and not fin):
+            self._ack_later(conn)  # entirely old: a retransmission
+            return
+        if conn.events & TAP_FIN_RCVD:
+            self._ack_later(conn)
+            return
+        data = payload[offset:]
+        if conn.sock_blocked:
+            if len(conn.pending) + len(data) > PENDING_MAX:
+                return  # dropped, unacknowledged: the guest sends it again
+            conn.pending += data
+            conn.pending_fin = fin
+            return
+        written = 0
+        if data:
+            try:
+                written = conn.sock.send(data)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                log.debug("send to host: %s", exc)
+                self._reset_guest(conn)
+                return
+            conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        if written < len(data):
+            self.socket_full += 1
+            conn.sock_blocked = True
+            conn.pending = bytearray(data[written:])
+            conn.pending_fin = fin
+            self.stack.loop.modify(conn.fd, evloop.READ | evloop.WRITE | evloop.HANGUP
+                                   | _EPOLLET)
+            self._ack_later(conn)
+            return
+        if fin:
+            self._guest_fin(conn)
+            return
+        self._ack_later(conn)
+
+    def _guest_fin(self, conn: TcpConn) -> None:
+        conn.seq_from_tap = (conn.seq_from_tap + 1) & 0xFFFFFFFF
+        conn.events |= TAP_FIN_RCVD
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.events |= SOCK_FIN_SENT
+        self._control(conn, wtcp.ACK)
+
+    def _socket_writable(self, conn: TcpConn) -> None:
+        """The socket has room again: write what was held, then acknowledge it."""
+        pending = conn.pending
+        try:
+            written = conn.sock.send(pending) if pending else 0
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            log.debug("send to host: %s", exc)
+            self._reset_guest(conn)
+            return
+        conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        del pending[:written]
+        if pending:
+            self._control(conn, wtcp.ACK)
+            return
+        conn.sock_blocked = False
+        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET)
+        if conn.pending_fin:
+            conn.pending_fin = False
+            self._guest_fin(conn)
+            self._maybe_done(conn)
+        else:
+            self._control(conn, wtcp.ACK)  # with an open window: the guest may send again
+
+    # -- acknowledgements and windows towards the guest ---------------------
+
+    def _ack_later(self, conn: TcpConn) -> None:
+        """One ACK per connection per batch of guest frames, however many segments came."""
+        if not conn.flow_ack_due:
+            conn.flow_ack_due = True
+            self._ack_due.append(conn)
+
+    def end_of_batch(self) -> None:
+        due, self._ack_due = self._ack_due, []
+        for conn in due:
+            if conn.flow_ack_due and conn.sock.fileno() >= 0:
+                conn.flow_ack_due = False
+                self._control(conn, wtcp.ACK)
+
+    def _window(self, conn: TcpConn) -> int:
+        """Free space in the socket's send buffer, but at least WINDOW_FLOOR.
+
+        The kernel grows a socket's send buffer only as the connection speeds up,
+        so offering just the free space starts a slow feedback loop (the guest
+        cannot send fast because the buffer is small, and the other way round).
+        What the socket cannot take at once is held in `pending` (up to
+        PENDING_MAX, more than the floor), not dropped, so the floor costs no data.
+        """
+        if conn.sock_blocked:
+            return 0
+        try:
+            sndbuf = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            fcntl.ioctl(conn.fd, _SIOCOUTQ, _OUTQ)
+            queued = int.from_bytes(_OUTQ, "little")
+        except OSError:
+            return 0
+        free = max(sndbuf - queued, WINDOW_FLOOR)
+        return min(free >> conn.ws_to_tap, 0xFFFF)
+
+    def _control(self, conn: TcpConn, flags: int, seq: int | None = None,
+                 options: bytes = b"") -> None:
+        frame = bytearray(conn.payload_off + len(options))
+        window = self._window(conn) if conn.events & ESTABLISHED else 0xFFFF
+        conn.wnd_to_tap = window
+        conn.seq_ack_to_tap = conn.seq_from_tap
+        conn.flow_ack_due = False
+        self.stack.send(self.stack.output.tcp(
+            frame, 0, conn.remote_addr, conn.remote_port, conn.guest_addr, conn.guest_port,
+            conn.seq_to_tap if seq is None else seq, conn.seq_from_tap, flags, window, options))
+
+    def _raw_reset(self, key: FlowKey, seq: int, ack: int, flags: int) -> None:
+        frame = bytearray(l4_offset(key[1]) + wtcp.HLEN)
+        self.stack.send(self.stack.output.tcp(frame, 0, key[3], key[4], key[1], key[2], seq,
+                                              ack, flags, 0))
+
+    # -- host -> guest -----------------------------------------------------
+
+    def _sock_event(self, conn: TcpConn, events: int) -> None:
+        if events & evloop.WRITE and conn.sock_blocked:
+            self._socket_writable(conn)
+            if conn.sock.fileno() < 0:
+                return
+        if events & (evloop.READ | evloop.HANGUP):
+            self._push(conn)
+        if conn.sock.fileno() >= 0:
+            self.stack.sink_flush()
+
+    def _push(self, conn: TcpConn) -> None:
+        """Send what the socket holds and the guest's window admits, peeking, not reading."""
+        if not conn.events & ESTABLISHED or conn.events & TAP_FIN_SENT:
+            return
+        stack = self.stack
+        window = conn.wnd_from_tap << conn.ws_from_tap
+        if stack.output.segment_offload:
+            mss = _GSO_PAYLOAD_V4 if len(conn.guest_addr) == 4 else _GSO_PAYLOAD_V6
+        else:
+            mss = min(conn.tap_mss, conn.mss_to_guest)
+        sock = conn.sock
+        window_field = -1
+        payload_off = conn.payload_off
+        while True:
+            room = window - _seq_diff(conn.seq_to_tap, conn.seq_ack_from_tap)
+            if room <= 0:
+                return
+            if not stack.has_room():
+                stack.wait_for_room(conn)
+                return
+            want = min(mss, room)
+            frame = bytearray(payload_off + want)
+            try:
+                got = sock.recv_into(memoryview(frame)[payload_off:], want,
+                                     socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("recv from host: %s", exc)
+                self._reset_guest(conn)
+                return
+            if got == 0:
+                conn.events |= SOCK_FIN_RCVD
+                conn.fin_seq = conn.seq_to_tap
+                self._control(conn, wtcp.FIN | wtcp.ACK)
+                conn.seq_to_tap = (conn.seq_to_tap + 1) & 0xFFFFFFFF
+                conn.events |= TAP_FIN_SENT
+                self._arm(conn, ACK_TIMEOUT)
+                return
+            if window_field < 0:  # once per burst: it costs two system calls
+                window_field = self._window(conn)
+            conn.wnd_to_tap = window_field
+            conn.seq_ack_to_tap = conn.seq_from_tap
+            stack.send(stack.output.tcp(
+                frame, got, conn.remote_addr, conn.remote_port, conn.guest_addr,
+                conn.guest_port, conn.seq_to_tap, conn.seq_from_tap,
+                wtcp.ACK | wtcp.PSH if got < want else wtcp.ACK, window_field))
+            conn.seq_to_tap = (conn.seq_to_tap + got) & 0xFFFFFFFF
+            if conn.timer is None:
+                self._arm(conn, ACK_TIMEOUT)
+            if got < want:
+                return
+
+    def room_available(self, conn: TcpConn) -> None:
+        if conn.sock.fileno() >= 0:
+            self._push(conn)
+
+    # -- timers, retransmission --------------------------------------------
+
+    def _arm(self, conn: TcpConn, delay: float) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = self.stack.loop.call_later(delay, lambda: self._timeout(conn))
+
+    def _disarm(self, conn: TcpConn) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def _timeout(self, conn: TcpConn) -> None:
+        conn.timer = None
+        if conn.sock.fileno() < 0:
+            return
+        conn.retries += 1
+        if conn.retries > MAX_RETRIES:
+            log.debug("guest stopped answering on port %d: reset", conn.guest_port)
+            self._reset_guest(conn)
+            return
+        if not conn.events & ESTABLISHED:
+            if conn.events & SOCK_ACCEPTED:
+                self._send_syn(conn, wtcp.SYN)
+            elif conn.events & TAP_SYN_ACK_SENT:
+                self._send_syn(conn, wtcp.SYN | wtcp.ACK)
+            self.stack.sink_flush()
+            return
+        if conn.seq_to_tap != conn.seq_ack_from_tap:
+            self._rewind(conn)
+            self.stack.sink_flush()
+
+    def _rewind(self, conn: TcpConn) -> None:
+        """Go back to the guest's last ACK and send from there again."""
+        conn.dup_acks = 0
+        self.rewinds += 1
+        if conn.events & TAP_FIN_SENT and not conn.events & TAP_FIN_ACKED:
+            conn.events &= ~(TAP_FIN_SENT | SOCK_FIN_RCVD)
+        conn.seq_to_tap = conn.seq_ack_from_tap
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+        except OSError:
+            self._reset_guest(conn)
+            return
+        self._arm(conn, ACK_TIMEOUT * (1 << min(conn.retries, 4)))
+        self._push(conn)
+
+    # -- inbound (-t) ------------------------------------------------------
+
+    def accepted(self, sock: socket.socket, guest_addr: bytes, guest_port: int,
+                 remote_addr: bytes, remote_port: int) -> None:
+        """A host peer connected to a forwarded port: open the connection to the guest."""
+        key = (ipv4.PROTO_TCP, guest_addr, guest_port, remote_addr, remote_port)
+        if self.stack.flows.get(key) is not None:
+            sock.close()
+            return
+        try:
+            self.stack.flows.check_room()
+        except TableFull as exc:
+            log.warning("refusing inbound TCP connection: %s", exc)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+        conn = TcpConn(self, key, sock)
+        conn.events = SOCK_ACCEPTED
+        self.stack.flows.add(conn)
+        self.conns[conn.fd] = conn
+        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+                            lambda ev: self._sock_event(conn, ev))
+        self._send_syn(conn, wtcp.SYN)
+        self.stack.sink_flush()
+
+    # -- ending ------------------------------------------------------------
+
+    def _maybe_done(self, conn: TcpConn) -> None:
+        if conn.events & TAP_FIN_RCVD and conn.events & TAP_FIN_ACKED:
+            self.remove(conn)
+
+    def _reset_guest(self, conn: TcpConn) -> None:
+        if conn.events & (ESTABLISHED | TAP_SYN_ACK_SENT | SOCK_ACCEPTED | TAP_SYN_RCVD):
+            self._control(conn, wtcp.RST | wtcp.ACK)
+        self.remove(conn)
+        self.stack.sink_flush()
+
+    def remove(self, conn: TcpConn) -> None:
+        self.conns.pop(conn.fd, None)
+        conn.flow_ack_due = False
+        self.stack.flows.remove(conn)
+
+    def dump(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
+        """Established connections: passt-style record and host socket for each.
+
+        The socket's kernel state (sequence numbers, queues: with data the guest
+        has not acknowledged still in the receive queue) is the other half of a
+        flow; dumping it needs TCP_REPAIR, which is the migration code's job.
+        """
+        return [(c.record(), c.sock) for c in self.conns.values() if c.events & ESTABLISHED]
+
+    def forget(self) -> list[socket.socket]:
+        """Drop every connection without closing its socket: the caller owns them now."""
+        sockets = []
+        for conn in list(self.conns.values()):
+            self.stack.loop.remove(conn.fd)
+            self._disarm(conn)
+            self.conns.pop(conn.fd, None)
+            conn.flow_ack_due = False
+            self.stack.flows.detach(conn)
+            sockets.append(conn.sock)
+        self.stack.forget_waiting()
+        return sockets
+
+    def restore(self, record: TcpFlowRecord, sock: socket.socket) -> TcpConn:
+        """Carry on an established connection from its record and its connected socket.
+
+        Raises ValueError (having changed nothing) for a record this stack cannot
+        serve, flows.TableFull when there is no room.
+        """
+        if not record.events & ESTABLISHED:
+            raise ValueError("only established connections can be restored")
+        tap = 1 if record.pif[1] == PIF_TAP else 0
+        if record.pif[tap] != PIF_TAP:
+            raise ValueError(f"record has no guest side (pif {record.pif})")
+        oaddr, eaddr, oport, eport = record.sides[tap]
+        remote, guest = _unmapped(oaddr), _unmapped(eaddr)
+        if len(remote) != len(guest):
+            raise ValueError("guest side mixes IPv4 and IPv6")
+        key = (ipv4.PROTO_TCP, guest, eport, remote, oport)
+        if self.stack.flows.get(key) is not None:
+            raise ValueError(f"a flow for {key!r} exists already")
+        self.stack.flows.check_room()
+        sock.setblocking(False)
+        in_flight = _seq_diff(record.seq_to_tap, record.seq_ack_from_tap)
+        if in_flight < 0:
+            raise ValueError("record acknowledges more than was sent")
+        # Data sent to the guest but not acknowledged is still in the receive queue:
+        # peeking resumes right after it.  A FIN already sent takes no queue byte.
+        fin_sent = bool(record.events & TAP_FIN_SENT)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, max(in_flight - fin_sent, 0))
+        conn = TcpConn(self, key, sock)
+        conn.events = record.events
+        conn.seq_to_tap = record.seq_to_tap
+        conn.seq_ack_from_tap = record.seq_ack_from_tap
+        conn.seq_from_tap = record.seq_from_tap
+        conn.seq_ack_to_tap = record.seq_ack_to_tap
+        conn.seq_init_from_tap = record.seq_init_from_tap
+        conn.wnd_from_tap = record.wnd_from_tap
+        conn.wnd_to_tap = record.wnd_to_tap
+        conn.ws_from_tap = record.ws_from_tap
+        conn.ws_to_tap = record.ws_to_tap
+        conn.tap_mss = record.tap_mss
+        conn.retries = record.retries
+        self.stack.flows.add(conn)
+        self.conns[conn.fd] = conn
+        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+                            lambda ev: self._sock_event(conn, ev))
+        if in_flight:
+            self._arm(conn, ACK_TIMEOUT)
+        self.stack.loop.call_soon(lambda: self._push(conn) if conn.sock.fileno() >= 0
+                                  else None)
+        return conn
+
+
+_EPOLLET = 1 << 31

@@ -1,0 +1,164 @@
+"""UDP flows: each guest (address, port) -> remote (address, port) pair gets a host socket.
+
+Outbound flows use a connected socket, so only the remote's answers come back.
+Inbound flows (-u) share the forwarded port's bound socket and answer with
+sendto(), so the peer sees replies from the port it sent to.  Every flow
+expires after params.udp_timeout seconds without traffic either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from tether import loop as evloop
+from tether.net.flows import FlowKey, TableFull
+from tether.net.output import UDP_PAYLOAD, l4_offset
+from tether.wire import ipv4, udp
+
+if TYPE_CHECKING:
+    from tether.net.stack import Stack
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 65535 - ipv4.HLEN - udp.HLEN
+
+
+class UdpFlow:
+    __slots__ = ("key", "last_used", "owns_socket", "peer", "sock", "timer", "translator")
+
+    def __init__(self, translator: UdpTranslator, key: FlowKey, sock: socket.socket,
+                 peer: tuple[str, int] | None) -> None:
+        self.translator = translator
+        self.key = key
+        self.sock = sock
+        self.peer = peer  # None: sock is connected to the remote
+        self.owns_socket = peer is None
+        self.last_used = translator.stack.loop.now()
+        self.timer: evloop.Timer | None = None
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.owns_socket:
+            self.translator.stack.loop.remove(self.sock.fileno())
+            self.sock.close()
+
+
+class UdpTranslator:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.sent_to_guest = 0
+
+    def from_guest(self, src: bytes, dst: bytes, datagram: memoryview) -> None:
+        sport, dport, length = udp.parse(datagram)
+        payload = datagram[udp.HLEN:length]
+        key = (ipv4.PROTO_UDP, src, sport, dst, dport)
+        flow = self.stack.flows.get(key)
+        if flow is None:
+            flow = self._open(key)
+            if flow is None:
+                return
+        assert isinstance(flow, UdpFlow)
+        flow.last_used = self.stack.loop.now()
+        try:
+            if flow.peer is None:
+                flow.sock.send(payload)
+            else:
+                flow.sock.sendto(payload, flow.peer)
+        except OSError as exc:
+            # Datagrams may be lost; a full buffer or an ICMP error is not a reason to stop.
+            log.debug("udp send to port %d: %s", dport, exc)
+
+    def _open(self, key: FlowKey) -> UdpFlow | None:
+        stack = self.stack
+        target = stack.host_target(key[3], key[4])
+        if target is None:
+            return None
+        try:
+            stack.flows.check_room()
+        except TableFull as exc:
+            log.warning("dropping UDP datagram: %s", exc)
+            return None
+        family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect((target, key[4]))
+        except OSError as exc:
+            log.debug("udp connect to %s:%d: %s", target, key[4], exc)
+            sock.close()
+            return None
+        flow = UdpFlow(self, key, sock, None)
+        stack.flows.add(flow)
+        stack.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        self._schedule_expiry(flow)
+        return flow
+
+    def _readable(self, flow: UdpFlow) -> None:
+        for _ in range(64):  # a bounded batch per wake-up keeps other flows served
+            off = l4_offset(flow.key[1]) + udp.HLEN
+            frame = bytearray(off + MAX_PAYLOAD)
+            try:
+                n = flow.sock.recv_into(memoryview(frame)[off:], MAX_PAYLOAD)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.debug("udp recv: %s", exc)  # e.g. ECONNREFUSED from an ICMP error
+                continue
+            # No room towards the guest: the datagram is dropped (UDP may lose it), but it
+            # is read, or the level-triggered socket would wake the loop without end.
+            if self.stack.has_room():
+                self._to_guest(flow, frame, n)
+        self.stack.sink_flush()
+
+    def _to_guest(self, flow: UdpFlow, frame: bytearray, n: int) -> None:
+        _, guest_addr, guest_port, remote_addr, remote_port = flow.key
+        flow.last_used = self.stack.loop.now()
+        self.sent_to_guest += 1
+        view = self.stack.output.udp(frame, n, remote_addr, remote_port, guest_addr, guest_port)
+        self.stack.send(view)
+
+    def _schedule_expiry(self, flow: UdpFlow) -> None:
+        timeout = self.stack.params.udp_timeout
+
+        def check() -> None:
+            idle = self.stack.loop.now() - flow.last_used
+            if idle >= timeout:
+                self.stack.flows.remove(flow)
+            else:
+                flow.timer = self.stack.loop.call_later(timeout - idle, check)
+
+        flow.timer = self.stack.loop.call_later(timeout, check)
+
+    # -- inbound (-u) ------------------------------------------------------
+
+    def inbound(self, sock: socket.socket, guest_port: int) -> None:
+        """A forwarded port's socket is readable: datagrams from host peers to the guest."""
+        stack = self.stack
+        guest_addr = stack.guest_addr4()
+        for _ in range(64):
+            frame = bytearray(UDP_PAYLOAD + MAX_PAYLOAD)
+            try:
+                n, peer = sock.recvfrom_into(memoryview(frame)[UDP_PAYLOAD:], MAX_PAYLOAD)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            if guest_addr is None or not stack.has_room():
+                continue  # nobody to deliver to yet: datagrams may be dropped
+            remote = stack.guest_view_of(peer[0])
+            key = (ipv4.PROTO_UDP, guest_addr, guest_port, remote, peer[1])
+            flow = stack.flows.get(key)
+            if flow is None:
+                try:
+                    stack.flows.check_room()
+                except TableFull:
+                    continue
+                flow = UdpFlow(self, key, sock, (peer[0], peer[1]))
+                stack.flows.add(flow)
+                self._schedule_expiry(flow)
+            assert isinstance(flow, UdpFlow)
+            self._to_guest(flow, frame, n)
+        stack.sink_flush()

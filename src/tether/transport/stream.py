@@ -1,0 +1,148 @@
+"""QEMU's `-netdev stream` (and passt's --socket): frames over a UNIX stream socket.
+
+Each frame is preceded by its length as a 4-byte big-endian integer (QEMU
+net/stream.c, the same framing as passt's "qemu" mode).  One client at a time:
+when QEMU disconnects, tether waits for the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+
+from tether import loop as evloop
+from tether.frames import GuestPort
+
+log = logging.getLogger(__name__)
+
+FRAME_MAX = 65536 + 14
+_LEN = struct.Struct("!I")
+_SNDBUF = 8 << 20
+
+
+class StreamTransport:
+    """Implements frames.FrameSink; feeds a GuestPort."""
+
+    def __init__(self, loop: evloop.Loop, path: str, port: GuestPort) -> None:
+        self.loop = loop
+        self.port = port
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+        self.conn: socket.socket | None = None
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self.bad_lengths = 0
+        loop.add(self.listener.fileno(), evloop.READ, self._accept)
+
+    def _accept(self, _events: int) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            conn.close()  # one guest per tether, as passt
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        self.conn = conn
+        self._inbuf.clear()
+        self._outbuf.clear()
+        self.loop.add(conn.fileno(), evloop.READ | evloop.HANGUP, self._on_event)
+
+    def _drop_client(self) -> None:
+        if self.conn is not None:
+            self.loop.remove(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+
+    def _on_event(self, events: int) -> None:
+        if self.conn is None:
+            return
+        if events & evloop.WRITE:
+            self._write_out()
+            if not self._outbuf:
+                self.loop.modify(self.conn.fileno(), evloop.READ | evloop.HANGUP)
+                self.port.guest_room_available()
+        if events & (evloop.READ | evloop.HANGUP):
+            self._read()
+
+    def _read(self) -> None:
+        assert self.conn is not None
+        try:
+            data = self.conn.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.info("stream client: %s", exc)
+            self._drop_client()
+            return
+        if not data:
+            log.info("stream client disconnected")
+            self._drop_client()
+            return
+        buf = self._inbuf
+        buf += data
+        frames: list[memoryview] = []
+        view = memoryview(bytes(buf))
+        pos = 0
+        while len(view) - pos >= 4:
+            (length,) = _LEN.unpack_from(view, pos)
+            if length == 0 or length > FRAME_MAX:
+                # The framing is lost: nothing after this can be trusted.
+                self.bad_lengths += 1
+                log.warning("stream client sent a frame length of %d: disconnecting", length)
+                self.port.frames_from_guest(frames)
+                self._drop_client()
+                return
+            if len(view) - pos - 4 < length:
+                break
+            frames.append(view[pos + 4:pos + 4 + length])
+            pos += 4 + length
+        del buf[:pos]
+        if frames:
+            self.port.frames_from_guest(frames)
+
+    # -- frames.FrameSink ------------------------------------------------
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        if self.conn is None or not self.has_room():
+            return False
+        self._outbuf += _LEN.pack(len(frame))
+        self._outbuf += frame
+        return True
+
+    def has_room(self) -> bool:
+        return self.conn is not None and len(self._outbuf) < (4 << 20)
+
+    def flush(self) -> None:
+        if self.conn is not None and self._outbuf:
+            self._write_out()
+            if self._outbuf and self.conn is not None:
+                self.loop.modify(self.conn.fileno(), evloop.READ | evloop.WRITE | evloop.HANGUP)
+
+    def _write_out(self) -> None:
+        assert self.conn is not None
+        try:
+            sent = self.conn.send(self._outbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.info("stream client: %s", exc)
+            self._drop_client()
+            return
+        del self._outbuf[:sent]
+
+    def close(self) -> None:
+        self._drop_client()
+        self.loop.remove(self.listener.fileno())
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

@@ -1,0 +1,182 @@
+"""Fixtures for the stack's end-to-end tests: a network namespace is the guest.
+
+The guest's kernel (its ARP, DHCP client, TCP stack) runs inside a namespace
+each test creates; tether runs in the initial namespace, as a user would run
+it, with its tap device inside the test's namespace.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+GUEST = "10.77.0.2"
+GATEWAY = "10.77.0.1"
+GUEST6 = "fd00:77::2"
+ROUTER6 = "fe80::9855:9aff:fe55:9a55"  # tether's link-local address, from its MAC
+HERE = Path(__file__).parent
+GUEST_TOOL = str(HERE / "guest_tool.py")
+_counter = itertools.count()
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip outside CI; in CI a missing prerequisite is a failure, said out loud."""
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"prerequisite missing under CI=true: {why}")
+    pytest.skip(why)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cmd(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, *argv: str, timeout: float = 60, check: bool = True,
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.cmd(*argv), capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def popen(self, *argv: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.cmd(*argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def guest_tool(self, *args: str, timeout: float = 120) -> str:
+        done = self.run(sys.executable, GUEST_TOOL, *args, timeout=timeout, check=False)
+        assert done.returncode == 0, f"guest_tool {args}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+
+def make_netns(prefix: str = "tnet") -> Netns:
+    require(os.geteuid() == 0, "needs root to create network namespaces")
+    require(shutil.which("ip") is not None, "needs iproute2 (ip)")
+    require(os.path.exists("/dev/net/tun"), "needs /dev/net/tun")
+    name = f"{prefix}{os.getpid()}x{next(_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return Netns(name)
+
+
+def delete_netns(ns: Netns) -> None:
+    subprocess.run(["ip", "netns", "del", ns.name], check=False)
+
+
+class Tether:
+    """A tether process serving one namespace."""
+
+    def __init__(self, ns: Netns, args: list[str], tmp: Path, host_ns: Netns | None = None,
+                 ) -> None:
+        self.ns = ns
+        self.log = tmp / f"tether-{ns.name}.log"
+        argv = [sys.executable, "-m", "tether.cli", "-f", "-l", str(self.log),
+                "--netns", ns.name, *args]
+        if host_ns is not None:
+            argv = host_ns.cmd(*argv)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        wait_for(self._ready, "tether to start")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"tether exited {self.proc.returncode}: "
+                                 f"{self.proc.stderr.read() if self.proc.stderr else ''}"
+                                 f"{self.log_text()}")
+        return "running" in self.log_text()
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop tether; any internal error it logged fails the test that ran it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        text = self.log_text()
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+
+
+def configure_guest(ns: Netns, mtu: int | None = None) -> None:
+    """What a DHCP client would do, statically (the DHCP test checks the real client)."""
+    ns.run("ip", "addr", "add", f"{GUEST}/24", "dev", "tap0")
+    if mtu is not None:
+        ns.run("ip", "link", "set", "tap0", "mtu", str(mtu))
+    ns.run("ip", "route", "add", "default", "via", GATEWAY)
+
+
+class Recorder:
+    """A FrameSink that keeps what the stack sends (the stack is what is under test)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
+        self.frames.append(bytes(frame))
+        return True
+
+    def has_room(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
+TETHER_ARGS = ["-a", GUEST, "-n", "24", "-g", GATEWAY, "-D", GATEWAY, "-a", GUEST6,
+               "-D", "fd00:77::53"]
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    ns = make_netns()
+    yield ns
+    delete_netns(ns)
+
+
+@pytest.fixture
+def start_tether(tmp_path: Path) -> Iterator[Callable[..., Tether]]:
+    started: list[Tether] = []
+    namespaces: list[Netns] = []
+
+    def start(*extra: str, configure: bool = True, mtu: int | None = None,
+              host_ns: Netns | None = None) -> Tether:
+        ns = make_netns()
+        namespaces.append(ns)
+        t = Tether(ns, [*TETHER_ARGS, *extra], tmp_path, host_ns)
+        started.append(t)
+        if configure:
+            configure_guest(ns, mtu)
+        return t
+
+    yield start
+    for t in started:
+        t.stop()
+    for ns in namespaces:
+        delete_netns(ns)
