@@ -15,13 +15,16 @@ from typing import NoReturn
 
 from tether.config import Config, ConfigError, build_parser, from_args
 from tether.frames import FrameSink, GuestPort
+from tether.handover.device_state import Handover
 from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack
 from tether.pcap import CapturingPort, CapturingSink, PcapWriter
+from tether.repair.client import RepairHelper
 from tether.spawn import Child
 from tether.transport.stream import StreamTransport
 from tether.transport.tap import TapTransport, configure_ipv4, create_tap
+from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
 
 log = logging.getLogger("tether")
 
@@ -86,17 +89,28 @@ def run(config: Config) -> int:
     stack = Stack(loop, config.net)
     port = _Port()
     sink: FrameSink
-    if config.vhost_user:
-        # The vhost-user transport (tether.transport.vhost_user) plugs in here: it
-        # serves config.socket_path and implements frames.FrameSink like the others.
-        raise ConfigError("--vhost-user: the vhost-user transport is not part of this build")
+    server: VhostUserServer | None = None
     child: Child | None = None
+    helper: RepairHelper | None = None
     netns = config.netns
     if netns is None and config.socket_path is None:
         child = Child(config.command or [os.environ.get("SHELL", "/bin/sh")])
         netns = child.netns
     try:
-        if netns is not None:
+        if config.vhost_user:
+            assert config.socket_path is not None
+            if config.repair_path is not None:
+                helper = RepairHelper(config.repair_path)
+                helper.attach(loop)
+                log.info("tether-repair can connect on %s", config.repair_path)
+            handover = Handover(stack, helper, require_repair=config.require_repair,
+                                linger=config.linger, max_size=config.max_state,
+                                listeners=stack.listening_sockets)
+            device = VhostUserNetDevice(loop, port, state=handover)
+            server = VhostUserServer(loop, config.socket_path, device)
+            sink = device
+            log.info("waiting for QEMU on %s (vhost-user)", config.socket_path)
+        elif netns is not None:
             fd = create_tap(netns, config.ifname, config.net.mtu)
             if config.config_net or child is not None:
                 p = config.net
@@ -110,6 +124,8 @@ def run(config: Config) -> int:
     except BaseException:
         if child is not None:
             child.abandon()
+        if helper is not None:
+            helper.close()
         raise
     guest_port: GuestPort = stack
     if config.pcap is not None:
@@ -155,6 +171,10 @@ def run(config: Config) -> int:
                  "%d rewinds", stack.bad_frames, tcp.socket_full, tcp.gaps_from_guest,
                  tcp.rewinds)
         stack.close()
+        if server is not None:
+            server.close()
+        if helper is not None:
+            helper.close()
         if config.pid_file is not None:
             with contextlib.suppress(OSError):
                 os.unlink(config.pid_file)
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.__class__ = _Parser
     ns = parser.parse_args(argv)
+    if ns.print_capabilities:
+        print('{"type": "net"}')  # vhost-user.rst "Back-end program conventions"
+        return 0
     try:
         config = from_args(ns)
         _setup_logging(config)

@@ -39,6 +39,11 @@ class Config:
     pid_file: str | None = None
     command: list[str] = field(default_factory=list)
     config_net: bool = False
+    repair_path: str | None = None
+    """tether-repair's socket (vhost-user only); None: no helper, connections reset."""
+    require_repair: bool = False
+    linger: bool = True
+    max_state: int = 2 << 30
 
 
 def _ipv4(text: str, what: str) -> bytes:
@@ -199,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(4-byte big-endian length before each frame)")
     t.add_argument("--vhost-user", action="store_true",
                    help="serve QEMU over vhost-user on --socket PATH")
+    t.add_argument("--print-capabilities", action="store_true",
+                   help="print the vhost-user back-end capabilities (JSON) and exit")
+    m = p.add_argument_group("live migration (vhost-user)")
+    m.add_argument("--repair-path", metavar="PATH",
+                   help="where tether-repair connects to move TCP connections "
+                        "(default: the --socket path followed by .repair; 'none': no helper, "
+                        "connections are reset by a migration)")
+    m.add_argument("--require-repair", action="store_true",
+                   help="fail a migration, keeping the source running, rather than reset "
+                        "connections when tether-repair is not connected")
+    m.add_argument("--migrate-no-linger", action="store_true",
+                   help="close migrated sockets as soon as they are saved, for a migration "
+                        "between two tether instances on the same host (by default they "
+                        "stay, frozen and silent, until QEMU disconnects)")
+    m.add_argument("--max-state", metavar="BYTES", type=int, default=2 << 30,
+                   help="refuse an incoming migration state larger than this "
+                        "(default 2 GiB)")
     a = p.add_argument_group("addresses (defaults copied from the host's default-route "
                              "interface)")
     a.add_argument("-a", "--address", metavar="ADDR", action="append",
@@ -248,6 +270,19 @@ def from_args(ns: argparse.Namespace) -> Config:
         raise ConfigError("choose one transport: --netns, --socket or --vhost-user")
     if ns.vhost_user and not ns.socket:
         raise ConfigError("--vhost-user needs --socket PATH")
+    migration_options = (ns.repair_path is not None, ns.require_repair, ns.migrate_no_linger)
+    if any(migration_options) and not ns.vhost_user:
+        raise ConfigError("--repair-path, --require-repair and --migrate-no-linger need "
+                          "--vhost-user")
+    if ns.require_repair and ns.repair_path == "none":
+        raise ConfigError("--require-repair with --repair-path none cannot migrate anything")
+    if ns.max_state < 64:
+        raise ConfigError("--max-state: too small for any state")
+    repair_path = None
+    if ns.vhost_user:
+        repair_path = ns.repair_path or f"{ns.socket}.repair"
+        if repair_path == "none":
+            repair_path = None
     if ns.command and modes:
         raise ConfigError("COMMAND runs in a new namespace: not with --netns/--socket")
     if not 68 <= ns.mtu <= 65520:
@@ -330,4 +365,6 @@ def from_args(ns: argparse.Namespace) -> Config:
     return Config(net=params, netns=ns.netns, ifname=ns.ns_ifname, socket_path=ns.socket,
                   vhost_user=ns.vhost_user, pcap=ns.pcap, foreground=ns.foreground,
                   debug=ns.debug, log_file=ns.log_file, pid_file=ns.pid,
-                  command=list(ns.command), config_net=ns.config_net)
+                  command=list(ns.command), config_net=ns.config_net,
+                  repair_path=repair_path, require_repair=ns.require_repair,
+                  linger=not ns.migrate_no_linger, max_state=ns.max_state)

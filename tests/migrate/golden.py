@@ -9,14 +9,18 @@ with the errno, stage and offset recorded in expected.json.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from pathlib import Path
 from typing import Any
 
 from tests.migrate.formats import U32Codec
-from tether.migrate.records import GuestAddresses
+from tether.handover.format import TETHER_FORMAT
+from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.stream import Format, Side, Stage, save
-from tether.migrate.tether_format import GUEST_ADDRESSES, TETHER_FORMAT
+from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.repair.kernel import TcpState
+from tether.repair.record import OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE, TcpConnState
 
 DIRECTORY = Path(__file__).resolve().parent.parent / "data" / "migration"
 
@@ -27,18 +31,45 @@ SEEN = GuestAddresses(
     ipv6_link_local=bytes.fromhex("fe800000000000005054 00fffe123456".replace(" ", "")),
 )
 
+V1 = TETHER_FORMAT.versions[1]
 # A later release that added an optional stage: today's reader must skip it.
 FUTURE_FORMAT = Format(
-    versions={1: (GUEST_ADDRESSES,), 2: (GUEST_ADDRESSES, Stage("future", 200, U32Codec(),
-                                                                optional=True))},
+    versions={1: V1, 2: (*V1, Stage("future", 200, U32Codec(), optional=True))},
     current=2, compat=1)
 # A later release whose stream today's reader must refuse.
-INCOMPATIBLE_FORMAT = Format(versions={1: (GUEST_ADDRESSES,), 5: (GUEST_ADDRESSES,)},
-                             current=5, compat=5)
+INCOMPATIBLE_FORMAT = Format(versions={1: V1, 5: V1}, current=5, compat=5)
 
 
-def _stream(fmt: Format, addresses: GuestAddresses, future: int | None = None) -> bytes:
+def raw_mapped(ipv4: str) -> bytes:
+    return bytes(10) + b"\xff\xff" + socket.inet_aton(ipv4)
+
+
+# One connection the guest opened to a host service, mid-transfer: bytes in
+# flight to the guest (still in the socket's receive queue), bytes the peer has
+# not acknowledged yet and bytes never sent.
+FLOW = TcpFlow(
+    tap=TcpFlowRecord(
+        pif=(PIF_TAP, PIF_HOST),
+        sides=((raw_mapped("10.200.0.1"), raw_mapped("10.200.0.2"), 6000, 40000),
+               (bytes(16), bytes(16), 0, 0)),
+        retries=0, ws_from_tap=7, ws_to_tap=7, events=ESTABLISHED, tap_mss=65480, sndbuf=0,
+        flags=0, seq_dup_ack_approx=0, wnd_from_tap=512, wnd_to_tap=1024,
+        seq_to_tap=0x10000010, seq_ack_from_tap=0x10000008, seq_from_tap=0x20000100,
+        seq_ack_to_tap=0x20000100, seq_init_from_tap=0x20000000),
+    socket=TcpConnState(
+        family=socket.AF_INET, local=("127.0.0.1", 45678), remote=("127.0.0.1", 6000),
+        state=TcpState.ESTABLISHED, options=OPT_TIMESTAMPS | OPT_SACK | OPT_WSCALE,
+        snd_wscale=7, rcv_wscale=7, mss=65483, timestamp=123456, snd_seq=0x30000000,
+        rcv_seq=0x40000000, snd_wl1=0x40000000, snd_wnd=65536, max_window=65536,
+        rcv_wnd=65536, rcv_wup=0x40000000, send_queue=b"sent-unacked|never-sent",
+        unsent_len=10, recv_queue=b"in flight to the guest; then unread"),
+)
+
+
+def _stream(fmt: Format, addresses: GuestAddresses, future: int | None = None,
+            flows: tuple[TcpFlow, ...] = ()) -> bytes:
     sides: dict[str, Side[Any]] = {"guest addresses": Side(save=lambda: addresses),
+                                   "tcp flows": Side(save=lambda: list(flows)),
                                    "future": Side(save=lambda: future)}
     return save(fmt, sides).to_bytes()
 
@@ -51,6 +82,7 @@ def streams() -> dict[str, bytes]:
     return {
         "guest-addresses.valid.bin": seen,
         "nothing-seen.valid.bin": _stream(TETHER_FORMAT, GuestAddresses()),
+        "one-tcp-flow.valid.bin": _stream(TETHER_FORMAT, SEEN, flows=(FLOW,)),
         "future-optional-stage.valid.bin": _stream(FUTURE_FORMAT, SEEN, future=7),
         "truncated.invalid.bin": seen[:40],
         "trailing-bytes.invalid.bin": seen + b"\0",
@@ -64,7 +96,7 @@ def streams() -> dict[str, bytes]:
 
 EXPECTED_ERRORS = {
     "truncated.invalid.bin": ("ENODATA", "guest addresses", 40),
-    "trailing-bytes.invalid.bin": ("EINVAL", "end", 90),
+    "trailing-bytes.invalid.bin": ("EINVAL", "end", 110),
     "corrupt-payload.invalid.bin": ("EBADMSG", "guest addresses", 20),
     "multicast-mac.invalid.bin": ("EINVAL", "guest addresses", 32),
     "incompatible-version.invalid.bin": ("ENOTSUP", "header", 8),

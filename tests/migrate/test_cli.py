@@ -56,7 +56,8 @@ def test_inspect_text_names_every_stage_with_offsets_and_fields() -> None:
     assert "ipv4: 10.200.0.2" in out
     assert "ipv6: fd00:200::2" in out
     assert "ipv6_link_local: fe80::5054:ff:fe12:3456" in out
-    assert "stream is 90 bytes, valid" in out
+    assert "offset 74, 16+4 bytes: tcp flows" in out
+    assert "stream is 110 bytes, valid" in out
 
 
 def test_inspect_json_and_skipped_stages() -> None:
@@ -66,9 +67,21 @@ def test_inspect_json_and_skipped_stages() -> None:
     assert (doc["valid"], doc["version"], doc["compat_version"], doc["read_as_version"]) == \
         (True, 2, 1, 1)
     assert [(r["stage"], r["offset"], r["payload_size"], r["optional"]) for r in doc["records"]] \
-        == [("guest addresses", 16, 42, False), (None, 74, 4, True)]
+        == [("guest addresses", 16, 42, False), ("tcp flows", 74, 4, False), (None, 94, 4, True)]
     assert doc["records"][0]["fields"]["mac"] == "52:54:00:12:34:56"
-    assert doc["size"] == 110
+    assert doc["size"] == 130
+
+
+def test_inspect_decodes_a_tcp_flow() -> None:
+    result = tether_state("inspect", "--json", str(DIRECTORY / "one-tcp-flow.valid.bin"))
+    assert result.returncode == 0, result.stderr
+    flows = json.loads(result.stdout)["records"][1]["fields"]
+    assert len(flows) == 1
+    assert flows[0]["socket"]["local"] == ["127.0.0.1", 45678]
+    assert bytes.fromhex(flows[0]["socket"]["recv_queue"]).startswith(b"in flight")
+    assert flows[0]["tap"]["seq_to_tap"] == 0x10000010
+    text = tether_state("inspect", str(DIRECTORY / "one-tcp-flow.valid.bin")).stdout
+    assert "[0].socket.unsent_len: 10" in text
 
 
 def test_inspect_invalid_shows_what_was_read_and_the_error() -> None:
@@ -76,9 +89,9 @@ def test_inspect_invalid_shows_what_was_read_and_the_error() -> None:
     assert result.returncode == 1
     doc = json.loads(result.stdout)
     assert doc["valid"] is False
-    assert [r["stage"] for r in doc["records"]] == ["guest addresses"]
+    assert [r["stage"] for r in doc["records"]] == ["guest addresses", "tcp flows"]
     assert doc["error"]["name"] == "EINVAL"
-    assert doc["error"]["offset"] == 90
+    assert doc["error"]["offset"] == 110
 
 
 def test_missing_file_and_bad_usage(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from tests.migrate.formats import THREE_STAGES, LiveState
 from tests.migrate.test_stream import three_stage_stream
+from tether.handover.format import TETHER_FORMAT
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import StreamParser, apply_loaded, parse, save
-from tether.migrate.tether_format import TETHER_FORMAT
 
 VALID = three_stage_stream(blob=bytes(range(200)))
 DOCUMENTED = {errno.EINVAL, errno.ENOTSUP, errno.ENODATA, errno.EFBIG, errno.EBADMSG}

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from tests.migrate.golden import DIRECTORY, SEEN, streams
+from tether.handover.format import TETHER_FORMAT
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import parse
-from tether.migrate.tether_format import TETHER_FORMAT
 
 EXPECTED = json.loads((DIRECTORY / "expected.json").read_text())
 

@@ -6,8 +6,9 @@ import errno
 
 import pytest
 
+from tether.handover.records import GuestAddresses, GuestAddressesCodec
 from tether.migrate.errors import MigrationError
-from tether.migrate.records import FixedRecords, GuestAddresses, GuestAddressesCodec
+from tether.migrate.records import FixedRecords
 
 
 def payload(codec_output: object) -> memoryview:

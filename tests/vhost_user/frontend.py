@@ -67,6 +67,9 @@ class RecordingState:
     def rings_stopped(self) -> None:
         self.stopped += 1
 
+    def front_end_gone(self) -> None:
+        pass
+
 
 class Guest:
     """The guest's view: memory and the split rings of queue 0 (RX) and 1 (TX)."""

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tether.handover.format import TETHER_FORMAT
 from tether.migrate.errors import MigrationError
 from tether.migrate.fdio import read_stream
 from tether.migrate.stream import (
@@ -33,7 +34,6 @@ from tether.migrate.stream import (
     Record,
     StreamParser,
 )
-from tether.migrate.tether_format import TETHER_FORMAT
 
 EXIT_VALID = 0
 EXIT_INVALID = 1

@@ -312,6 +312,10 @@ class Stack:
         if self.addrs.mac is not None:
             self.output.guest_mac = self.addrs.mac
 
+    def listening_sockets(self) -> list[socket.socket]:
+        """The host sockets of inbound -t/-u forwarding."""
+        return list(self._listeners)
+
     def dump_tcp_flows(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
         """Established TCP connections: (record, host socket) for each."""
         return self.tcp.dump()

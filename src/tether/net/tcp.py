@@ -784,8 +784,15 @@ class TcpTranslator:
                             lambda ev: self._sock_event(conn, ev))
         if in_flight:
             self._arm(conn, ACK_TIMEOUT)
-        self.stack.loop.call_soon(lambda: self._push(conn) if conn.sock.fileno() >= 0
-                                  else None)
+        def resume() -> None:
+            if conn.sock.fileno() < 0:
+                return
+            # Segments the guest sent while the connection moved are lost: a
+            # duplicate ACK with the window tells it where to resume at once.
+            self._control(conn, wtcp.ACK)
+            self._push(conn)
+
+        self.stack.loop.call_soon(resume)
         return conn
 
 

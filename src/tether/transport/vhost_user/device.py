@@ -77,6 +77,10 @@ class DeviceStateHandler(Protocol):
         """All rings stopped (GET_VRING_BASE): the device is suspended."""
         ...
 
+    def front_end_gone(self) -> None:
+        """QEMU disconnected: on a source after a save, the migration succeeded."""
+        ...
+
 
 class _Transfer:
     """One SET_DEVICE_STATE_FD transfer in progress."""
@@ -183,6 +187,8 @@ class VhostUserNetDevice:
         self._reader.close()
         self._teardown()
         self._reset()
+        if self.state is not None:
+            self.state.front_end_gone()
 
     # -- the socket -------------------------------------------------------------
 

@@ -204,3 +204,6 @@ class Responder:
 
     def rings_stopped(self) -> None:
         log.info("responder: rings stopped")
+
+    def front_end_gone(self) -> None:
+        pass

@@ -7,14 +7,16 @@ must be bumped), and add golden streams for the new version.
 
 from __future__ import annotations
 
-from tether.migrate.records import GuestAddressesCodec
+from tether.handover.records import GuestAddressesCodec, TcpFlowsCodec
 from tether.migrate.stream import Format, Stage
 
 GUEST_ADDRESSES = Stage("guest addresses", 1, GuestAddressesCodec())
+FREEZE_TCP: Stage[None] = Stage("freeze tcp", 2)
+TCP_FLOWS = Stage("tcp flows", 3, TcpFlowsCodec())
 
 TETHER_FORMAT = Format(
     versions={
-        1: (GUEST_ADDRESSES,),
+        1: (GUEST_ADDRESSES, FREEZE_TCP, TCP_FLOWS),
     },
     current=1,
     compat=1,

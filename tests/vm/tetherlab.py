@@ -1,0 +1,137 @@
+"""tether itself under a real VM: a host network namespace, tether processes,
+tether-repair helpers and host-side tstream peers.
+
+The "host" is a network namespace the test creates, set up like the lab in
+shared/reference/lab-results.md: veth0 with 10.200.0.2/24 and fd00:200::2/64,
+default routes via .1 and ::1, its peer a dead end.  tether copies that
+configuration for the guest and maps the gateway to the namespace's loopback,
+where the host-side peers listen.  Nothing outside the namespace is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import pattern
+from .harness import wait_for
+
+HOST_ADDR = "10.200.0.2"
+GATEWAY = "10.200.0.1"
+HOST_ADDR6 = "fd00:200::2"
+SRC = Path(__file__).resolve().parents[2] / "src"
+_names = itertools.count()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def host_namespace(prefix: str = "tvm") -> Iterator[str]:
+    """A namespace configured like a host whose default route is veth0."""
+    name = f"{prefix}{os.getpid()}x{next(_names)}"
+    peer = f"{name}p"[:15]
+    _ip("netns", "add", name)
+    try:
+        _ip("link", "add", "veth0", "netns", name, "type", "veth", "peer", "name", peer)
+        _ip("link", "set", peer, "up")
+        ns = ["-n", name]
+        _ip(*ns, "link", "set", "lo", "up")
+        _ip(*ns, "link", "set", "veth0", "up")
+        _ip(*ns, "addr", "add", f"{HOST_ADDR}/24", "dev", "veth0")
+        _ip(*ns, "addr", "add", f"{HOST_ADDR6}/64", "dev", "veth0", "nodad")
+        _ip(*ns, "route", "add", "default", "via", GATEWAY)
+        _ip(*ns, "-6", "route", "add", "default", "via", "fd00:200::1")
+        # A new namespace forbids ping sockets ("1 0"); tether answers the
+        # guest's pings through them, as any unprivileged user's ping would.
+        subprocess.run(in_ns(name, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"),
+                       check=True, capture_output=True, timeout=30)
+        yield name
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip("link", "del", peer)
+        _ip("netns", "del", name)
+
+
+def in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+class Process:
+    """A long-running process whose output goes to a log file."""
+
+    def __init__(self, cmd: Sequence[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        env = dict(os.environ, PYTHONPATH=str(SRC))
+        self.proc = subprocess.Popen(list(cmd), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30.0, count: int = 1) -> None:
+        regex = re.compile(pattern)
+        wait_for(lambda: len(regex.findall(self.text())) >= count or self.proc.poll() is not None,
+                 timeout, f"/{pattern}/ x{count} in {self.log_path.name}:\n{self.text()[-3000:]}")
+        if len(regex.findall(self.text())) < count:
+            raise AssertionError(f"{self.log_path.name}: exited ({self.proc.returncode}) before "
+                                 f"/{pattern}/:\n{self.text()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, signum: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.text()
+
+
+class Tether(Process):
+    """`tether --vhost-user --socket PATH` inside a host namespace."""
+
+    def __init__(self, workdir: Path, name: str, ns: str, *extra: str) -> None:
+        self.socket = workdir / f"{name}.sock"
+        self.repair_path = Path(f"{self.socket}.repair")
+        cmd = in_ns(ns, sys.executable, "-m", "tether.cli", "--vhost-user", "--socket",
+                    str(self.socket), "-f", "-d", *extra)
+        super().__init__(cmd, workdir / f"{name}.log")
+        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
+                 f"{name} socket")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"tether {name} exited:\n{self.text()}")
+
+
+class Helper(Process):
+    """tether-repair, privileged, connected to a tether's repair socket."""
+
+    def __init__(self, workdir: Path, name: str, tether: Tether) -> None:
+        super().__init__([sys.executable, "-m", "tether.repair.helper", str(tether.repair_path)],
+                         workdir / f"{name}.log")
+
+
+class Peer(Process):
+    """A host-side tstream inside the host namespace."""
+
+    def __init__(self, workdir: Path, name: str, ns: str, tstream: Path, *args: str) -> None:
+        super().__init__(in_ns(ns, str(tstream), *args), workdir / f"{name}.log")
+
+    def result(self, timeout: float = 120.0) -> dict[str, str]:
+        """The peer's final TSTREAM line, once it has exited."""
+        self.proc.wait(timeout)
+        self._log.close()
+        return pattern.parse_result(self.text())
