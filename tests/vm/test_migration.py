@@ -229,3 +229,43 @@ def test_require_repair_on_the_target_fails_the_migration_instead(lab: Lab) -> N
     assert info["status"] == "failed", f"{info}\n{lab.logs()}"
     t2.wait_log(r"no tether-repair helper connected")
     check_streams(lab, streams, vm1)
+
+
+@pytest.mark.vm
+def test_cancelled_migration_leaves_the_source_running(lab: Lab) -> None:
+    """migrate_cancel while RAM is still being copied: the source never froze."""
+    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
+    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
+    vm1 = lab.vm("vm1", t1)
+    vm2 = lab.vm("vm2", t2, incoming=True)
+    streams = start_streams(lab, vm1)
+    vm1.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 20})  # minutes for the RAM
+    vm1.qmp("migrate", uri=f"unix:{lab.work}/{vm2.name}.migrate")
+    wait_for(lambda: vm1.qmp("query-migrate").get("ram", {}).get("transferred", 0) > 0, 30,
+             "RAM to start moving")
+    vm1.qmp("migrate_cancel")
+    wait_for(lambda: vm1.qmp("query-migrate").get("status") == "cancelled", 30,
+             "the cancel to take effect")
+    check_streams(lab, streams, vm1)
+    assert "migration: state saved" not in t1.text(), lab.logs()
+
+
+@pytest.mark.vm
+def test_ping_pong_keeps_the_same_connections(lab: Lab) -> None:
+    """A -> B -> A -> B with the same two streams, each tether a target again."""
+    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
+    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
+    vms = [lab.vm("vm1", t1), lab.vm("vm2", t2, incoming=True)]
+    streams = start_streams(lab, vms[0])
+    tethers = [t1, t2]
+    for hop in range(3):
+        source, target = vms[-2], vms[-1]
+        info = migrate(lab, source, target)
+        assert info["status"] == "completed", f"hop {hop}: {info}\n{lab.logs()}"
+        source.close()  # as libvirt does: the source tether commits, and can serve again
+        tethers[hop % 2].wait_log("migration complete: migrated 2 TCP connections",
+                                  count=hop // 2 + 1)
+        if hop < 2:
+            vms.append(lab.vm(f"vm{hop + 3}", tethers[hop % 2], incoming=True))
+    check_streams(lab, streams, vms[-1])
+    assert len(re.findall("resumed 2 of 2 TCP connections", t1.text() + t2.text())) == 3
