@@ -1,0 +1,159 @@
+"""A live-migration lab on one host: two tethers with their helpers, VMs,
+and checked streams both ways.  Used by tests/vm/test_migration.py and by
+the demo (demo/migrate_vm.py).
+
+One host namespace holds both tethers, each with its tether-repair helper;
+the source VM runs on one, the target VM waits with -incoming on the other.
+Two checked streams run while QEMU migrates: guest -> host (the guest
+connects to the gateway, i.e. the namespace's loopback) and host -> guest (a
+host peer connects to the source tether's -t port).  tstream on both ends
+checks every byte against its pattern and reports a reset as an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import pattern
+from .guest import DHCP_ARG, GuestImage
+from .harness import Vm, wait_for
+from .tetherlab import Helper, Peer, Tether
+
+STREAM_SECONDS = 12
+RATE = "512K"  # per stream: slow enough to outlast the migration under TCG
+IDLE_LIMIT = "8"  # a stream that stalls this long fails: lost connections fail fast
+UP_PORT = 6000  # host service the guest connects to
+DOWN_PORT = 5001  # tether 1's -t port, where a host peer reaches the guest
+UP_SEED = 7
+DOWN_SEED = 9
+
+
+@dataclass
+class Lab:
+    work: Path
+    ns: str
+    tstream: Path
+    guest: GuestImage
+    processes: list[Tether | Helper | Peer] = field(default_factory=list)
+    vms: list[Vm] = field(default_factory=list)
+
+    def tether(self, name: str, *extra: str, helper: bool = True) -> Tether:
+        t = Tether(self.work, name, self.ns, *extra)
+        self.processes.append(t)
+        if helper:
+            h = Helper(self.work, f"{name}-helper", t)
+            self.processes.append(h)
+            t.wait_log("repair helper pid \\d+ connected")
+        return t
+
+    def vm(self, name: str, tether: Tether, incoming: bool = False) -> Vm:
+        vm = Vm(self.work, name, tether.socket, self.guest, kernel_args=[DHCP_ARG],
+                incoming=f"unix:{self.work}/{name}.migrate" if incoming else None)
+        self.vms.append(vm)
+        return vm
+
+    def peer(self, name: str, *args: str) -> Peer:
+        p = Peer(self.work, name, self.ns, self.tstream, *args)
+        self.processes.append(p)
+        return p
+
+    def logs(self) -> str:
+        out = []
+        for p in self.processes:
+            if isinstance(p, Tether):
+                lines = [line for line in p.text().splitlines() if "flags=" not in line]
+                out.append(f"--- {p.log_path.name}\n" + "\n".join(lines[-40:]))
+        return "\n".join(out)
+
+
+@dataclass
+class Streams:
+    up: Peer
+    down: Peer
+    progress: Path
+
+    def bytes_so_far(self) -> tuple[int, int]:
+        """(guest -> host bytes received, host -> guest bytes sent) by the host peers."""
+        return (_progress(self.progress), _progress(self.progress.with_name("down.progress")))
+
+
+def _progress(path: Path) -> int:
+    try:
+        return int(path.read_text().split("bytes=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_ok(vm: Vm, command: str, timeout: float = 60.0) -> str:
+    status, out = vm.console.run(command, timeout)
+    assert status == 0, out
+    return out
+
+
+def start_streams(lab: Lab, vm: Vm) -> Streams:
+    """One stream each way, flowing for STREAM_SECONDS at RATE."""
+    vm.wait_booted()
+    run_ok(vm, "ping -c 1 -W 5 10.200.0.1")
+    progress = lab.work / "up.progress"
+    up = lab.peer("up", "-t", IDLE_LIMIT, "-p", str(progress), "serve", str(UP_PORT), "recv",
+                  str(UP_SEED))
+    up.wait_log("TSTREAM listening")
+    run_ok(vm, f"tstream -r {RATE} -d {STREAM_SECONDS} -t {IDLE_LIMIT} send 10.200.0.1 "
+               f"{UP_PORT} 0 {UP_SEED} >/tmp/up.out 2>&1 & true")
+    run_ok(vm, f"tstream -t {IDLE_LIMIT} serve {DOWN_PORT} recv {DOWN_SEED} "
+               ">/tmp/down.out 2>/tmp/down.err & true")
+    run_ok(vm, "until grep -q listening /tmp/down.err; do usleep 20000; done")
+    down = lab.peer("down", "-p", str(lab.work / "down.progress"), "-r", RATE,
+                    "-d", str(STREAM_SECONDS), "-t", IDLE_LIMIT, "send",
+                    "127.0.0.1", str(DOWN_PORT), "0", str(DOWN_SEED))
+    # Both streams carry data before anything else happens.
+    wait_for(lambda: _progress(progress) > 256 * 1024, 30, "the guest->host stream to get going")
+    return Streams(up, down, progress)
+
+
+@dataclass
+class StreamResults:
+    up: dict[str, str]
+    """The host's end of the guest -> host stream."""
+    guest_up: dict[str, str]
+    down: dict[str, str]
+    """The host's end of the host -> guest stream."""
+    guest_down: dict[str, str]
+
+
+def stream_results(streams: Streams, vm: Vm) -> StreamResults:
+    """Both streams' final lines, from both ends, once they have ended."""
+    up = streams.up.result(STREAM_SECONDS * 4)
+    down = streams.down.result(STREAM_SECONDS * 4)
+    run_ok(vm, "wait; true", STREAM_SECONDS * 4)  # the results are in the files
+    return StreamResults(up, pattern.parse_result(run_ok(vm, "cat /tmp/up.out")), down,
+                         pattern.parse_result(run_ok(vm, "cat /tmp/down.out")))
+
+
+def check_streams(lab: Lab, streams: Streams, vm: Vm) -> None:
+    """Both ends of both streams saw every byte, once, in order, and no reset."""
+    r = stream_results(streams, vm)
+    up, guest_up, down, guest_down = r.up, r.guest_up, r.down, r.guest_down
+    context = f"\nup {up} / {guest_up}\ndown {down} / {guest_down}\n{lab.logs()}"
+    assert up["result"] == "ok" and guest_up["result"] == "sent", context
+    assert up["bytes"] == guest_up["bytes"], context
+    assert down["result"] == "sent" and guest_down["result"] == "ok", context
+    assert down["bytes"] == guest_down["bytes"], context
+    assert int(up["bytes"]) > 1 << 20 and int(down["bytes"]) > 1 << 20, context
+
+
+def migrate(lab: Lab, source: Vm, target: Vm) -> dict[str, object]:
+    # With a return path the source hears of a target that failed to load,
+    # and resumes the VM itself (libvirt enables it too).
+    for vm in (source, target):
+        vm.qmp("migrate-set-capabilities",
+               capabilities=[{"capability": "return-path", "state": True}])
+    source.qmp("migrate", uri=f"unix:{lab.work}/{target.name}.migrate")
+    wait_for(lambda: source.qmp("query-migrate").get("status") in ("completed", "failed",
+                                                                   "cancelled"),
+             120, "the migration to end")
+    info: dict[str, object] = source.qmp("query-migrate")
+    return info
+
+
