@@ -86,7 +86,7 @@ class TcpFlow:
 class TcpFlowsCodec:
     """docs/migration-format.md section 6.3: count u32, then per flow a 68-byte
     guest-side record followed by the socket's TCP state record (its layout:
-    docs/tcp-state-format.md, 88 bytes plus the queued data)."""
+    docs/migration-format.md section 6.4, 88 bytes plus the queued data)."""
 
     COUNT = struct.Struct(">I")
     TAP = struct.Struct(">BBBBBBHHHHH16s16sIIIII")

@@ -1,6 +1,6 @@
 """The TCP connection state record and its binary encoding (sans-IO).
 
-The encoding is specified byte by byte in docs/tcp-state-format.md; the
+The encoding is specified byte by byte in docs/migration-format.md 6.4; the
 layout below is the only place that declares it.  Everything is network byte
 order.  Addresses travel as 16 bytes, IPv4 as IPv4-mapped IPv6
 (::ffff:a.b.c.d), like passt's `union inany_addr`, so a record converts to
@@ -18,7 +18,7 @@ from tether.repair.kernel import MIGRATABLE, WSCALE_MAX, TcpState
 
 FORMAT_VERSION = 1
 
-# docs/tcp-state-format.md, "Fixed part".
+# docs/migration-format.md 6.4, "Fixed part".
 _FIXED = struct.Struct(
     "!"
     "B"  # 0  version
