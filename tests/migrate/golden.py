@@ -19,6 +19,7 @@ from tether.handover.format import TETHER_FORMAT
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.stream import Format, Side, Stage, save
 from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.net.udp import UdpFlowRecord
 from tether.repair.kernel import TcpState
 from tether.repair.record import OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE, TcpConnState
 
@@ -66,10 +67,16 @@ FLOW = TcpFlow(
 )
 
 
+UDP_FLOW = UdpFlowRecord(inbound=False, guest_addr=socket.inet_aton("10.200.0.2"),
+                         guest_port=5353, remote_addr=socket.inet_aton("10.200.0.1"),
+                         remote_port=53, local=("0.0.0.0", 40001), peer=("127.0.0.1", 53))
+
+
 def _stream(fmt: Format, addresses: GuestAddresses, future: int | None = None,
-            flows: tuple[TcpFlow, ...] = ()) -> bytes:
+            flows: tuple[TcpFlow, ...] = (), udp: tuple[UdpFlowRecord, ...] = ()) -> bytes:
     sides: dict[str, Side[Any]] = {"guest addresses": Side(save=lambda: addresses),
                                    "tcp flows": Side(save=lambda: list(flows)),
+                                   "udp flows": Side(save=lambda: list(udp)),
                                    "future": Side(save=lambda: future)}
     return save(fmt, sides).to_bytes()
 
@@ -83,6 +90,8 @@ def streams() -> dict[str, bytes]:
         "guest-addresses.valid.bin": seen,
         "nothing-seen.valid.bin": _stream(TETHER_FORMAT, GuestAddresses()),
         "one-tcp-flow.valid.bin": _stream(TETHER_FORMAT, SEEN, flows=(FLOW,)),
+        "tcp-and-udp-flows.valid.bin": _stream(TETHER_FORMAT, SEEN, flows=(FLOW,),
+                                               udp=(UDP_FLOW,)),
         "future-optional-stage.valid.bin": _stream(FUTURE_FORMAT, SEEN, future=7),
         "truncated.invalid.bin": seen[:40],
         "trailing-bytes.invalid.bin": seen + b"\0",
@@ -96,7 +105,7 @@ def streams() -> dict[str, bytes]:
 
 EXPECTED_ERRORS = {
     "truncated.invalid.bin": ("ENODATA", "guest addresses", 40),
-    "trailing-bytes.invalid.bin": ("EINVAL", "end", 110),
+    "trailing-bytes.invalid.bin": ("EINVAL", "end", 130),
     "corrupt-payload.invalid.bin": ("EBADMSG", "guest addresses", 20),
     "multicast-mac.invalid.bin": ("EINVAL", "guest addresses", 32),
     "incompatible-version.invalid.bin": ("ENOTSUP", "header", 8),

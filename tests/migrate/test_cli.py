@@ -57,7 +57,8 @@ def test_inspect_text_names_every_stage_with_offsets_and_fields() -> None:
     assert "ipv6: fd00:200::2" in out
     assert "ipv6_link_local: fe80::5054:ff:fe12:3456" in out
     assert "offset 74, 16+4 bytes: tcp flows" in out
-    assert "stream is 110 bytes, valid" in out
+    assert "offset 94, 16+4 bytes: udp flows" in out
+    assert "stream is 130 bytes, valid" in out
 
 
 def test_inspect_json_and_skipped_stages() -> None:
@@ -67,9 +68,10 @@ def test_inspect_json_and_skipped_stages() -> None:
     assert (doc["valid"], doc["version"], doc["compat_version"], doc["read_as_version"]) == \
         (True, 2, 1, 1)
     assert [(r["stage"], r["offset"], r["payload_size"], r["optional"]) for r in doc["records"]] \
-        == [("guest addresses", 16, 42, False), ("tcp flows", 74, 4, False), (None, 94, 4, True)]
+        == [("guest addresses", 16, 42, False), ("tcp flows", 74, 4, False),
+            ("udp flows", 94, 4, False), (None, 114, 4, True)]
     assert doc["records"][0]["fields"]["mac"] == "52:54:00:12:34:56"
-    assert doc["size"] == 130
+    assert doc["size"] == 150
 
 
 def test_inspect_decodes_a_tcp_flow() -> None:
@@ -84,14 +86,24 @@ def test_inspect_decodes_a_tcp_flow() -> None:
     assert "[0].socket.unsent_len: 10" in text
 
 
+def test_inspect_decodes_a_udp_flow() -> None:
+    result = tether_state("inspect", "--json", str(DIRECTORY / "tcp-and-udp-flows.valid.bin"))
+    assert result.returncode == 0, result.stderr
+    udp = json.loads(result.stdout)["records"][2]["fields"]
+    assert udp == [{"inbound": False, "guest_addr": "0ac80002", "guest_port": 5353,
+                    "remote_addr": "0ac80001", "remote_port": 53, "local": ["0.0.0.0", 40001],
+                    "peer": ["127.0.0.1", 53]}]
+
+
 def test_inspect_invalid_shows_what_was_read_and_the_error() -> None:
     result = tether_state("inspect", "--json", str(DIRECTORY / "trailing-bytes.invalid.bin"))
     assert result.returncode == 1
     doc = json.loads(result.stdout)
     assert doc["valid"] is False
-    assert [r["stage"] for r in doc["records"]] == ["guest addresses", "tcp flows"]
+    assert [r["stage"] for r in doc["records"]] == ["guest addresses", "tcp flows",
+                                                     "udp flows"]
     assert doc["error"]["name"] == "EINVAL"
-    assert doc["error"]["offset"] == 110
+    assert doc["error"]["offset"] == 130
 
 
 def test_missing_file_and_bad_usage(tmp_path: Path) -> None:

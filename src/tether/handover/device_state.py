@@ -45,6 +45,7 @@ from tether.net.addresses import RECORD as ADDRESS_RECORD
 from tether.net.flows import TableFull
 from tether.net.stack import Stack
 from tether.net.tcp import TcpFlowRecord
+from tether.net.udp import UdpFlowRecord
 from tether.repair import kernel as repair_kernel
 from tether.repair import tcp as repair
 from tether.repair.client import RepairHelper
@@ -85,6 +86,8 @@ class _Incoming:
     """A target's restored connections, in repair mode, until the rings start."""
 
     flows: list[tuple[TcpFlowRecord, socket.socket, TcpConnState]] = field(default_factory=list)
+    udp: list[UdpFlowRecord] = field(default_factory=list)
+    """Re-created when the rings start: a UDP socket takes no repair mode to stay quiet."""
 
 
 class Handover:
@@ -117,6 +120,7 @@ class Handover:
             "freeze tcp": Side(save=lambda: self._freeze(outgoing),
                                undo=lambda: self._unfreeze(outgoing)),
             "tcp flows": Side(save=lambda: self._dump(outgoing)),
+            "udp flows": Side(save=self.stack.dump_udp_flows),
         }
         try:
             saved = save(TETHER_FORMAT, sides)
@@ -249,6 +253,8 @@ class Handover:
                                 local, exc)
             sock.close()
         outgoing.released = True
+        # The target re-creates the UDP flows on the same ports: let go of them.
+        self.stack.forget_udp_flows()
 
     def _commit_source(self) -> None:
         outgoing = self._outgoing
@@ -290,6 +296,7 @@ class Handover:
                 "guest addresses": Side(apply=lambda seen: self._apply_addresses(seen,
                                                                                  previous)),
                 "tcp flows": Side(apply=lambda flows: self._restore(flows, incoming)),
+                "udp flows": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
             }
             apply_loaded(TETHER_FORMAT, loaded, sides)
         except MigrationError as exc:
@@ -341,6 +348,28 @@ class Handover:
         return undo
 
     @staticmethod
+    def _keep_udp(flows: list[UdpFlowRecord] | None, incoming: _Incoming) -> Callable[[], None]:
+        incoming.udp = list(flows or ())
+
+        def undo() -> None:
+            incoming.udp = []
+
+        return undo
+
+    def _restore_udp(self, flows: list[UdpFlowRecord]) -> int:
+        restored = 0
+        for record in flows:
+            try:
+                self.stack.restore_udp_flow(record)
+                restored += 1
+            except (OSError, ValueError, TableFull) as exc:
+                # UDP may lose datagrams: the flow re-forms, from another port, on the
+                # guest's next datagram.
+                log.warning("migration: UDP flow %s -> %s not re-created: %s", record.local,
+                            record.peer, exc)
+        return restored
+
+    @staticmethod
     def _close_incoming(incoming: _Incoming) -> None:
         for _, sock, _ in incoming.flows:
             sock.close()  # still in repair mode: silent
@@ -358,6 +387,9 @@ class Handover:
         self._incoming = None
         if incoming is None:
             return
+        udp = self._restore_udp(incoming.udp)
+        if udp or incoming.udp:
+            log.info("migration: %d of %d UDP flows re-created", udp, len(incoming.udp))
         if not incoming.flows:
             self.last_result = "resumed with no TCP connections"
             log.info("migration: guest resumed here, no TCP connections to resume")

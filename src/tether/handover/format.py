@@ -7,16 +7,17 @@ must be bumped), and add golden streams for the new version.
 
 from __future__ import annotations
 
-from tether.handover.records import GuestAddressesCodec, TcpFlowsCodec
+from tether.handover.records import GuestAddressesCodec, TcpFlowsCodec, UdpFlowsCodec
 from tether.migrate.stream import Format, Stage
 
 GUEST_ADDRESSES = Stage("guest addresses", 1, GuestAddressesCodec())
 FREEZE_TCP: Stage[None] = Stage("freeze tcp", 2)
 TCP_FLOWS = Stage("tcp flows", 3, TcpFlowsCodec())
+UDP_FLOWS = Stage("udp flows", 4, UdpFlowsCodec())
 
 TETHER_FORMAT = Format(
     versions={
-        1: (GUEST_ADDRESSES, FREEZE_TCP, TCP_FLOWS),
+        1: (GUEST_ADDRESSES, FREEZE_TCP, TCP_FLOWS, UDP_FLOWS),
     },
     current=1,
     compat=1,

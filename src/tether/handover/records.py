@@ -16,6 +16,7 @@ from tether.migrate.errors import MigrationError
 from tether.migrate.records import expect_size
 from tether.migrate.stream import Buffer
 from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.net.udp import UdpFlowRecord
 from tether.repair import record as tcp_record
 from tether.repair.record import TcpConnState
 
@@ -181,3 +182,71 @@ class TcpFlowsCodec:
 def raw_v4(address: bytes) -> bytes | None:
     """The IPv4 address inside an IPv4-mapped IPv6 address, if it is one."""
     return address[12:] if address[:12] == bytes(10) + b"\xff\xff" else None
+
+
+def _raw(address: bytes) -> bytes:
+    """4 or 16 bytes on the wire -> 16 bytes in the stream (IPv4-mapped)."""
+    return address if len(address) == 16 else bytes(10) + b"\xff\xff" + address
+
+
+def _host(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed if ":" in text else _raw(
+        ipaddress.IPv4Address(text).packed)
+
+
+def _host_text(raw: bytes) -> str:
+    v4 = raw_v4(raw)
+    return str(ipaddress.IPv4Address(v4)) if v4 is not None else str(ipaddress.IPv6Address(raw))
+
+
+class UdpFlowsCodec:
+    """docs/migration-format.md section 6.5: count u32, then 76-byte records."""
+
+    COUNT = struct.Struct(">I")
+    RECORD = struct.Struct(">BBHHHHH16s16s16s16s")
+
+    def encode(self, value: Sequence[UdpFlowRecord]) -> Sequence[Buffer]:
+        out = bytearray(self.COUNT.size + self.RECORD.size * len(value))
+        self.COUNT.pack_into(out, 0, len(value))
+        offset = self.COUNT.size
+        for f in value:
+            self.RECORD.pack_into(out, offset, int(f.inbound), 0, f.guest_port, f.remote_port,
+                                  f.local[1], f.peer[1], 0, _raw(f.guest_addr),
+                                  _raw(f.remote_addr), _host(f.local[0]), _host(f.peer[0]))
+            offset += self.RECORD.size
+        return [out]
+
+    def decode(self, payload: memoryview) -> list[UdpFlowRecord]:
+        if payload.nbytes < self.COUNT.size:
+            raise MigrationError(errno.EINVAL, "expected a flow count, found "
+                                 f"{payload.nbytes} bytes", offset=0)
+        (count,) = self.COUNT.unpack_from(payload)
+        expected = self.COUNT.size + count * self.RECORD.size
+        if payload.nbytes != expected:
+            raise MigrationError(errno.EINVAL, f"expected {count} UDP flows in {expected} "
+                                 f"bytes, found {payload.nbytes}", offset=0)
+        out = []
+        for i in range(count):
+            offset = self.COUNT.size + i * self.RECORD.size
+            (inbound, reserved, guest_port, remote_port, local_port, peer_port, reserved2,
+             guest, remote, local, peer) = self.RECORD.unpack_from(payload, offset)
+            if inbound > 1 or reserved or reserved2:
+                raise MigrationError(errno.EINVAL, "expected direction 0 or 1 and zero "
+                                     "reserved fields", offset=offset)
+            if (raw_v4(guest) is None) != (raw_v4(remote) is None):
+                raise MigrationError(errno.EINVAL, "guest and remote addresses mix IPv4 and "
+                                     "IPv6", offset=offset + 12)
+            for name, raw, where in (("guest", guest, 12), ("remote", remote, 28),
+                                     ("peer", peer, 60)):
+                address = ipaddress.IPv6Address(raw)
+                if address.is_unspecified or address.is_multicast:
+                    raise MigrationError(errno.EINVAL, f"expected a unicast {name} address, "
+                                         f"found {address}", offset=offset + where)
+            if 0 in (guest_port, remote_port, local_port, peer_port):
+                raise MigrationError(errno.EINVAL, "expected non-zero ports", offset=offset + 2)
+            v4 = raw_v4(guest)
+            out.append(UdpFlowRecord(bool(inbound), v4 if v4 is not None else guest, guest_port,
+                                     raw_v4(remote) or remote, remote_port,
+                                     (_host_text(local), local_port),
+                                     (_host_text(peer), peer_port)))
+        return out

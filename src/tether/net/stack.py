@@ -26,7 +26,7 @@ from tether.net.icmp import IcmpTranslator
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams
 from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
-from tether.net.udp import UdpTranslator
+from tether.net.udp import UdpFlowRecord, UdpTranslator
 from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,20 @@ class Stack:
     def listening_sockets(self) -> list[socket.socket]:
         """The host sockets of inbound -t/-u forwarding."""
         return list(self._listeners)
+
+    def dump_udp_flows(self) -> list[UdpFlowRecord]:
+        return self.udp.dump()
+
+    def forget_udp_flows(self) -> int:
+        """Close the UDP flows that own a socket; returns how many."""
+        return self.udp.forget_outbound()
+
+    def restore_udp_flow(self, record: UdpFlowRecord) -> None:
+        """Re-create a UDP flow with its host ports; OSError/ValueError/TableFull
+        leave nothing behind."""
+        forwarded = {s.getsockname()[1]: s for s in self._listeners
+                     if s.type == socket.SOCK_DGRAM}
+        self.udp.restore(record, forwarded)
 
     def dump_tcp_flows(self) -> list[tuple[TcpFlowRecord, socket.socket]]:
         """Established TCP connections: (record, host socket) for each."""

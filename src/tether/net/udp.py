@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tether import loop as evloop
@@ -23,6 +24,22 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 65535 - ipv4.HLEN - udp.HLEN
+
+
+@dataclass(frozen=True)
+class UdpFlowRecord:
+    """One UDP flow, enough to re-create it with the same ports elsewhere."""
+
+    inbound: bool
+    """A host peer started it through a -u port (its socket is that port's)."""
+    guest_addr: bytes  # 4 or 16 bytes, as on the wire
+    guest_port: int
+    remote_addr: bytes  # as the guest sees it
+    remote_port: int
+    local: tuple[str, int]
+    """The host socket's own address and port."""
+    peer: tuple[str, int]
+    """The host-side remote: where datagrams from the guest go."""
 
 
 class UdpFlow:
@@ -162,3 +179,58 @@ class UdpTranslator:
             assert isinstance(flow, UdpFlow)
             self._to_guest(flow, frame, n)
         stack.sink_flush()
+
+    # -- migration -----------------------------------------------------------
+
+    def dump(self) -> list[UdpFlowRecord]:
+        out = []
+        for flow in self.stack.flows:
+            if not isinstance(flow, UdpFlow):
+                continue
+            _, guest, gport, remote, rport = flow.key
+            try:
+                local = flow.sock.getsockname()[:2]
+                peer = flow.peer or flow.sock.getpeername()[:2]
+            except OSError:
+                continue  # the socket lost its remote: nothing to carry
+            out.append(UdpFlowRecord(flow.peer is not None, guest, gport, remote, rport,
+                                     (local[0], local[1]), (peer[0], peer[1])))
+        return out
+
+    def forget_outbound(self) -> int:
+        """Close every flow that owns its socket, so another instance can take its port."""
+        flows = [f for f in self.stack.flows if isinstance(f, UdpFlow) and f.owns_socket]
+        for flow in flows:
+            self.stack.flows.remove(flow)
+        return len(flows)
+
+    def restore(self, record: UdpFlowRecord, forwarded: dict[int, socket.socket]) -> None:
+        """Re-create a flow with the same host ports; OSError/ValueError/TableFull leave
+        nothing behind.  `forwarded` maps the -u ports to their sockets."""
+        key = (ipv4.PROTO_UDP, record.guest_addr, record.guest_port, record.remote_addr,
+               record.remote_port)
+        if self.stack.flows.get(key) is not None:
+            raise ValueError("the flow exists already")
+        self.stack.flows.check_room()
+        if record.inbound:
+            sock = forwarded.get(record.local[1])
+            if sock is None:
+                raise ValueError(f"no -u socket for port {record.local[1]} here")
+            flow = UdpFlow(self, key, sock, record.peer)
+            self.stack.flows.add(flow)
+            self._schedule_expiry(flow)
+            return
+        family = socket.AF_INET6 if ":" in record.local[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(record.local)
+            sock.connect(record.peer)
+        except OSError:
+            sock.close()
+            raise
+        flow = UdpFlow(self, key, sock, None)
+        self.stack.flows.add(flow)
+        self.stack.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        self._schedule_expiry(flow)
