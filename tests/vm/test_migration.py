@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .migration_lab import (
     start_streams,
 )
 from .tetherlab import Process, host_namespace, in_ns
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +199,31 @@ def _udp_flow_open(ns: str) -> bool:
     out = subprocess.run(in_ns(ns, "ss", "-unp"), capture_output=True, text=True,
                          check=False).stdout
     return ":5201" in out
+
+
+MANY = 300
+
+
+@pytest.mark.vm
+def test_three_hundred_connections_move_together(lab: Lab) -> None:
+    """More sockets than one helper message carries (253): batches, all of them moved."""
+    t1 = lab.tether("t1", "--migrate-no-linger")
+    t2 = lab.tether("t2", "--migrate-no-linger")
+    vm1 = lab.vm("vm1", t1)
+    vm2 = lab.vm("vm2", t2, incoming=True)
+    vm1.wait_booted()
+    server = Process(in_ns(lab.ns, sys.executable, "-m", "tests.vm.manyconns", "6100", str(MANY),
+                           "7"), lab.work / "many.log", cwd=ROOT)
+    lab.processes.append(server)  # type: ignore[arg-type]
+    server.wait_log("MANY listening")
+    run_ok(vm1, f"i=0; while [ $i -lt {MANY} ]; do tstream -r 2K -d 16 -t 12 send 10.200.0.1 "
+                "6100 0 7 >/tmp/m$i.out 2>&1 & i=$((i+1)); done; true", 120)
+    server.wait_log(f"MANY accepted={MANY}", timeout=120)
+    info = migrate(lab, vm1, vm2)
+    assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+    t2.wait_log(f"resumed {MANY} of {MANY} TCP connections")
+    server.wait_log("MANY ok=", timeout=120)
+    assert f"MANY ok={MANY} bad=0 reset=0" in server.text(), f"{server.text()}\n{lab.logs()}"
+    run_ok(vm2, "wait; true", 60)
+    sent = run_ok(vm2, "cat /tmp/m*.out | grep -c 'TSTREAM sent='")
+    assert f"\n{MANY}\n" in sent, sent

@@ -68,12 +68,12 @@ def in_ns(ns: str, *cmd: str) -> list[str]:
 class Process:
     """A long-running process whose output goes to a log file."""
 
-    def __init__(self, cmd: Sequence[str], log_path: Path) -> None:
+    def __init__(self, cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
         env = dict(os.environ, PYTHONPATH=str(SRC))
         self.proc = subprocess.Popen(list(cmd), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env)
+                                     env=env, cwd=cwd)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")
