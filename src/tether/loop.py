@@ -8,6 +8,7 @@ fd event.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -65,11 +66,9 @@ class Loop:
         """Stop watching fd; harmless if it is not watched or already closed."""
         if self._handlers.pop(fd, None) is None:
             return
-        try:
+        # Closed before removal: the kernel already dropped it from the set.
+        with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            # Closed before removal: the kernel already dropped it from the set.
-            pass
 
     def watching(self, fd: int) -> bool:
         return fd in self._handlers
