@@ -87,12 +87,8 @@ def run(config: Config) -> int:
     port = _Port()
     sink: FrameSink
     if config.vhost_user:
-        # The vhost-user transport plugs in here (tether.transport.vhost_user, built on
-        # its own branch); it is a frames.FrameSink like the others:
-        #     sink = VhostUserNetDevice(loop, port, state=<migration state handler>)
-        #     VhostUserServer(loop, config.socket_path, sink)
-        # and the migration stages reach the stack through stack.dump_addresses(),
-        # stack.dump_tcp_flows() and their load/restore counterparts.
+        # The vhost-user transport (tether.transport.vhost_user) plugs in here: it
+        # serves config.socket_path and implements frames.FrameSink like the others.
         raise ConfigError("--vhost-user: the vhost-user transport is not part of this build")
     child: Child | None = None
     netns = config.netns
