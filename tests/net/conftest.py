@@ -130,6 +130,8 @@ def configure_guest(ns: Netns, mtu: int | None = None) -> None:
     if mtu is not None:
         ns.run("ip", "link", "set", "tap0", "mtu", str(mtu))
     ns.run("ip", "route", "add", "default", "via", GATEWAY)
+    # The address tether's DHCPv6 hands out (busybox has no DHCPv6 client).
+    ns.run("ip", "-6", "addr", "add", f"{GUEST6}/64", "dev", "tap0", "nodad")
 
 
 class Recorder:

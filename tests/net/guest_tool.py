@@ -67,10 +67,14 @@ def tcp_client(host: str, port: int, send: int, recv: int, delay: float) -> None
     print(f"ok sent {send} received {recv}")
 
 
+def plain(addr: str) -> str:
+    return addr.removeprefix("::ffff:")
+
+
 def tcp_server(port: int, send: int) -> None:
-    srv = socket.socket()
+    srv = socket.socket(socket.AF_INET6)  # dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
+    srv.bind(("::", port))
     srv.listen(1)
     print("listening", flush=True)
     conn, peer = srv.accept()
@@ -78,7 +82,8 @@ def tcp_server(port: int, send: int) -> None:
     data = recv_all(conn)
     send_pattern(conn, send)
     conn.close()
-    print(f"ok peer {peer[0]} received {len(data)} sha {hashlib.sha256(data).hexdigest()}")
+    print(f"ok peer {plain(peer[0])} received {len(data)} "
+          f"sha {hashlib.sha256(data).hexdigest()}")
 
 
 def tcp_many(host: str, port: int, n: int) -> None:
@@ -125,13 +130,13 @@ def udp_echo(host: str, port: int) -> None:
 
 
 def udp_server(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("0.0.0.0", port))
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind(("::", port))
     sock.settimeout(30)
     print("listening", flush=True)
     data, peer = sock.recvfrom(65535)
     sock.sendto(data[::-1], peer)
-    print(f"ok peer {peer[0]}")
+    print(f"ok peer {plain(peer[0])}")
 
 
 def main(argv: list[str]) -> None:

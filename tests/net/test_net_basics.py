@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import ARP
 from scapy.utils import rdpcap
@@ -122,15 +123,18 @@ def test_udp_echo_to_host(start_tether: Callable[..., Tether]) -> None:
     peer.close()
 
 
-def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether]) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether], host: str) -> None:
     port = free_port()
     t = start_tether("-t", str(port))
+    if ":" in host:
+        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, "IPv6 DAD")
     server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
                         "tcp-server", str(port), str(3 << 20))
     assert server.stdout is not None
     assert server.stdout.readline().strip() == "listening"
     sent = bytes(range(256)) * 8192
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    with socket.create_connection((host, port), timeout=30) as sock:
         sock.sendall(sent)
         sock.shutdown(socket.SHUT_WR)
         got = bytearray()
@@ -139,22 +143,27 @@ def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether]) -> None:
     out, err = server.communicate(timeout=30)
     assert bytes(got) == pattern(3 << 20)
     assert f"received {len(sent)} sha {hashlib.sha256(sent).hexdigest()}" in out, err
-    assert f"peer {GATEWAY}" in out  # the host's loopback appears as the gateway
+    # The host's loopback appears as the gateway (IPv6: tether's link-local address).
+    assert f"peer {GATEWAY if host == '127.0.0.1' else ROUTER6}" in out
 
 
-def test_inbound_udp_forwarding(start_tether: Callable[..., Tether]) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_inbound_udp_forwarding(start_tether: Callable[..., Tether], host: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     t = start_tether("-u", str(port))
+    if ":" in host:
+        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, "IPv6 DAD")
     server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
                         "udp-server", str(port))
     assert server.stdout is not None
     assert server.stdout.readline().strip() == "listening"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(5)
-        sock.sendto(b"inbound datagram", ("127.0.0.1", port))
+        sock.sendto(b"inbound datagram", (host, port))
         data, peer = sock.recvfrom(1000)
     assert data == b"inbound datagram"[::-1]
-    assert peer == ("127.0.0.1", port)
+    assert (peer[0], peer[1]) == (host, port)
     server.communicate(timeout=10)
 
 

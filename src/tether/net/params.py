@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # the same locally administered MAC passt uses
 DEFAULT_MTU = 65520
@@ -51,7 +51,6 @@ class NetParams:
     icmp_timeout: float = 60.0
     lease_time: int = 0xFFFFFFFF  # infinite, like passt: the address never changes
     forward_bind4: str = "0.0.0.0"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def router6(self) -> bytes:

@@ -57,17 +57,21 @@ class Stack:
 
     def start(self) -> None:
         """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken."""
-        for rng in self.params.tcp_forward:
-            for port in range(rng.first, rng.last + 1):
-                s = self._listen(socket.SOCK_STREAM, port)
-                s.listen(128)
-                gport = rng.guest_port(port)
-                self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
-        for rng in self.params.udp_forward:
-            for port in range(rng.first, rng.last + 1):
-                s = self._listen(socket.SOCK_DGRAM, port)
-                gport = rng.guest_port(port)
-                self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
+        # Like passt: both families when the guest has IPv6, each socket v6-only so
+        # an IPv4 peer stays IPv4 all the way to the guest.
+        families = [socket.AF_INET] + ([socket.AF_INET6] if self.params.addr6 else [])
+        for family in families:
+            for rng in self.params.tcp_forward:
+                for port in range(rng.first, rng.last + 1):
+                    s = self._listen(family, socket.SOCK_STREAM, port)
+                    s.listen(128)
+                    gport = rng.guest_port(port)
+                    self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
+            for rng in self.params.udp_forward:
+                for port in range(rng.first, rng.last + 1):
+                    s = self._listen(family, socket.SOCK_DGRAM, port)
+                    gport = rng.guest_port(port)
+                    self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
 
     def _acceptor(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
         return lambda _events: self._accept(s, guest_port)
@@ -75,12 +79,16 @@ class Stack:
     def _receiver(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
         return lambda _events: self.udp.inbound(s, guest_port)
 
-    def _listen(self, kind: int, port: int) -> socket.socket:
-        s = socket.socket(socket.AF_INET, kind)
+    def _listen(self, family: int, kind: int, port: int) -> socket.socket:
+        s = socket.socket(family, kind)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setblocking(False)
         try:
-            s.bind((self.params.forward_bind4, port))
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(("::", port))
+            else:
+                s.bind((self.params.forward_bind4, port))
         except OSError:
             s.close()
             raise
@@ -158,8 +166,27 @@ class Stack:
             return None
         return str(addr)
 
+    def guest_addr_for(self, family: int, remote: bytes = b"") -> bytes | None:
+        """Where inbound traffic from remote (as the guest sees it) goes.
+
+        A link-local remote (tether's own address standing for the host's ::1) is
+        paired with the guest's link-local address, so the guest's replies, whose
+        source it picks by scope, come back on the same flow.
+        """
+        if family == socket.AF_INET:
+            return self.guest_addr4()
+        if remote[:2] == b"\xfe\x80" and self.addrs.addr6_ll is not None:
+            return self.addrs.addr6_ll
+        return self.addrs.addr6 or self.params.addr6
+
     def guest_view_of(self, host_addr: str) -> bytes:
         """How a host peer's address looks to the guest (loopback becomes the gateway)."""
+        if ":" in host_addr:
+            raw6 = socket.inet_pton(socket.AF_INET6, host_addr)
+            if raw6 == ipaddress.IPv6Address("::1").packed or raw6 == self.guest_addr_for(
+                    socket.AF_INET6):
+                return self.params.map_host_loopback6 or self.params.router6
+            return raw6
         raw = socket.inet_aton(host_addr)
         mapped = self.params.map_host_loopback4 or self.params.gateway4
         if raw[0] == 127 or raw == self.guest_addr4():
@@ -299,8 +326,12 @@ class Stack:
             except OSError as exc:
                 log.warning("accept: %s", exc)
                 return
-            guest = self.guest_addr4()
-            self.tcp.accepted(sock, guest, guest_port, self.guest_view_of(peer[0]), peer[1])
+            remote = self.guest_view_of(peer[0])
+            guest = self.guest_addr_for(listener.family, remote)
+            if guest is None:
+                sock.close()
+                continue
+            self.tcp.accepted(sock, guest, guest_port, remote, peer[1])
 
     # -- state for migration ----------------------------------------------
 

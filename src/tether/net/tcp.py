@@ -148,7 +148,6 @@ class TcpConn:
         "dup_acks",
         "events",
         "fd",
-        "fin_seq",
         "flow_ack_due",
         "guest_addr",
         "guest_port",
@@ -201,7 +200,6 @@ class TcpConn:
         self.dup_acks = 0
         self.sock_blocked = False
         self.flow_ack_due = False
-        self.fin_seq = 0
         self.pending = bytearray()  # guest data the socket had no room for: not yet acked
         self.pending_fin = False
         self.timer: evloop.Timer | None = None
@@ -601,7 +599,6 @@ class TcpTranslator:
                 return
             if got == 0:
                 conn.events |= SOCK_FIN_RCVD
-                conn.fin_seq = conn.seq_to_tap
                 self._control(conn, wtcp.FIN | wtcp.ACK)
                 conn.seq_to_tap = (conn.seq_to_tap + 1) & 0xFFFFFFFF
                 conn.events |= TAP_FIN_SENT

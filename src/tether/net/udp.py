@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
-from tether.net.output import UDP_PAYLOAD, l4_offset
+from tether.net.output import L2L3_V6, UDP_PAYLOAD, l4_offset
 from tether.wire import ipv4, udp
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class UdpFlow:
     __slots__ = ("key", "last_used", "owns_socket", "peer", "sock", "timer", "translator")
 
     def __init__(self, translator: UdpTranslator, key: FlowKey, sock: socket.socket,
-                 peer: tuple[str, int] | None) -> None:
+                 peer: tuple[str, int] | tuple[str, int, int, int] | None) -> None:
         self.translator = translator
         self.key = key
         self.sock = sock
@@ -154,18 +154,19 @@ class UdpTranslator:
     def inbound(self, sock: socket.socket, guest_port: int) -> None:
         """A forwarded port's socket is readable: datagrams from host peers to the guest."""
         stack = self.stack
-        guest_addr = stack.guest_addr4()
+        off = UDP_PAYLOAD if sock.family == socket.AF_INET else L2L3_V6 + udp.HLEN
         for _ in range(64):
-            frame = bytearray(UDP_PAYLOAD + MAX_PAYLOAD)
+            frame = bytearray(off + MAX_PAYLOAD)
             try:
-                n, peer = sock.recvfrom_into(memoryview(frame)[UDP_PAYLOAD:], MAX_PAYLOAD)
+                n, peer = sock.recvfrom_into(memoryview(frame)[off:], MAX_PAYLOAD)
             except BlockingIOError:
                 break
             except OSError:
                 continue
+            remote = stack.guest_view_of(peer[0])
+            guest_addr = stack.guest_addr_for(sock.family, remote)
             if guest_addr is None or not stack.has_room():
                 continue  # nobody to deliver to yet: datagrams may be dropped
-            remote = stack.guest_view_of(peer[0])
             key = (ipv4.PROTO_UDP, guest_addr, guest_port, remote, peer[1])
             flow = stack.flows.get(key)
             if flow is None:
@@ -173,7 +174,7 @@ class UdpTranslator:
                     stack.flows.check_room()
                 except TableFull:
                     continue
-                flow = UdpFlow(self, key, sock, (peer[0], peer[1]))
+                flow = UdpFlow(self, key, sock, peer)
                 stack.flows.add(flow)
                 self._schedule_expiry(flow)
             assert isinstance(flow, UdpFlow)
