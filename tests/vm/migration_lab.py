@@ -38,8 +38,16 @@ class Lab:
     processes: list[Tether | Helper | Peer] = field(default_factory=list)
     vms: list[Vm] = field(default_factory=list)
 
-    def tether(self, name: str, *extra: str, helper: bool = True) -> Tether:
-        t = Tether(self.work, name, self.ns, *extra)
+    peer_ns: str | None = None
+    """Where host-side peers run, if not in `ns` (the cross-host topology)."""
+    service: str = "10.200.0.1"
+    """The address the guest reaches the host service at."""
+    forward: str = "127.0.0.1"
+    """The address a host peer reaches the source tether's -t port at."""
+
+    def tether(self, name: str, *extra: str, helper: bool = True,
+               ns: str | None = None) -> Tether:
+        t = Tether(self.work, name, ns or self.ns, *extra)
         self.processes.append(t)
         if helper:
             h = Helper(self.work, f"{name}-helper", t)
@@ -54,7 +62,7 @@ class Lab:
         return vm
 
     def peer(self, name: str, *args: str) -> Peer:
-        p = Peer(self.work, name, self.ns, self.tstream, *args)
+        p = Peer(self.work, name, self.peer_ns or self.ns, self.tstream, *args)
         self.processes.append(p)
         return p
 
@@ -94,19 +102,19 @@ def run_ok(vm: Vm, command: str, timeout: float = 60.0) -> str:
 def start_streams(lab: Lab, vm: Vm) -> Streams:
     """One stream each way, flowing for STREAM_SECONDS at RATE."""
     vm.wait_booted()
-    run_ok(vm, "ping -c 1 -W 5 10.200.0.1")
+    run_ok(vm, f"ping -c 1 -W 5 {lab.service}")
     progress = lab.work / "up.progress"
     up = lab.peer("up", "-t", IDLE_LIMIT, "-p", str(progress), "serve", str(UP_PORT), "recv",
                   str(UP_SEED))
     up.wait_log("TSTREAM listening")
-    run_ok(vm, f"tstream -r {RATE} -d {STREAM_SECONDS} -t {IDLE_LIMIT} send 10.200.0.1 "
+    run_ok(vm, f"tstream -r {RATE} -d {STREAM_SECONDS} -t {IDLE_LIMIT} send {lab.service} "
                f"{UP_PORT} 0 {UP_SEED} >/tmp/up.out 2>&1 & true")
     run_ok(vm, f"tstream -t {IDLE_LIMIT} serve {DOWN_PORT} recv {DOWN_SEED} "
                ">/tmp/down.out 2>/tmp/down.err & true")
     run_ok(vm, "until grep -q listening /tmp/down.err; do usleep 20000; done")
     down = lab.peer("down", "-p", str(lab.work / "down.progress"), "-r", RATE,
                     "-d", str(STREAM_SECONDS), "-t", IDLE_LIMIT, "send",
-                    "127.0.0.1", str(DOWN_PORT), "0", str(DOWN_SEED))
+                    lab.forward, str(DOWN_PORT), "0", str(DOWN_SEED))
     # Both streams carry data before anything else happens.
     wait_for(lambda: _progress(progress) > 256 * 1024, 30, "the guest->host stream to get going")
     return Streams(up, down, progress)

@@ -25,7 +25,7 @@ from .migration_lab import (
     run_ok,
     start_streams,
 )
-from .tetherlab import Process, host_namespace, in_ns
+from .tetherlab import HOST_ADDR, PEER_ADDR, Process, host_namespace, in_ns, two_hosts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,3 +227,37 @@ def test_three_hundred_connections_move_together(lab: Lab) -> None:
     run_ok(vm2, "wait; true", 60)
     sent = run_ok(vm2, "cat /tmp/m*.out | grep -c 'TSTREAM sent='")
     assert f"\n{MANY}\n" in sent, sent
+
+
+@pytest.mark.vm
+def test_cross_host_migration_moves_the_address_with_the_connections(
+        workdir: Path, guest: GuestImage, tstream: Path) -> None:
+    """Two hosts with the same address behind a bridge, the peer on a third: the
+    VM moves, then its address does (only the target's port forwards), and both
+    streams carry on with no reset.  Default (linger) mode: the source keeps its
+    frozen sockets, silent, until its QEMU goes away."""
+    with two_hosts() as hosts:
+        lab = Lab(workdir, hosts.source, tstream, guest, peer_ns=hosts.peer,
+                  service=PEER_ADDR, forward=HOST_ADDR)
+        try:
+            t1 = lab.tether("t1", "-t", str(DOWN_PORT), ns=hosts.source)
+            t2 = lab.tether("t2", "-t", str(DOWN_PORT), ns=hosts.target)
+            vm1 = lab.vm("vm1", t1)
+            vm2 = lab.vm("vm2", t2, incoming=True)
+            streams = start_streams(lab, vm1)
+            info = migrate(lab, vm1, vm2)
+            assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+            t2.wait_log("resumed 2 of 2 TCP connections")
+            hosts.move_address()
+            check_streams(lab, streams, vm2)
+            vm1.close()
+            t1.wait_log("migration complete: migrated 2 TCP connections")
+            resets = subprocess.run(in_ns(hosts.peer, "nstat", "-az", "TcpOutRsts",
+                                          "TcpExtTCPAbortOnData", "TcpEstabResets"),
+                                    capture_output=True, text=True, check=False).stdout
+            assert re.search(r"TcpEstabResets\s+0\b", resets), resets
+        finally:
+            for vm in lab.vms:
+                vm.close()
+            for p in reversed(lab.processes):
+                p.stop()

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import pattern
@@ -135,3 +136,64 @@ class Peer(Process):
         self.proc.wait(timeout)
         self._log.close()
         return pattern.parse_result(self.text())
+
+
+PEER_ADDR = "10.200.0.100"
+HOST_MAC = "02:54:00:00:02:02"
+
+
+@dataclass
+class TwoHosts:
+    """Two "hosts" with the same address and MAC on one bridge, and a peer.
+
+    Only one host's bridge port forwards at a time, as when a VM's address
+    moves from one node to another: `move_address()` switches it.
+    """
+
+    source: str
+    target: str
+    peer: str
+    bridge: str
+
+    def move_address(self) -> None:
+        _ip("-n", self.bridge, "link", "set", "port-src", "down")
+        _ip("-n", self.bridge, "link", "set", "port-dst", "up")
+
+
+@contextlib.contextmanager
+def two_hosts(prefix: str = "txh") -> Iterator[TwoHosts]:
+    base = f"{prefix}{os.getpid()}x{next(_names)}"
+    names = TwoHosts(f"{base}s", f"{base}t", f"{base}p", f"{base}b")
+    created: list[str] = []
+    try:
+        for ns in (names.bridge, names.source, names.target, names.peer):
+            _ip("netns", "add", ns)
+            created.append(ns)
+        _ip("-n", names.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", names.bridge, "link", "set", "br0", "up")
+        for ns, port in ((names.source, "port-src"), (names.target, "port-dst"),
+                         (names.peer, "port-peer")):
+            _ip("link", "add", "veth0", "netns", ns, "type", "veth", "peer", "name", port,
+                "netns", names.bridge)
+            _ip("-n", names.bridge, "link", "set", port, "master", "br0")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            # IPv6 autoconfiguration chatter from the waiting host would teach the
+            # bridge its port early; the test is about IPv4.
+            subprocess.run(in_ns(ns, "sysctl", "-qw", "net.ipv6.conf.veth0.disable_ipv6=1",
+                                 "net.ipv4.ping_group_range=0 2147483647"),
+                           check=True, capture_output=True, timeout=30)
+        for ns in (names.source, names.target):
+            _ip("-n", ns, "link", "set", "veth0", "address", HOST_MAC)
+            _ip("-n", ns, "addr", "add", f"{HOST_ADDR}/24", "dev", "veth0")
+            _ip("-n", ns, "link", "set", "veth0", "up")
+            _ip("-n", ns, "route", "add", "default", "via", GATEWAY)
+        _ip("-n", names.peer, "addr", "add", f"{PEER_ADDR}/24", "dev", "veth0")
+        _ip("-n", names.peer, "link", "set", "veth0", "up")
+        _ip("-n", names.bridge, "link", "set", "port-src", "up")
+        _ip("-n", names.bridge, "link", "set", "port-peer", "up")
+        # port-dst stays down: the target host has no carrier until the address moves.
+        yield names
+    finally:
+        for ns in reversed(created):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("netns", "del", ns)
