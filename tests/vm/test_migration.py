@@ -261,3 +261,21 @@ def test_cross_host_migration_moves_the_address_with_the_connections(
                 vm.close()
             for p in reversed(lab.processes):
                 p.stop()
+
+
+@pytest.mark.vm
+def test_without_a_helper_on_the_source_peers_see_a_reset_not_a_hang(lab: Lab) -> None:
+    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger", helper=False)
+    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
+    vm1 = lab.vm("vm1", t1)
+    vm2 = lab.vm("vm2", t2, incoming=True)
+    streams = start_streams(lab, vm1)
+    info = migrate(lab, vm1, vm2)
+    assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+    t1.wait_log(r"no tether-repair helper: 2 TCP connection\(s\) will not move")
+    vm1.close()
+    t1.wait_log(r"reset 2 TCP connection\(s\) that could not move")
+    up = streams.up.result(30)
+    down = streams.down.result(30)
+    assert (up["result"], up.get("kind")) == ("error", "reset"), up
+    assert (down["result"], down.get("kind")) == ("error", "reset"), down

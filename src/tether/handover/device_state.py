@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,8 @@ class _Outgoing:
     """The sockets were closed (same-host); a rollback restores them from `states`."""
     holders: list[socket.socket] = field(default_factory=list)
     silenced: list[socket.socket] = field(default_factory=list)
+    left_behind: int = 0
+    """Connections that could not move (no helper): reset once the guest has left."""
 
 
 @dataclass
@@ -156,6 +159,7 @@ class Handover:
                                      "(--require-repair)")
             log.warning("migration: no tether-repair helper: %d TCP connection(s) will not "
                         "move and will be reset", len(flows))
+            outgoing.left_behind = len(flows)
             return
         assert self.helper is not None
         socks = [sock for _, sock in flows]
@@ -267,6 +271,13 @@ class Handover:
             holder.close()
         for listener in outgoing.silenced:
             repair_kernel.unsilence(listener)
+        if outgoing.left_behind:
+            # The guest is gone and its peers would wait on these forever: tell them.
+            for sock in self.stack.forget_tcp_flows():
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            log.warning("migration: reset %d TCP connection(s) that could not move",
+                        outgoing.left_behind)
         self.last_result = f"migrated {len(outgoing.states)} TCP connections"
         log.info("migration complete: %s", self.last_result)
 
