@@ -1,0 +1,277 @@
+"""A real guest on real tether, end to end (issue 5).
+
+QEMU 10 runs the busybox guest of guest.py; tether runs in a network
+namespace set up like a host (tetherlab.host_namespace) and serves the
+guest over vhost-user (and once over `-netdev stream`).  The guest
+configures itself by DHCP from tether; host-side peers listen on the
+namespace's loopback, where tether maps the gateway address.
+
+Most checks share one booted guest (module fixture `lab`): each check
+starts its own flows on its own ports, so one failing leaves the others
+meaningful.  The disconnect/reconnect and `-netdev stream` checks get their
+own tether.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .guest import DHCP_ARG, GuestImage, build_tstream
+from .harness import Vm
+from .tetherlab import (
+    GATEWAY,
+    HOST_ADDR,
+    Peer,
+    Tether,
+    host_namespace,
+    in_ns,
+    namespace_nameservers4,
+)
+
+pytestmark = pytest.mark.vm
+
+FWD_IN = 5101  # -t: host 127.0.0.1:5101 -> guest :5101 (guest receives)
+FWD_OUT = 5102  # -t: the guest serves `send`
+UDP_PORT = 5301
+ROUTER6 = "fd00:200::1"  # --map-host-loopback: the guest's [fd00:200::1] is the host's ::1
+MIB = 1024 * 1024
+
+
+@dataclass
+class Lab:
+    workdir: Path
+    ns: str
+    tether: Tether
+    vm: Vm
+    tstream: Path
+
+    def diag(self) -> str:
+        return (f"\n--- guest console ---\n{self.vm.console.tail(1500)}"
+                f"\n--- tether log ---\n{self.tether.text()[-2500:]}")
+
+
+def boot(lab_dir: Path, name: str, tether: Tether, guest: GuestImage,
+         netdev: str = "vhost-user") -> Vm:
+    vm = Vm(lab_dir, name, tether.socket, guest, kernel_args=[DHCP_ARG], netdev=netdev)
+    try:
+        vm.wait_booted()
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def lease(vm: Vm) -> re.Match[str]:
+    """The lease udhcpc reported at boot (our udhcpc script prints it)."""
+    m = re.search(r"udhcpc: eth0 (\S+) router (\S+) mtu (\S+) dns (.*)", vm.console.text)
+    assert m, f"no DHCP lease line on the console:\n{vm.console.tail()}"
+    return m
+
+
+def guest_run(lab: Lab, command: str, timeout: float = 60.0) -> str:
+    status, out = lab.vm.console.run(command, timeout)
+    assert status == 0, f"guest: `{command}` exited {status}:\n{out}{lab.diag()}"
+    return out
+
+
+def guest_serve(lab: Lab, tag: str, args: str) -> None:
+    """Start `tstream serve ...` in the guest's background; return once it listens."""
+    guest_run(lab, f"tstream serve {args} > /tmp/{tag}.out 2>&1 &")
+    # Bounded wait on the real condition: tstream says it listens.
+    guest_run(lab, f"i=0; until grep -q listening /tmp/{tag}.out; do i=$((i+1)); "
+                   f"[ $i -gt 100 ] && break; sleep 0.1; done; "
+                   f"cat /tmp/{tag}.out; grep -q listening /tmp/{tag}.out", 30)
+
+
+def guest_result(lab: Lab, tag: str, timeout: float) -> str:
+    """Wait for the background tstream and return its result line."""
+    out = guest_run(lab, f"wait; cat /tmp/{tag}.out", timeout)
+    m = re.search(r"TSTREAM .*", out.split("\n", 1)[-1])
+    assert m, f"guest tstream {tag}: no result:\n{out}{lab.diag()}"
+    return m.group(0)
+
+
+def host_peer(lab: Lab, name: str, *args: str) -> Peer:
+    peer = Peer(lab.workdir, name, lab.ns, lab.tstream, *args)
+    if args[0] == "serve":
+        peer.wait_log(r"TSTREAM listening", 30)
+    return peer
+
+
+@pytest.fixture(scope="module")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tvm", numbered=True)
+
+
+@pytest.fixture(scope="module")
+def tstream_host(lab_dir: Path) -> Path:
+    return build_tstream(lab_dir / "ts")
+
+
+@pytest.fixture(scope="module")
+def lab(lab_dir: Path, guest: GuestImage, tstream_host: Path) -> Iterator[Lab]:
+    with host_namespace() as ns:
+        tether = Tether(lab_dir, "t1", ns, "-t", f"{FWD_IN},{FWD_OUT}",
+                        "--map-host-loopback", ROUTER6)
+        try:
+            vm = boot(lab_dir, "vm1", tether, guest)
+            try:
+                yield Lab(lab_dir, ns, tether, vm, tstream_host)
+            finally:
+                vm.close()
+        finally:
+            log = tether.stop()
+        assert "Traceback" not in log, f"tether logged a traceback:\n{log[-4000:]}"
+
+
+def test_dhcp_configuration_and_ping_gateway(lab: Lab) -> None:
+    m = lease(lab.vm)
+    addr, router, mtu, dns = m.group(1), m.group(2), m.group(3), m.group(4).strip()
+    assert (addr, router, mtu) == (f"{HOST_ADDR}/24", GATEWAY, "65520"), m.group(0)
+    # tether was not given --dns: it announces the resolvers it copied.
+    expected = namespace_nameservers4(lab.ns)
+    assert dns.split() == (expected or ["none"]), f"DNS {dns!r}, host has {expected}"
+    out = guest_run(lab, "ip -4 addr show eth0; ip -4 route; ip link show eth0; "
+                         "cat /etc/resolv.conf")
+    assert f"inet {HOST_ADDR}/24" in out, out
+    assert f"default via {GATEWAY} dev eth0" in out, out
+    assert "mtu 65520" in out, out
+    for server in expected:
+        assert f"nameserver {server}" in out, out
+    # Echo through tether's ping sockets in the namespace.
+    out = guest_run(lab, f"ping -c 3 -W 5 {GATEWAY}", 60)
+    assert "3 packets received" in out, out
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_100mib_byte_exact_to_host_service(lab: Lab, direction: str) -> None:
+    port, seed = (6001, 11) if direction == "upload" else (6002, 12)
+    if direction == "upload":  # guest -> host, checked by the host
+        peer = host_peer(lab, f"up{port}", "-t", "30", "serve", str(port), "recv", str(seed))
+        out = guest_run(lab, f"tstream -t 30 send {GATEWAY} {port} 100M {seed}", 300)
+        assert f"TSTREAM sent={100 * MIB}" in out, out + lab.diag()
+        result = peer.result(60)
+    else:  # host -> guest, checked by the guest
+        peer = host_peer(lab, f"down{port}", "-t", "30", "serve", str(port), "send", "100M",
+                         str(seed))
+        out = guest_run(lab, f"tstream -t 30 recv {GATEWAY} {port} {seed}", 300)
+        assert f"TSTREAM ok bytes={100 * MIB}" in out, out + lab.diag()
+        result = peer.result(60)
+    want = {"result": "ok", "bytes": str(100 * MIB)} if direction == "upload" else \
+        {"result": "sent", "bytes": str(100 * MIB)}
+    assert {k: result.get(k) for k in want} == want, \
+        f"host side: {result}\n{peer.text()}" + lab.diag()
+
+
+def test_inbound_forwarded_port_both_directions(lab: Lab) -> None:
+    # Host connects to tether's -t listener; the guest receives and checks.
+    guest_serve(lab, "in", f"{FWD_IN} recv 21")
+    sender = Peer(lab.workdir, "fwd-send", lab.ns, lab.tstream, "-t", "30", "send",
+                  "127.0.0.1", str(FWD_IN), "20M", "21")
+    assert sender.result(180).get("result") == "sent", sender.text() + lab.diag()
+    assert guest_result(lab, "in", 60) == f"TSTREAM ok bytes={20 * MIB}", lab.diag()
+    # The guest serves `send`; the host receives and checks.
+    guest_serve(lab, "out", f"{FWD_OUT} send 20M 22")
+    receiver = Peer(lab.workdir, "fwd-recv", lab.ns, lab.tstream, "-t", "30", "recv",
+                    "127.0.0.1", str(FWD_OUT), "22")
+    result = receiver.result(180)
+    assert result.get("result") == "ok" and result.get("bytes") == str(20 * MIB), \
+        f"{result}\n{receiver.text()}" + lab.diag()
+    assert guest_result(lab, "out", 60) == f"TSTREAM sent={20 * MIB}", lab.diag()
+
+
+def test_ipv6_slaac_and_stream_to_host_loopback(lab: Lab) -> None:
+    # SLAAC from tether's RA: the host's prefix fd00:200::/64.
+    out = guest_run(lab, "i=0; until ip -6 addr show dev eth0 | grep -q 'inet6 fd00:200::'; "
+                         "do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; "
+                         "ip -6 addr show dev eth0; ip -6 route", 30)
+    assert re.search(r"inet6 fd00:200::[0-9a-f:]+/64 scope global", out), out + lab.diag()
+    assert re.search(r"default via fe80::\S+ dev eth0", out), out
+    peer = host_peer(lab, "v6", "-t", "30", "serve", "6006", "recv", "31")
+    out = guest_run(lab, f"tstream -t 30 send {ROUTER6} 6006 4M 31", 120)
+    assert f"TSTREAM sent={4 * MIB}" in out, out + lab.diag()
+    result = peer.result(60)
+    assert result.get("result") == "ok" and result.get("bytes") == str(4 * MIB), \
+        f"{result}\n{peer.text()}" + lab.diag()
+
+
+def test_udp_exchange_with_host(lab: Lab) -> None:
+    # A one-shot UDP echo on the namespace's loopback (the mapped gateway).
+    echo = ("import socket,sys\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('127.0.0.1',{UDP_PORT})); print('bound',flush=True)\n"
+            "s.settimeout(60)\n"
+            "d,a=s.recvfrom(65535); s.sendto(b'echo:'+d,a); print('got',d,flush=True)\n")
+    server = subprocess.Popen(in_ns(lab.ns, sys.executable, "-c", echo), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "bound"
+        out = guest_run(lab, f"echo tether-udp | nc -u -w 3 {GATEWAY} {UDP_PORT}", 60)
+        assert "echo:tether-udp" in out, out + lab.diag()
+        rest, _ = server.communicate(timeout=30)
+        assert "tether-udp" in rest, rest
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def test_qemu_disconnect_and_reconnect(lab_dir: Path, guest: GuestImage) -> None:
+    with host_namespace() as ns:
+        tether = Tether(lab_dir, "t-rc", ns)
+        try:
+            vm = boot(lab_dir, "vm-rc1", tether, guest)
+            try:
+                assert lease(vm).group(1) == f"{HOST_ADDR}/24"
+                status, out = vm.console.run(f"ping -c 1 -W 5 {GATEWAY}", 30)
+                assert status == 0, out
+            finally:
+                vm.kill()  # QEMU goes away without a goodbye
+                vm.close()
+            tether.wait_log(r"(?i)disconnect", 30)
+            assert tether.alive(), tether.text()[-3000:]
+            vm2 = boot(lab_dir, "vm-rc2", tether, guest)
+            try:
+                assert lease(vm2).group(1) == f"{HOST_ADDR}/24", vm2.console.tail()
+                status, out = vm2.console.run(f"ping -c 2 -W 5 {GATEWAY}", 30)
+                assert status == 0 and "2 packets received" in out, \
+                    out + tether.text()[-2500:]
+            finally:
+                vm2.close()
+            assert tether.alive(), tether.text()[-3000:]
+        finally:
+            log = tether.stop()
+        assert "Traceback" not in log, log[-4000:]
+
+
+def test_netdev_stream_dhcp_and_transfer(lab_dir: Path, guest: GuestImage,
+                                         tstream_host: Path) -> None:
+    with host_namespace() as ns:
+        tether = Tether(lab_dir, "t-st", ns, vhost_user=False)
+        try:
+            vm = boot(lab_dir, "vm-st", tether, guest, netdev="stream")
+            try:
+                m = lease(vm)
+                assert (m.group(1), m.group(2), m.group(3)) == \
+                    (f"{HOST_ADDR}/24", GATEWAY, "65520"), m.group(0)
+                peer = Peer(lab_dir, "st-peer", ns, tstream_host, "-t", "30", "serve",
+                            "6010", "recv", "41")
+                peer.wait_log(r"TSTREAM listening", 30)
+                status, out = vm.console.run(f"tstream -t 30 send {GATEWAY} 6010 20M 41", 180)
+                assert status == 0, out + tether.text()[-2500:]
+                result = peer.result(60)
+                assert result.get("result") == "ok" and \
+                    result.get("bytes") == str(20 * MIB), f"{result}\n{peer.text()}"
+            finally:
+                vm.close()
+        finally:
+            log = tether.stop()
+        assert "Traceback" not in log, log[-4000:]
