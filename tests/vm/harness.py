@@ -114,17 +114,22 @@ class Console:
 class Vm:
     def __init__(self, workdir: Path, name: str, socket: Path, guest: GuestImage, *,
                  incoming: str | None = None, memory_mib: int = 256,
-                 kernel_args: Sequence[str] = (), netdev: str = "vhost-user") -> None:
+                 kernel_args: Sequence[str] = (), netdev: str = "vhost-user",
+                 prefix: Sequence[str] = ()) -> None:
         """kernel_args go after the default kernel command line, e.g.
         guest.DHCP_ARG to configure eth0 by DHCP instead of statically.
         netdev "vhost-user" (default) connects to a vhost-user back-end on
         `socket`; "stream" uses QEMU's `-netdev stream` client on that UNIX
-        socket (4-byte length + frame), as tether without --vhost-user serves."""
+        socket (4-byte length + frame), as tether without --vhost-user serves;
+        "user" is QEMU's built-in slirp (`socket` unused), a reference point.
+        prefix goes before the QEMU command, e.g. `ip netns exec NS` (it
+        must exec QEMU in place, so that proc.pid stays QEMU's)."""
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
         accel = os.environ.get("TETHER_ACCEL", "tcg")
         cmd = [
-            QEMU, "-name", name, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            *prefix, QEMU, "-name", name,
+            "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-smp", "1", "-m", f"{memory_mib}M",
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-machine", "q35,memory-backend=mem",
@@ -159,7 +164,9 @@ class Vm:
         if netdev == "stream":
             return ["-netdev",
                     f"stream,id=n0,server=off,addr.type=unix,addr.path={socket}"]
-        raise ValueError(f"unknown netdev {netdev!r}: vhost-user or stream")
+        if netdev == "user":
+            return ["-netdev", "user,id=n0"]
+        raise ValueError(f"unknown netdev {netdev!r}: vhost-user, stream or user")
 
     def stderr(self) -> str:
         self.log.flush()

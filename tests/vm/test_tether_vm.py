@@ -92,7 +92,7 @@ def guest_serve(lab: Lab, tag: str, args: str) -> None:
 def guest_result(lab: Lab, tag: str, timeout: float) -> str:
     """Wait for the background tstream and return its result line."""
     out = guest_run(lab, f"wait; cat /tmp/{tag}.out", timeout)
-    lines = re.findall(r"^TSTREAM (?!listening).*", out, re.M)
+    lines = [m.group(0) for m in re.finditer(r"^TSTREAM (?!listening).*", out, re.M)]
     assert lines, f"guest tstream {tag}: no result:\n{out}{lab.diag()}"
     return lines[-1]
 
@@ -238,6 +238,9 @@ def test_qemu_disconnect_and_reconnect(lab_dir: Path, guest: GuestImage) -> None
             assert tether.alive(), tether.text()[-3000:]
             vm2 = boot(lab_dir, "vm-rc2", tether, guest)
             try:
+                # A clean device: the second front-end's rings start from zero.
+                tether.wait_log(r"front-end connected", 10, count=2)
+                tether.wait_log(r"queue 1 started at avail 0, used 0", 10, count=2)
                 assert lease(vm2).group(1) == f"{HOST_ADDR}/24", vm2.console.tail()
                 status, out = vm2.console.run(f"ping -c 2 -W 5 {GATEWAY}", 30)
                 assert status == 0 and "2 packets received" in out, \
