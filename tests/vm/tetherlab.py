@@ -103,15 +103,16 @@ class Process:
 
 class Tether(Process):
     """`tether --vhost-user --socket PATH` inside a host namespace; with
-    vhost_user=False, `tether --socket PATH` for QEMU's `-netdev stream`."""
+    vhost_user=False, `tether --socket PATH` for QEMU's `-netdev stream`.
+    debug=False leaves out -d (benchmarks: per-event debug logging costs CPU)."""
 
     def __init__(self, workdir: Path, name: str, ns: str, *extra: str,
-                 vhost_user: bool = True) -> None:
+                 vhost_user: bool = True, debug: bool = True) -> None:
         self.socket = workdir / f"{name}.sock"
         self.repair_path = Path(f"{self.socket}.repair")
         mode = ["--vhost-user"] if vhost_user else []
         cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
-                    str(self.socket), "-f", "-d", *extra)
+                    str(self.socket), "-f", *(["-d"] if debug else []), *extra)
         super().__init__(cmd, workdir / f"{name}.log")
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")
