@@ -192,7 +192,13 @@ def test_ipv6_slaac_and_stream_to_host_loopback(lab: Lab) -> None:
                          "do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; "
                          "ip -6 addr show dev eth0; ip -6 route", 30)
     assert re.search(r"inet6 fd00:200::[0-9a-f:]+/64 scope global", out), out + lab.diag()
-    assert re.search(r"default via fe80::\S+ dev eth0", out), out
+    router = re.search(r"default via (fe80::\S+) dev eth0", out)
+    assert router, f"no IPv6 default route from tether's RA:\n{out}"
+    # The router's link-local address answers echo (the documented default
+    # mapping of ::1), as does the mapped global address.
+    out = guest_run(lab, f"ping -c 2 -W 5 -I eth0 {router.group(1)} && "
+                         f"ping -c 2 -W 5 {ROUTER6}", 60)
+    assert out.count("2 packets received") == 2, out
     peer = host_peer(lab, "v6", "-t", "30", "serve", "6006", "recv", "31")
     out = guest_run(lab, f"tstream -t 30 send {ROUTER6} 6006 4M 31", 120)
     assert f"TSTREAM sent={4 * MIB}" in out, out + lab.diag()
