@@ -80,9 +80,9 @@ def guest_run(lab: Lab, command: str, timeout: float = 60.0) -> str:
     return out
 
 
-def guest_serve(lab: Lab, tag: str, args: str) -> None:
-    """Start `tstream serve ...` in the guest's background; return once it listens."""
-    guest_run(lab, f"tstream serve {args} > /tmp/{tag}.out 2>&1 & :")
+def guest_serve(lab: Lab, tag: str, args: str, opts: str = "") -> None:
+    """Start `tstream [opts] serve args` in the guest's background; return once it listens."""
+    guest_run(lab, f"tstream {opts} serve {args} > /tmp/{tag}.out 2>&1 & :")
     # Bounded wait on the real condition: tstream says it listens.
     guest_run(lab, f"i=0; until grep -q listening /tmp/{tag}.out; do i=$((i+1)); "
                    f"[ $i -gt 100 ] && break; sleep 0.1; done; "
@@ -228,29 +228,50 @@ def test_udp_exchange_with_host(lab: Lab, reverse: bool) -> None:
         server.stop()
 
 
-def test_qemu_disconnect_and_reconnect(lab_dir: Path, guest: GuestImage) -> None:
+def test_qemu_disconnect_and_reconnect(lab_dir: Path, guest: GuestImage,
+                                      tstream_host: Path) -> None:
     with host_namespace() as ns:
-        tether = Tether(lab_dir, "t-rc", ns)
+        tether = Tether(lab_dir, "t-rc", ns, "-t", str(FWD_IN))
         try:
             vm = boot(lab_dir, "vm-rc1", tether, guest)
+            first = Lab(lab_dir, ns, tether, vm, tstream_host)
             try:
                 assert lease(vm).group(1) == f"{HOST_ADDR}/24"
-                status, out = vm.console.run(f"ping -c 1 -W 5 {GATEWAY}", 30)
-                assert status == 0, out
+                guest_run(first, f"ping -c 1 -W 5 {GATEWAY}")
+                # A host peer streams into the guest (paced, so it is mid-flow
+                # when QEMU dies) ...
+                guest_serve(first, "rc", f"{FWD_IN} recv 51", opts="-p /tmp/rc.prog")
+                stale = Peer(lab_dir, "rc-stale", ns, tstream_host, "-r", "1000000", "-d",
+                             "120", "send", "127.0.0.1", str(FWD_IN), "0", "51")
+                guest_run(first, "i=0; until grep -q 'bytes=[1-9]' /tmp/rc.prog 2>/dev/null; "
+                                 "do i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.1; done; "
+                                 "cat /tmp/rc.prog; grep -q 'bytes=[1-9]' /tmp/rc.prog")
+                assert stale.alive(), stale.text()
             finally:
                 vm.kill()  # QEMU goes away without a goodbye
                 vm.close()
-            tether.wait_log(r"(?i)disconnect", 30)
+            tether.wait_log(r"front-end disconnected", 30)
             assert tether.alive(), tether.text()[-3000:]
             vm2 = boot(lab_dir, "vm-rc2", tether, guest)
+            second = Lab(lab_dir, ns, tether, vm2, tstream_host)
             try:
                 # A clean device: the second front-end's rings start from zero.
                 tether.wait_log(r"front-end connected", 10, count=2)
                 tether.wait_log(r"queue 1 started at avail 0, used 0", 10, count=2)
                 assert lease(vm2).group(1) == f"{HOST_ADDR}/24", vm2.console.tail()
-                status, out = vm2.console.run(f"ping -c 2 -W 5 {GATEWAY}", 30)
-                assert status == 0 and "2 packets received" in out, \
-                    out + tether.text()[-2500:]
+                out = guest_run(second, f"ping -c 2 -W 5 {GATEWAY}")
+                assert "2 packets received" in out, out
+                # ... and the old guest's connection ends for the host peer (the
+                # new guest knows nothing of it) instead of hanging.
+                result = stale.result(60)
+                assert result.get("result") == "error", \
+                    f"stale flow: {result}\n{stale.text()}" + second.diag()
+                # The new guest's own traffic flows.
+                peer = host_peer(second, "rc-up", "-t", "30", "serve", "6020", "recv", "52")
+                guest_run(second, f"tstream -t 30 send {GATEWAY} 6020 8M 52", 120)
+                result = peer.result(60)
+                assert result.get("result") == "ok" and result.get("bytes") == str(8 * MIB), \
+                    f"{result}\n{peer.text()}" + second.diag()
             finally:
                 vm2.close()
             assert tether.alive(), tether.text()[-3000:]
