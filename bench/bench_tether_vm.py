@@ -1,6 +1,6 @@
 """iperf3 between a real TCG guest and a host service, through tether.
 
-    python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-slirp]
+    python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-slirp] [--no-stream]
 
 The same lab as tests/vm/test_tether_vm.py: a network namespace set up like
 a host, `tether --vhost-user` in it (no -d: debug logging costs CPU per
@@ -10,7 +10,8 @@ runs `iperf3 -c 10.200.0.1` (guest -> host) and `-R` (host -> guest).
 
 Reported per run: the guest's iperf3 receiver rate, and CPU seconds per GB
 (1e9 bytes) moved, from /proc/PID/stat utime+stime before and after:
-  - tether: the whole tether process;
+  - tether: the whole tether process (over vhost-user, and over
+    `-netdev stream`, where QEMU copies every frame through a UNIX socket);
   - QEMU: the whole QEMU process (mostly the TCG vCPU, the real bottleneck);
   - for the reference, QEMU's built-in `-netdev user` (libslirp) on the same
     guest, run inside the same namespace (10.0.2.2 is QEMU's view of the
@@ -64,12 +65,12 @@ class Row:
 
     def line(self) -> str:
         gb = self.moved / 1e9
-        return (f"{self.backend:<30} {self.direction:<14} {self.gbit:7.3f} "
+        return (f"{self.backend:<32} {self.direction:<14} {self.gbit:7.3f} "
                 f"{self.moved / 1e6:9.0f} {self.backend_cpu / gb:12.2f} "
                 f"{self.qemu_cpu / gb:10.2f}")
 
 
-HEADER = (f"{'backend':<30} {'direction':<14} {'Gbit/s':>7} {'MB moved':>9} "
+HEADER = (f"{'backend':<32} {'direction':<14} {'Gbit/s':>7} {'MB moved':>9} "
           f"{'backend s/GB':>12} {'QEMU s/GB':>10}")
 
 
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-slirp", action="store_true",
                         help="skip the QEMU -netdev user reference")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="skip tether over -netdev stream")
     args = parser.parse_args()
     guest = ensure_guest()
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
@@ -100,19 +103,24 @@ def main() -> None:
                                "--forceflush"), work / "iperf3-s.log")
         try:
             server.wait_log(r"Server listening", 30)
-            tether = Tether(work, "t", ns, debug=False)
-            try:
-                vm = Vm(work, "vm", tether.socket, guest, kernel_args=[DHCP_ARG])
+            for mode in ("vhost-user", "stream"):
+                if mode == "stream" and args.no_stream:
+                    continue
+                tether = Tether(work, f"t-{mode}", ns, debug=False,
+                                vhost_user=mode == "vhost-user")
                 try:
-                    vm.wait_booted()
-                    rows += runs_on(vm, "tether vhost-user", GATEWAY, args,
-                                    tether.cpu_seconds)
+                    vm = Vm(work, f"vm-{mode}", tether.socket, guest, kernel_args=[DHCP_ARG],
+                            netdev=mode)
+                    try:
+                        vm.wait_booted()
+                        rows += runs_on(vm, f"tether {mode}", GATEWAY, args,
+                                        tether.cpu_seconds)
+                    finally:
+                        vm.close()
                 finally:
-                    vm.close()
-            finally:
-                tail = tether.stop()[-2000:]
-            if "Traceback" in tail:
-                print(tail, file=sys.stderr)
+                    log = tether.stop()
+                if "Traceback" in log:
+                    print(log[-3000:], file=sys.stderr)
             if not args.no_slirp:
                 vm = Vm(work, "vm-user", work / "unused", guest, kernel_args=[DHCP_ARG],
                         netdev="user", prefix=in_ns(ns))
@@ -130,6 +138,15 @@ def main() -> None:
     print(HEADER)
     for row in rows:
         print(row.line())
+    if args.runs > 1:
+        print(f"means of {args.runs} runs:")
+        groups: dict[tuple[str, str], list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.backend, row.direction), []).append(row)
+        for (backend, direction), group in groups.items():
+            print(Row(backend, direction, sum(r.gbit for r in group) / len(group),
+                      sum(r.moved for r in group), sum(r.backend_cpu for r in group),
+                      sum(r.qemu_cpu for r in group)).line())
 
 
 def runs_on(vm: Vm, name: str, server: str, args: argparse.Namespace,
