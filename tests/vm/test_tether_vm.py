@@ -82,7 +82,7 @@ def guest_run(lab: Lab, command: str, timeout: float = 60.0) -> str:
 
 def guest_serve(lab: Lab, tag: str, args: str, opts: str = "") -> None:
     """Start `tstream [opts] serve args` in the guest's background; return once it listens."""
-    guest_run(lab, f"tstream {opts} serve {args} > /tmp/{tag}.out 2>&1 & :")
+    guest_run(lab, f"tstream {opts} serve {args} > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid")
     # Bounded wait on the real condition: tstream says it listens.
     guest_run(lab, f"i=0; until grep -q listening /tmp/{tag}.out; do i=$((i+1)); "
                    f"[ $i -gt 100 ] && break; sleep 0.1; done; "
@@ -90,8 +90,9 @@ def guest_serve(lab: Lab, tag: str, args: str, opts: str = "") -> None:
 
 
 def guest_result(lab: Lab, tag: str, timeout: float) -> str:
-    """Wait for the background tstream and return its result line."""
-    out = guest_run(lab, f"wait; cat /tmp/{tag}.out", timeout)
+    """Wait for that background tstream (only it: another test's leftover must
+    not hold this one up) and return its result line."""
+    out = guest_run(lab, f"wait $(cat /tmp/{tag}.pid); cat /tmp/{tag}.out", timeout)
     lines = [m.group(0) for m in re.finditer(r"^TSTREAM (?!listening).*", out, re.M)]
     assert lines, f"guest tstream {tag}: no result:\n{out}{lab.diag()}"
     return lines[-1]
