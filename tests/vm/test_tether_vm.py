@@ -189,10 +189,13 @@ def test_inbound_forwarded_port_both_directions(lab: Lab) -> None:
 
 def test_ipv6_slaac_and_stream_to_host_loopback(lab: Lab) -> None:
     # SLAAC from tether's RA: the host's prefix fd00:200::/64.
-    out = guest_run(lab, "i=0; until ip -6 addr show dev eth0 | grep -q 'inet6 fd00:200::'; "
-                         "do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; "
-                         "ip -6 addr show dev eth0; ip -6 route", 30)
-    assert re.search(r"inet6 fd00:200::[0-9a-f:]+/64 scope global", out), out + lab.diag()
+    # Wait (bounded) until duplicate address detection is over: a tentative
+    # address cannot be used yet.
+    out = guest_run(lab, "i=0; until ip -6 addr show dev eth0 | grep 'inet6 fd00:200::' | "
+                         "grep -qv tentative; do i=$((i+1)); [ $i -gt 100 ] && break; "
+                         "sleep 0.1; done; ip -6 addr show dev eth0; ip -6 route", 30)
+    assert re.search(r"inet6 fd00:200::[0-9a-f:]+/64 scope global (?!tentative)", out), \
+        out + lab.diag()
     router = re.search(r"default via (fe80::\S+) dev eth0", out)
     assert router, f"no IPv6 default route from tether's RA:\n{out}"
     # The router's link-local address answers echo (the documented default
