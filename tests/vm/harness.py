@@ -114,23 +114,29 @@ class Console:
 class Vm:
     def __init__(self, workdir: Path, name: str, socket: Path, guest: GuestImage, *,
                  incoming: str | None = None, memory_mib: int = 256,
-                 kernel_args: Sequence[str] = ()) -> None:
+                 kernel_args: Sequence[str] = (), netdev: str = "vhost-user",
+                 prefix: Sequence[str] = ()) -> None:
         """kernel_args go after the default kernel command line, e.g.
-        guest.DHCP_ARG to configure eth0 by DHCP instead of statically."""
+        guest.DHCP_ARG to configure eth0 by DHCP instead of statically.
+        netdev "vhost-user" (default) connects to a vhost-user back-end on
+        `socket`; "stream" uses QEMU's `-netdev stream` client on that UNIX
+        socket (4-byte length + frame), as tether without --vhost-user serves;
+        "user" is QEMU's built-in slirp (`socket` unused), a reference point.
+        prefix goes before the QEMU command, e.g. `ip netns exec NS` (it
+        must exec QEMU in place, so that proc.pid stays QEMU's)."""
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
         accel = os.environ.get("TETHER_ACCEL", "tcg")
         cmd = [
-            QEMU, "-name", name, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            *prefix, QEMU, "-name", name,
+            "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-smp", "1", "-m", f"{memory_mib}M",
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-machine", "q35,memory-backend=mem",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
             "-append", " ".join([KERNEL_CMDLINE, *kernel_args]),
-            # reconnect-ms: QEMU reconnects when the back-end drops the socket.
-            "-chardev", f"socket,id=c0,path={socket},reconnect-ms=500",
-            "-netdev", "vhost-user,id=n0,chardev=c0",
+            *self._netdev_args(netdev, socket),
             "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC},romfile=",
             "-serial", "stdio",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
@@ -148,6 +154,19 @@ class Vm:
             raise RuntimeError(f"{name}: QEMU exited: {self.stderr()}")
         self._qmp = QEMUMonitorProtocol(str(self.qmp_path))
         self._qmp.connect()
+
+    @staticmethod
+    def _netdev_args(netdev: str, socket: Path) -> list[str]:
+        if netdev == "vhost-user":
+            # reconnect-ms: QEMU reconnects when the back-end drops the socket.
+            return ["-chardev", f"socket,id=c0,path={socket},reconnect-ms=500",
+                    "-netdev", "vhost-user,id=n0,chardev=c0"]
+        if netdev == "stream":
+            return ["-netdev",
+                    f"stream,id=n0,server=off,addr.type=unix,addr.path={socket}"]
+        if netdev == "user":
+            return ["-netdev", "user,id=n0"]
+        raise ValueError(f"unknown netdev {netdev!r}: vhost-user, stream or user")
 
     def stderr(self) -> str:
         self.log.flush()

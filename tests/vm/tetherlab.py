@@ -103,18 +103,44 @@ class Process:
 
 
 class Tether(Process):
-    """`tether --vhost-user --socket PATH` inside a host namespace."""
+    """`tether --vhost-user --socket PATH` inside a host namespace; with
+    vhost_user=False, `tether --socket PATH` for QEMU's `-netdev stream`.
+    debug=False leaves out -d (benchmarks: per-event debug logging costs CPU)."""
 
-    def __init__(self, workdir: Path, name: str, ns: str, *extra: str) -> None:
+    def __init__(self, workdir: Path, name: str, ns: str, *extra: str,
+                 vhost_user: bool = True, debug: bool = True) -> None:
         self.socket = workdir / f"{name}.sock"
         self.repair_path = Path(f"{self.socket}.repair")
-        cmd = in_ns(ns, sys.executable, "-m", "tether.cli", "--vhost-user", "--socket",
-                    str(self.socket), "-f", "-d", *extra)
+        mode = ["--vhost-user"] if vhost_user else []
+        cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
+                    str(self.socket), "-f", *(["-d"] if debug else []), *extra)
         super().__init__(cmd, workdir / f"{name}.log")
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"tether {name} exited:\n{self.text()}")
+
+
+    def cpu_seconds(self) -> float:
+        """tether's user + system CPU time so far, from /proc/PID/stat.
+
+        `ip netns exec` execs the command in place, so the pid is tether's."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def namespace_nameservers4(ns: str) -> list[str]:
+    """The IPv4 resolvers a process in the namespace sees in /etc/resolv.conf
+    (what tether copies for the guest when not given --dns)."""
+    out = subprocess.run(in_ns(ns, "cat", "/etc/resolv.conf"), capture_output=True,
+                         text=True, check=False, timeout=30).stdout
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and ":" not in words[1]:
+            found.append(words[1])
+    return found
 
 
 class Helper(Process):

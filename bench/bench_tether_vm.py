@@ -1,0 +1,170 @@
+"""iperf3 between a real TCG guest and a host service, through tether.
+
+    python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-slirp] [--no-stream]
+
+The same lab as tests/vm/test_tether_vm.py: a network namespace set up like
+a host, `tether --vhost-user` in it (no -d: debug logging costs CPU per
+event), the busybox guest configured by tether's DHCP, `iperf3 -s` on the
+namespace's loopback (where tether maps the gateway 10.200.0.1).  The guest
+runs `iperf3 -c 10.200.0.1` (guest -> host) and `-R` (host -> guest).
+
+Reported per run: the guest's iperf3 receiver rate, and CPU seconds per GB
+(1e9 bytes) moved, from /proc/PID/stat utime+stime before and after:
+  - tether: the whole tether process (over vhost-user, and over
+    `-netdev stream`, where QEMU copies every frame through a UNIX socket);
+  - QEMU: the whole QEMU process (mostly the TCG vCPU, the real bottleneck);
+  - for the reference, QEMU's built-in `-netdev user` (libslirp) on the same
+    guest, run inside the same namespace (10.0.2.2 is QEMU's view of the
+    namespace's loopback): slirp runs in QEMU's main thread, so its "backend"
+    column is that thread's CPU.
+slirp's DHCP announces no MTU, so that guest runs at 1500 while tether's
+announces 65520 (as passt): a fair reference of what a user gets by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.vm.guest import DHCP_ARG, ensure_guest  # noqa: E402
+from tests.vm.harness import Vm  # noqa: E402
+from tests.vm.tetherlab import GATEWAY, Process, Tether, host_namespace, in_ns  # noqa: E402
+
+IPERF_PORT = 5201
+CpuClock = Callable[[], float]
+UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+RATE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+# [  5]   0.00-10.00  sec   412 MBytes   345 Mbits/sec                  receiver
+SUMMARY = re.compile(r"([\d.]+) ([KMG]?)Bytes\s+([\d.]+) ([KMG]?)bits/sec\s.*receiver")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    stat = Path(path).read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    backend: str
+    direction: str
+    gbit: float
+    moved: int
+    backend_cpu: float
+    qemu_cpu: float
+
+    def line(self) -> str:
+        gb = self.moved / 1e9
+        return (f"{self.backend:<32} {self.direction:<14} {self.gbit:7.3f} "
+                f"{self.moved / 1e6:9.0f} {self.backend_cpu / gb:12.2f} "
+                f"{self.qemu_cpu / gb:10.2f}")
+
+
+HEADER = (f"{'backend':<32} {'direction':<14} {'Gbit/s':>7} {'MB moved':>9} "
+          f"{'backend s/GB':>12} {'QEMU s/GB':>10}")
+
+
+def iperf(vm: Vm, server: str, seconds: float, reverse: bool) -> tuple[float, int]:
+    """(receiver Gbit/s, bytes received) of one guest iperf3 run."""
+    status, out = vm.console.run(
+        f"iperf3 -c {server} -p {IPERF_PORT} -t {seconds:g}{' -R' if reverse else ''}",
+        seconds + 60)
+    m = SUMMARY.findall(out)
+    if status != 0 or not m:
+        raise RuntimeError(f"iperf3 failed ({status}):\n{out}")
+    size, unit, rate, runit = m[-1]
+    return float(rate) * RATE_UNITS[runit] / 1e9, int(float(size) * UNITS[unit])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--no-slirp", action="store_true",
+                        help="skip the QEMU -netdev user reference")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="skip tether over -netdev stream")
+    args = parser.parse_args()
+    guest = ensure_guest()
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    rows: list[Row] = []
+    with host_namespace("tbench") as ns:
+        server = Process(in_ns(ns, "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT),
+                               "--forceflush"), work / "iperf3-s.log")
+        try:
+            server.wait_log(r"Server listening", 30)
+            for mode in ("vhost-user", "stream"):
+                if mode == "stream" and args.no_stream:
+                    continue
+                tether = Tether(work, f"t-{mode}", ns, debug=False,
+                                vhost_user=mode == "vhost-user")
+                try:
+                    vm = Vm(work, f"vm-{mode}", tether.socket, guest, kernel_args=[DHCP_ARG],
+                            netdev=mode)
+                    try:
+                        vm.wait_booted()
+                        rows += runs_on(vm, f"tether {mode}", GATEWAY, args,
+                                        tether.cpu_seconds)
+                    finally:
+                        vm.close()
+                finally:
+                    log = tether.stop()
+                if "Traceback" in log:
+                    print(log[-3000:], file=sys.stderr)
+            if not args.no_slirp:
+                vm = Vm(work, "vm-user", work / "unused", guest, kernel_args=[DHCP_ARG],
+                        netdev="user", prefix=in_ns(ns))
+                try:
+                    vm.wait_booted()
+                    pid = vm.proc.pid
+                    rows += runs_on(vm, "QEMU -netdev user", "10.0.2.2", args,
+                                    lambda: cpu_seconds(pid, pid))
+                finally:
+                    vm.close()
+        finally:
+            server.stop()
+    print(f"iperf3 3.12, {args.seconds:g} s per run, TCP, 1 stream; TCG guest, 1 vCPU; "
+          f"CPU s/GB = CPU seconds per 1e9 bytes received by iperf3")
+    print(HEADER)
+    for row in rows:
+        print(row.line())
+    if args.runs > 1:
+        print(f"means of {args.runs} runs:")
+        groups: dict[tuple[str, str], list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.backend, row.direction), []).append(row)
+        for (backend, direction), group in groups.items():
+            print(Row(backend, direction, sum(r.gbit for r in group) / len(group),
+                      sum(r.moved for r in group), sum(r.backend_cpu for r in group),
+                      sum(r.qemu_cpu for r in group)).line())
+
+
+def runs_on(vm: Vm, name: str, server: str, args: argparse.Namespace,
+            backend_cpu: CpuClock) -> list[Row]:
+    _, out = vm.console.run("ip link show eth0", 30)
+    mtu = re.search(r"mtu (\d+)", out)
+    label = f"{name} (mtu {mtu.group(1) if mtu else '?'})"
+    rows = []
+    for _ in range(args.runs):
+        for reverse in (False, True):
+            b0, q0 = backend_cpu(), cpu_seconds(vm.proc.pid)
+            gbit, moved = iperf(vm, server, args.seconds, reverse)
+            b1, q1 = backend_cpu(), cpu_seconds(vm.proc.pid)
+            rows.append(Row(label, "host -> guest" if reverse else "guest -> host", gbit, moved,
+                            b1 - b0, q1 - q0))
+            print(rows[-1].line(), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
