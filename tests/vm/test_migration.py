@@ -67,11 +67,14 @@ def test_same_host_migration_keeps_streams_both_ways(lab: Lab) -> None:
 
 
 @pytest.mark.vm
-def test_target_refusing_the_state_leaves_the_source_running(lab: Lab) -> None:
+@pytest.mark.parametrize("linger", [False, True], ids=["no-linger", "linger"])
+def test_target_refusing_the_state_leaves_the_source_running(lab: Lab, linger: bool) -> None:
     """The target's CHECK_DEVICE_STATE fails (the state is over its size limit):
     the migration fails after the source froze and dumped its sockets, QEMU
-    restarts the source's rings, and every connection carries on there."""
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
+    restarts the source's rings, and every connection carries on there, whether
+    the source had closed its frozen sockets (re-created from the dump) or kept
+    them (thawed)."""
+    t1 = lab.tether("t1", "-t", str(DOWN_PORT), *([] if linger else ["--migrate-no-linger"]))
     t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger", "--max-state", "100")
     vm1 = lab.vm("vm1", t1)
     vm2 = lab.vm("vm2", t2, incoming=True)
