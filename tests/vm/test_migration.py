@@ -226,7 +226,12 @@ def test_three_hundred_connections_move_together(lab: Lab) -> None:
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
     t2.wait_log(f"resumed {MANY} of {MANY} TCP connections")
     server.wait_log("MANY ok=", timeout=120)
-    assert f"MANY ok={MANY} bad=0 reset=0" in server.text(), f"{server.text()}\n{lab.logs()}"
+    if f"MANY ok={MANY} bad=0 reset=0" not in server.text():
+        sockets = subprocess.run(in_ns(lab.ns, "ss", "-tnio"), capture_output=True, text=True,
+                                 check=False).stdout
+        _, guest_side = vm2.console.run("cat /tmp/m1.out /tmp/m2.out; ss -tn | head -20", 60)
+        raise AssertionError(f"{server.text()}\n--- host sockets\n{sockets[-6000:]}\n"
+                             f"--- guest\n{guest_side}\n{lab.logs()}")
     run_ok(vm2, "wait; true", 60)
     sent = run_ok(vm2, "cat /tmp/m*.out | grep -c 'TSTREAM sent='")
     assert f"\n{MANY}\n" in sent, sent
