@@ -229,7 +229,7 @@ def test_three_hundred_connections_move_together(lab: Lab) -> None:
     if f"MANY ok={MANY} bad=0 reset=0" not in server.text():
         sockets = subprocess.run(in_ns(lab.ns, "ss", "-tnio"), capture_output=True, text=True,
                                  check=False).stdout
-        _, guest_side = vm2.console.run("cat /tmp/m1.out /tmp/m2.out; ss -tn | head -20", 60)
+        _, guest_side = vm2.console.run("cat /tmp/m1.out /tmp/m2.out; netstat -tn | head -20", 60)
         raise AssertionError(f"{server.text()}\n--- host sockets\n{sockets[-6000:]}\n"
                              f"--- guest\n{guest_side}\n{lab.logs()}")
     run_ok(vm2, "wait; true", 60)
