@@ -101,6 +101,14 @@ GUEST_PORT_BASE = 20000
 SIOCINQ = 0x541B
 SIOCOUTQ = 0x5411
 MASK32 = 0xFFFFFFFF
+PEER_MSS = 1460
+PEER_RCVBUF = 32 << 10
+"""The peers announce an Ethernet MSS and keep a small receive buffer, so that
+tether's send queue stays full while they do not read.  Not smaller: with
+loopback's 65483 MSS the window is below one segment and tether's socket sends
+only from its zero-window probe timer, and with a 4 KiB buffer the peer drops
+in-window segments for lack of memory; either way tether's socket backs off for
+seconds (timers of the kernel, not of the migration) before the checks get data."""
 
 # lab-results.md, section 3: passt, 2 busy connections, TCG, this machine.
 REF_SAVE_LOAD = ((6.4, 10.5), (11.4, 12.3), (4.8, 2.0))
@@ -189,7 +197,7 @@ def wait_until(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> No
     while not cond():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
-        select.select([], [], [], 0.001)
+        select.select([], [], [], 0.001)  # a poll interval, not a synchronisation
 
 
 def pattern(seed: int, length: int) -> bytes:
@@ -241,7 +249,8 @@ def open_conns(n: int, server: socket.socket, forward: socket.socket, *, busy: b
         inbound = i % 2 == 1
         if inbound:
             peer = socket.socket()
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
+            peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
             peer.connect(("127.0.0.1", forward_port))
             select.select([forward], [], [], 10)
             ours, _ = forward.accept()
@@ -249,7 +258,7 @@ def open_conns(n: int, server: socket.socket, forward: socket.socket, *, busy: b
             ours = socket.socket()
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             ours.connect(("127.0.0.1", server_port))
-            peer, _ = server.accept()  # SO_RCVBUF 4096 inherited from the listener
+            peer, _ = server.accept()  # SO_RCVBUF and MSS inherited from the listener
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         conn = Conn(i, ours, peer, inbound, b"", b"")
@@ -295,15 +304,37 @@ def recv_exactly(sock: socket.socket, length: int) -> bytes:
     sock.settimeout(10)
     out = bytearray()
     while len(out) < length:
-        data = sock.recv(length - len(out))
+        try:
+            data = sock.recv(length - len(out))
+        except TimeoutError:
+            raise RuntimeError(f"stalled after {len(out)} of {length} bytes: "
+                               f"{tcp_info(sock)}") from None
         if not data:
             raise RuntimeError(f"EOF after {len(out)} of {length} bytes")
         out += data
     return bytes(out)
 
 
+def tcp_info(sock: socket.socket) -> str:
+    """ss's view of both ends of a connection, for a failure message."""
+    local, peer = sock.getsockname(), sock.getpeername()
+    where = (f"( sport = :{local[1]} and dport = :{peer[1]} ) or "
+             f"( sport = :{peer[1]} and dport = :{local[1]} )")
+    out = subprocess.run(["ss", "-tinoe", "state", "all", where], capture_output=True,
+                         text=True, check=False).stdout
+    return " | ".join(line.strip() for line in out.splitlines()[1:])
+
+
 def check(conn: Conn, ours: socket.socket) -> None:
     """Both directions of a migrated connection carry the queued data and one byte more."""
+    try:
+        check_both_ways(conn, ours)
+    except RuntimeError as exc:
+        kind = "inbound" if conn.inbound else "outbound"
+        raise RuntimeError(f"connection {conn.index} ({kind}): {exc}") from exc
+
+
+def check_both_ways(conn: Conn, ours: socket.socket) -> None:
     ours.setblocking(True)
     ours.settimeout(10)
     ours.sendall(b"T")
@@ -336,7 +367,8 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers) -> 
         source.start()
         forward = source.listening_sockets()[0]
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
         server.bind(("127.0.0.1", server_port))
         server.listen(1024)
         conns = open_conns(n, server, forward, busy=busy, rcvq=args.rcvq, sndq=args.sndq)
@@ -487,7 +519,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rcvq", type=int, default=96 << 10,
                     help="busy: bytes in tether's receive queue per connection")
-    ap.add_argument("--sndq", type=int, default=64 << 10,
+    ap.add_argument("--sndq", type=int, default=128 << 10,
                     help="busy: bytes tether has sent or queued, unacknowledged, per connection")
     ap.add_argument("--linger", action="store_true",
                     help="source keeps its sockets until the front-end goes (cross-host mode; "
