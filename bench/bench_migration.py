@@ -64,14 +64,17 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import fcntl
 import gc
 import itertools
 import logging
 import os
 import random
+import re
 import resource
 import select
+import selectors
 import socket
 import statistics
 import struct
@@ -80,6 +83,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 from tether.handover.device_state import Handover
 from tether.handover.format import TETHER_FORMAT
@@ -239,6 +243,9 @@ class Result:
     queued: int
     checked: int
     unheld: int
+    check_s: float
+    retrans: int
+    migrated: bool = True
 
 
 def open_conns(n: int, server: socket.socket, forward: socket.socket, *, busy: bool,
@@ -299,23 +306,7 @@ def in_flight(stack: Stack) -> list[int]:
     return [(r.seq_to_tap - r.seq_ack_from_tap) & MASK32 for r, _ in stack.dump_tcp_flows()]
 
 
-def recv_exactly(sock: socket.socket, length: int) -> bytes:
-    sock.setblocking(True)
-    sock.settimeout(10)
-    out = bytearray()
-    while len(out) < length:
-        try:
-            data = sock.recv(length - len(out))
-        except TimeoutError:
-            raise RuntimeError(f"stalled after {len(out)} of {length} bytes: "
-                               f"{tcp_info(sock)}") from None
-        if not data:
-            raise RuntimeError(f"EOF after {len(out)} of {length} bytes")
-        out += data
-    return bytes(out)
-
-
-def tcp_info(sock: socket.socket) -> str:
+def ss_info(sock: socket.socket) -> str:
     """ss's view of both ends of a connection, for a failure message."""
     local, peer = sock.getsockname(), sock.getpeername()
     where = (f"( sport = :{local[1]} and dport = :{peer[1]} ) or "
@@ -325,31 +316,63 @@ def tcp_info(sock: socket.socket) -> str:
     return " | ".join(line.strip() for line in out.splitlines()[1:])
 
 
-def check(conn: Conn, ours: socket.socket) -> None:
-    """Both directions of a migrated connection carry the queued data and one byte more."""
-    try:
-        check_both_ways(conn, ours)
-    except RuntimeError as exc:
-        kind = "inbound" if conn.inbound else "outbound"
-        raise RuntimeError(f"connection {conn.index} ({kind}): {exc}") from exc
+TCPI_TOTAL_RETRANS = struct.Struct("=100xI")
 
 
-def check_both_ways(conn: Conn, ours: socket.socket) -> None:
-    ours.setblocking(True)
-    ours.settimeout(10)
-    ours.sendall(b"T")
-    conn.peer.sendall(b"P")
-    got = recv_exactly(conn.peer, len(conn.sndq) + 1)
-    if got != conn.sndq + b"T":
-        raise RuntimeError(f"connection {conn.index}: tether -> peer stream damaged "
-                           f"({len(got)} bytes)")
-    got = recv_exactly(ours, len(conn.rcvq) + 1)
-    if got != conn.rcvq + b"P":
-        raise RuntimeError(f"connection {conn.index}: peer -> tether stream damaged "
-                           f"({len(got)} bytes)")
+def total_retrans(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_TOTAL_RETRANS.size)
+    value: int = TCPI_TOTAL_RETRANS.unpack(raw)[0]
+    return value
 
 
-def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers) -> Result:
+def check_all(pairs: Sequence[tuple[Conn, socket.socket]], timeout: float) -> float:
+    """Every connection carries its queued data and one byte more, both ways, in order.
+
+    tether's socket writes b"T" after its send queue, the peer b"P" after what it
+    had sent; all of them are read at once (a stalled connection does not hold up
+    the others' windows).  Returns the seconds until the last byte arrived.
+    """
+    started = time.monotonic()
+    expect: dict[int, tuple[socket.socket, bytes, bytearray, str]] = {}
+    with selectors.DefaultSelector() as sel:
+        for conn, ours in pairs:
+            ours.setblocking(False)
+            conn.peer.setblocking(False)
+            ours.send(b"T")
+            conn.peer.send(b"P")
+            kind = "inbound" if conn.inbound else "outbound"
+            for sock, data, what in ((conn.peer, conn.sndq + b"T", "tether -> peer"),
+                                     (ours, conn.rcvq + b"P", "peer -> tether")):
+                expect[sock.fileno()] = (sock, data, bytearray(),
+                                         f"connection {conn.index} ({kind}) {what}")
+                sel.register(sock, selectors.EVENT_READ)
+        deadline = started + timeout
+        while expect:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                sock, data, got, what = next(iter(expect.values()))
+                raise RuntimeError(f"{len(expect)} directions stalled, e.g. {what} after "
+                                   f"{len(got)} of {len(data)} bytes: {ss_info(sock)}")
+            for key, _ in sel.select(left):
+                sock, data, got, what = expect[key.fd]
+                chunk = sock.recv(len(data) - len(got))
+                if not chunk:
+                    raise RuntimeError(f"{what}: EOF after {len(got)} of {len(data)} bytes")
+                got += chunk
+                if got != data[:len(got)]:
+                    raise RuntimeError(f"{what}: stream damaged within bytes "
+                                       f"{len(got) - len(chunk)}-{len(got)}")
+                if len(got) == len(data):
+                    sel.unregister(sock)
+                    del expect[key.fd]
+    return time.monotonic() - started
+
+
+CHECK_TIMEOUT = 60.0
+
+
+def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers, *,
+             control: bool = False) -> Result:
     loop, loop2 = Loop(), Loop()
     server_port = next(PORTS)
     fwd = server_port + 1
@@ -380,6 +403,11 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers) -> 
             raise RuntimeError("the source stack did not push the receive queues to the guest")
         if busy and not all(ioctl_int(c.ours, SIOCOUTQ) > 0 for c in conns):
             raise RuntimeError("a busy connection has an empty send queue")
+        if control:  # the same connections, not migrated: what the checks cost without
+            source.forget_tcp_flows()
+            took = check_all([(c, c.ours) for c in conns], CHECK_TIMEOUT)
+            return Result(n, busy, 0, 0, 0, 0, 0, n, 0, took,
+                          sum(total_retrans(c.ours) for c in conns), migrated=False)
         src = Handover(source, helpers.clients[0], require_repair=True, linger=args.linger,
                        listeners=source.listening_sockets)
         dst = Handover(target, helpers.clients[1], require_repair=True)
@@ -413,8 +441,8 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers) -> 
         restored = target.forget_tcp_flows()
         picks = range(n) if args.check == 0 else sorted({0, n // 2, n - 1})[:args.check]
         socks = {by_ends[sock.getpeername(), sock.getsockname()].index: sock for _, sock in flows}
-        for i in picks:
-            check(conns[i], socks[i])
+        took = check_all([(conns[i], socks[i]) for i in picks], CHECK_TIMEOUT)
+        retrans = sum(total_retrans(sock) for sock in restored)
         flows_sent: list[TcpFlow] = parse(TETHER_FORMAT, data).value("tcp flows") or []
         if len(flows_sent) != n:
             raise RuntimeError(f"{len(flows_sent)} flows in the state, {n} expected")
@@ -422,7 +450,7 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers) -> 
         if busy and not all(f.socket.send_queue and f.socket.recv_queue for f in flows_sent):
             raise RuntimeError("a busy connection was dumped with an empty queue")
         return Result(n, busy, t1 - t0, t3 - t2, t4 - t3, len(data), queued, len(picks),
-                      HOLD_FAILURES.count - unheld_before)
+                      HOLD_FAILURES.count - unheld_before, took, retrans)
     finally:
         for sock in restored:
             sock.close()
@@ -512,6 +540,134 @@ def report(results: list[Result], empty: int, args: argparse.Namespace) -> None:
           f"{'within' if per_flow <= REF_PER_FLOW else 'OVER'} target")
 
 
+# -- the real VM (--vm) -------------------------------------------------------------
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) tether: (.*)$", re.M)
+
+
+def log_events(text: str) -> list[tuple[datetime.datetime, str]]:
+    return [(datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f"), msg)
+            for t, msg in LOG_TIME.findall(text)]
+
+
+def span_ms(text: str, start: str, end: str) -> float | None:
+    """ms from the first log line containing start to the next containing end."""
+    began = None
+    for when, msg in log_events(text):
+        if began is None and start in msg:
+            began = when
+        elif began is not None and end in msg:
+            return (when - began).total_seconds() * 1e3
+    return None
+
+
+def vm_migration(rate: str, seconds: int) -> None:
+    """One same-host migration of a TCG guest on tether, streams both ways (as
+    tests/vm/test_migration.py sets it up), with QMP's and tether's figures."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from tests.vm import pattern  # noqa: PLC0415  (QEMU and the guest only with --vm)
+    from tests.vm.guest import DHCP_ARG, build_tstream, ensure_guest  # noqa: PLC0415
+    from tests.vm.harness import Vm, qemu_missing_reason, wait_for  # noqa: PLC0415
+    from tests.vm.tetherlab import Helper, Peer, Tether, host_namespace  # noqa: PLC0415
+
+    reason = qemu_missing_reason()
+    if reason:
+        sys.exit(f"--vm: {reason}")
+    guest = ensure_guest()
+    up_port, down_port = 6000, 5001
+    with tempfile.TemporaryDirectory(prefix="tbm") as tmp, host_namespace("tbm") as ns:
+        work = Path(tmp)
+        tstream = build_tstream(work)
+        procs: list[Tether | Helper | Peer] = []
+        vms: list[Vm] = []
+        try:
+            tethers = []
+            for name, port in (("t1", down_port), ("t2", down_port + 1)):
+                t = Tether(work, name, ns, "-t", str(port), "--migrate-no-linger")
+                procs.append(t)
+                procs.append(Helper(work, f"{name}-helper", t))
+                t.wait_log(r"repair helper pid \d+ connected")
+                tethers.append(t)
+            t1, t2 = tethers
+            vm1 = Vm(work, "vm1", t1.socket, guest, kernel_args=[DHCP_ARG])
+            vms.append(vm1)
+            vm2 = Vm(work, "vm2", t2.socket, guest, kernel_args=[DHCP_ARG],
+                     incoming=f"unix:{work}/vm2.migrate")
+            vms.append(vm2)
+            vm1.wait_booted()
+
+            def run(vm: Vm, command: str, timeout: float = 60) -> str:
+                status, out = vm.console.run(command, timeout)
+                if status != 0:
+                    raise RuntimeError(f"{vm.name}: {command}: {out}")
+                return out
+
+            run(vm1, "ping -c 1 -W 5 10.200.0.1")
+            progress = work / "up.progress"
+            up = Peer(work, "up", ns, tstream, "-t", "8", "-p", str(progress), "serve",
+                      str(up_port), "recv", "7")
+            procs.append(up)
+            up.wait_log("TSTREAM listening")
+            run(vm1, f"tstream -r {rate} -d {seconds} -t 8 send 10.200.0.1 {up_port} 0 7 "
+                     ">/tmp/up.out 2>&1 & true")
+            run(vm1, f"tstream -t 8 serve {down_port} recv 9 >/tmp/down.out 2>/tmp/down.err "
+                     "& true")
+            run(vm1, "until grep -q listening /tmp/down.err; do usleep 20000; done")
+            down = Peer(work, "down", ns, tstream, "-r", rate, "-d", str(seconds), "-t", "8",
+                        "send", "127.0.0.1", str(down_port), "0", "9")
+            procs.append(down)
+            wait_for(lambda: "bytes=" in (progress.read_text() if progress.exists() else "")
+                     and int(progress.read_text().split("bytes=")[1].split()[0]) > 1 << 20,
+                     60, "the guest->host stream to carry 1 MiB")
+            for vm in (vm1, vm2):
+                vm.qmp("migrate-set-capabilities",
+                       capabilities=[{"capability": "return-path", "state": True}])
+            vm1.qmp("migrate", uri=f"unix:{work}/vm2.migrate")
+            wait_for(lambda: vm1.qmp("query-migrate").get("status") in
+                     ("completed", "failed", "cancelled"), 120, "the migration to end")
+            info = vm1.qmp("query-migrate")
+            if info.get("status") != "completed":
+                raise RuntimeError(f"migration {info.get('status')}: {info}")
+            t2.wait_log("migration: guest resumed here")
+            up_result = up.result(seconds * 4)
+            down_result = down.result(seconds * 4)
+            run(vm2, "wait; true", seconds * 4)
+            guest_up = pattern.parse_result(run(vm2, "cat /tmp/up.out"))
+            guest_down = pattern.parse_result(run(vm2, "cat /tmp/down.out"))
+            vm1.close()
+            t1.wait_log("migration complete")
+            src, dst = t1.text(), t2.text()
+        finally:
+            for vm in vms:
+                vm.close()
+            for proc in reversed(procs):
+                proc.stop()
+    size = re.search(r"migration: state saved, (\d+) bytes", src)
+    resumed = re.search(r"resumed (\d+ of \d+) TCP connections", dst)
+    save = span_ms(src, "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE")
+    load = span_ms(dst, "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE")
+    thaw = span_ms(dst, "CHECK_DEVICE_STATE", "guest resumed here")
+    print(f"\nVM migration (TCG, 2 streams at {rate}B/s each way, tether --migrate-no-linger):")
+    print(f"  QMP: total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
+          f"setup {info.get('setup-time')} ms; RAM {info.get('ram', {}).get('transferred')} B")
+    print(f"  tether: state {size.group(1) if size else '?'} B; from SET_DEVICE_STATE_FD to "
+          f"CHECK_DEVICE_STATE (log, ms resolution): save {fmt_ms(save)}, load {fmt_ms(load)}; "
+          f"CHECK to thaw done {fmt_ms(thaw)}; {resumed.group(1) if resumed else '?'} resumed")
+    print(f"  streams: up host {up_result} / guest {guest_up}; down host {down_result} / "
+          f"guest {guest_down}")
+    ok = (up_result.get("result") == "ok" and guest_down.get("result") == "ok"
+          and up_result.get("bytes") == guest_up.get("bytes")
+          and down_result.get("bytes") == guest_down.get("bytes"))
+    print(f"  streams intact: {'yes' if ok else 'NO'}")
+    print("  reference (passt, 2 x 2 MB/s): total 3.3-4.0 s, downtime 165-197 ms with -d, "
+          "90 ms without; state 0.2-0.5 MB")
+
+
+def fmt_ms(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f} ms"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -525,10 +681,15 @@ def main() -> None:
                     help="source keeps its sockets until the front-end goes (cross-host mode; "
                          "here the source is committed before the target loads)")
     ap.add_argument("--idle-only", action="store_true")
+    ap.add_argument("--control", action="store_true",
+                    help="after each busy run, the same connections checked without migrating")
     ap.add_argument("--check", type=int, default=0,
                     help="connections checked after the thaw: 0 = all (default), else up to 3")
     ap.add_argument("--vm", action="store_true",
                     help="also migrate a real VM with 2 busy connections (QMP downtime)")
+    ap.add_argument("--vm-only", action="store_true", help="only the VM migration")
+    ap.add_argument("--vm-rate", default="2M", help="--vm: bytes/s of each stream (tstream -r)")
+    ap.add_argument("--vm-seconds", type=int, default=20, help="--vm: length of each stream")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_migration: needs root (network namespace, TCP_REPAIR)")
@@ -536,6 +697,9 @@ def main() -> None:
     logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.vm_only:
+        vm_migration(args.vm_rate, args.vm_seconds)
+        return
     counts = [int(c) for c in args.counts.split(",")]
     loads = [False] if args.idle_only else [False, True]
     results: list[Result] = []
@@ -551,14 +715,19 @@ def main() -> None:
                         results.append(r)
                         print(f"  run {rep + 1}: {n:>5} {'busy' if busy else 'idle'}: save "
                               f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
-                              f"{r.thaw * 1e3:.2f} ms, {r.size} B, {r.checked} checked, "
-                              f"{r.unheld} addresses not held",
-                              flush=True)
+                              f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
+                              f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
+                              f"{r.unheld} addresses not held", flush=True)
+                        if busy and args.control:
+                            c = scenario(n, busy, args, helpers, control=True)
+                            print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "
+                                  f"checked in {c.check_s:.2f} s, {c.retrans} "
+                                  "retransmissions", flush=True)
         finally:
             helpers.close()
     report(results, empty_state_size(), args)
     if args.vm:
-        sys.exit("--vm: not implemented yet")
+        vm_migration(args.vm_rate, args.vm_seconds)
 
 
 if __name__ == "__main__":
