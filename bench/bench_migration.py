@@ -590,9 +590,9 @@ def vm_migration(rate: str, seconds: int) -> None:
                 t.wait_log(r"repair helper pid \d+ connected")
                 tethers.append(t)
             t1, t2 = tethers
-            vm1 = Vm(work, "vm1", t1.socket, guest, kernel_args=[DHCP_ARG])
+            vm1 = Vm(work, "vm1", t1.socket, guest, kernel_args=[DHCP_ARG], memory_mib=512)
             vms.append(vm1)
-            vm2 = Vm(work, "vm2", t2.socket, guest, kernel_args=[DHCP_ARG],
+            vm2 = Vm(work, "vm2", t2.socket, guest, kernel_args=[DHCP_ARG], memory_mib=512,
                      incoming=f"unix:{work}/vm2.migrate")
             vms.append(vm2)
             vm1.wait_booted()
@@ -648,12 +648,13 @@ def vm_migration(rate: str, seconds: int) -> None:
     save = span_ms(src, "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE")
     load = span_ms(dst, "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE")
     thaw = span_ms(dst, "CHECK_DEVICE_STATE", "guest resumed here")
-    print(f"\nVM migration (TCG, 2 streams at {rate}B/s each way, tether --migrate-no-linger):")
+    print(f"\nVM migration (TCG, 512 MiB guest, 2 streams at {rate}B/s each way, tether -d "
+          "--migrate-no-linger):")
     print(f"  QMP: total-time {info.get('total-time')} ms, downtime {info.get('downtime')} ms, "
           f"setup {info.get('setup-time')} ms; RAM {info.get('ram', {}).get('transferred')} B")
     print(f"  tether: state {size.group(1) if size else '?'} B; from SET_DEVICE_STATE_FD to "
           f"CHECK_DEVICE_STATE (log, ms resolution): save {fmt_ms(save)}, load {fmt_ms(load)}; "
-          f"CHECK to thaw done {fmt_ms(thaw)}; {resumed.group(1) if resumed else '?'} resumed")
+          f"target CHECK to thawed (includes QEMU starting the rings) {fmt_ms(thaw)}; {resumed.group(1) if resumed else '?'} resumed")
     print(f"  streams: up host {up_result} / guest {guest_up}; down host {down_result} / "
           f"guest {guest_down}")
     ok = (up_result.get("result") == "ok" and guest_down.get("result") == "ok"
