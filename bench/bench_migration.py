@@ -75,6 +75,7 @@ import re
 import resource
 import select
 import selectors
+import shutil
 import socket
 import statistics
 import struct
@@ -576,8 +577,8 @@ def vm_migration(rate: str, seconds: int) -> None:
         sys.exit(f"--vm: {reason}")
     guest = ensure_guest()
     up_port, down_port = 6000, 5001
-    with tempfile.TemporaryDirectory(prefix="tbm") as tmp, host_namespace("tbm") as ns:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="tbm"))
+    with host_namespace("tbm") as ns:
         tstream = build_tstream(work)
         procs: list[Tether | Helper | Peer] = []
         vms: list[Vm] = []
@@ -638,11 +639,15 @@ def vm_migration(rate: str, seconds: int) -> None:
             vm1.close()
             t1.wait_log("migration complete")
             src, dst = t1.text(), t2.text()
+        except BaseException:
+            print(f"--vm failed: logs kept in {work}", file=sys.stderr)
+            raise
         finally:
             for vm in vms:
                 vm.close()
             for proc in reversed(procs):
                 proc.stop()
+    shutil.rmtree(work)
     size = re.search(r"migration: state saved, (\d+) bytes", src)
     resumed = re.search(r"resumed (\d+ of \d+) TCP connections", dst)
     save = span_ms(src, "SET_DEVICE_STATE_FD", "CHECK_DEVICE_STATE")
@@ -654,7 +659,8 @@ def vm_migration(rate: str, seconds: int) -> None:
           f"setup {info.get('setup-time')} ms; RAM {info.get('ram', {}).get('transferred')} B")
     print(f"  tether: state {size.group(1) if size else '?'} B; from SET_DEVICE_STATE_FD to "
           f"CHECK_DEVICE_STATE (log, ms resolution): save {fmt_ms(save)}, load {fmt_ms(load)}; "
-          f"target CHECK to thawed (includes QEMU starting the rings) {fmt_ms(thaw)}; {resumed.group(1) if resumed else '?'} resumed")
+          f"target CHECK to thawed (includes QEMU starting the rings) {fmt_ms(thaw)}; "
+          f"{resumed.group(1) if resumed else '?'} resumed")
     print(f"  streams: up host {up_result} / guest {guest_up}; down host {down_result} / "
           f"guest {guest_down}")
     ok = (up_result.get("result") == "ok" and guest_down.get("result") == "ok"
