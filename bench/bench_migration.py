@@ -1,7 +1,10 @@
 """Issue 6: what a live migration costs tether, with 1, 2, 100 and 1000 TCP connections.
 
     sudo .venv/bin/python bench/bench_migration.py [--counts 1,2,100,1000] [--repeat 3]
-        [--rcvq BYTES] [--sndq BYTES] [--linger] [--vm]
+        [--rcvq BYTES] [--sndq BYTES] [--check N] [--control] [--linger]
+        [--vm | --vm-only] [--vm-rate 2M] [--vm-seconds 20]
+
+(bench/README.md has the same in a table.)
 
 Needs root: it creates (and deletes) its own network namespace, and two real
 tether-repair helpers switch TCP_REPAIR on the sockets.
@@ -33,13 +36,15 @@ Loads: "idle" = nothing queued.  "busy" = at the freeze each connection holds
 guest by the source stack, peeking, and not acknowledged by the guest: data
 in flight towards the guest, as passt's busy flows have) and --sndq bytes in
 tether's send queue that the peer has not acknowledged (its receive buffer is
-tiny and it is not reading).  The queues are a snapshot: peers do not write
+small and it is not reading).  The queues are a snapshot: peers do not write
 during the measured calls.
 
-After each thaw, up to three migrated connections are checked at the socket
-level: the peer reads the whole send queue and a marker byte tether's restored
-socket writes, and tether's restored socket reads the whole receive queue and
-a marker byte the peer writes, byte for byte.  A failed check aborts the run.
+After each thaw every migrated connection (--check 3: three of them) is checked
+at the socket level, all at once: the peer reads the whole send queue and a
+marker byte tether's restored socket writes, and tether's restored socket reads
+the whole receive queue and a marker byte the peer writes, byte for byte.  A
+failed check aborts the run.  --control repeats each busy run without migrating
+(the same checks on the original sockets), as a baseline.
 
 Columns (medians over --repeat runs, interleaved so noise hits all rows alike):
     conns        N
@@ -48,14 +53,16 @@ Columns (medians over --repeat runs, interleaved so noise hits all rows alike):
     s+l min-max  spread of save + load over the runs
     src/dst us   per connection: save / N and (load + thaw) / N
     state B      the device-state stream's size
-    queued B     bytes of the sockets' queues inside it (SIOCINQ + SIOCOUTQ)
+    queued B     bytes of the sockets' queues inside it (read back from the stream)
     fixed/conn   (state - queued) / N   (includes the stream's own overhead)
     per flow     (state - queued - empty state) / N: bytes each flow adds
 
---vm (optional): one real migration of a QEMU 10 guest on tether with two
-busy connections (one stream each way), printing QMP downtime and total-time
-and the state size tether logged.  Uses tests/vm (needs QEMU 10 and the guest
-image; slow under TCG).
+--vm (optional; --vm-only skips the rest): one real same-host migration of a
+512 MiB TCG guest on two tethers with a checked stream each way, printing QMP
+downtime and total-time, the state size tether logged, the save/load spans
+(SET_DEVICE_STATE_FD to CHECK_DEVICE_STATE, as the reference measured them)
+from its log, and whether both streams arrived intact.  Uses tests/vm (QEMU 10
+and the guest image).
 """
 
 from __future__ import annotations
