@@ -56,6 +56,9 @@ def test_thousand_connections_move_in_batches(
     assert len(socks) == 1000, [e for e in restored if not isinstance(e, socket.socket)][:3]
     assert tcp.thaw_many(list(zip(socks, states, strict=True)), backend) == [None] * 1000
     assert all(repair_flag(s) == 0 for s in socks)
+    # Leaving repair mode clears SO_REUSEADDR; a thawed socket's TIME-WAIT would block
+    # a later SO_REUSEADDR bind of its port (a -t listener) for a minute.
+    assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1 for s in socks)
     for s, (_, peer) in zip(socks, pairs, strict=True):
         s.sendall(b"x")
         peer.sendall(b"y")

@@ -419,6 +419,7 @@ def resume(sock: socket.socket, st: TcpConnState, tail_timeout: float = 5.0) -> 
       receive queue is drained, as on the source.  It sends nothing.
     """
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # leaving repair cleared it
         if st.unsent_len:
             _send_tail(sock, memoryview(st.send_queue)[st.sent_len :], tail_timeout)
         if st.state in FIN_RECEIVED:
