@@ -107,6 +107,14 @@ def run(config: Config) -> int:
                                 linger=config.linger, max_size=config.max_state,
                                 listeners=stack.listening_sockets)
             device = VhostUserNetDevice(loop, port, state=handover)
+
+            def checksum_offload(guest_takes_partial: bool) -> bool:
+                # The guest completes TCP/UDP checksums: the stack leaves the
+                # pseudo-header sum, as it does for a tap with a vnet header.
+                stack.output.partial_l4_checksums = guest_takes_partial
+                return guest_takes_partial
+
+            device.on_checksum_offload = checksum_offload
             server = VhostUserServer(loop, config.socket_path, device)
             sink = device
             log.info("waiting for QEMU on %s (vhost-user)", config.socket_path)

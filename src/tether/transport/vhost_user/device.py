@@ -40,6 +40,8 @@ NUM_QUEUES = 2
 # MRG_RXBUF; only num_buffers (offset 10) is ever non-zero here, as no
 # offloads are offered.
 NET_HDR_NUM_BUFFERS = struct.Struct("<H")
+_ZERO_HDR = bytes(12)
+NET_HDR_CSUM = struct.Struct("<B5xHH")  # flags, (gso_type, hdr_len, gso_size), csum_start/offset
 MAX_FRAME = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
 TX_BATCH = 64  # chains per pass before yielding to other fds
 STATE_TRANSFER_TIMEOUT = 60.0
@@ -103,6 +105,10 @@ class VhostUserNetDevice:
         self.port = port
         self.state = state
         self.on_rarp = on_rarp
+        self.on_checksum_offload: Callable[[bool], bool] | None = None
+        """Told whether the guest takes partial TCP/UDP checksums; answers whether the
+        frames sent from now on will carry them (the stack then skips the sum)."""
+        self.partial_checksums = False
         self.offered_features = p.OFFERED_FEATURES
         self.offered_protocol = p.OFFERED_PROTOCOL_FEATURES
         if state is None:
@@ -126,9 +132,31 @@ class VhostUserNetDevice:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _set_partial_checksums(self, guest_takes_them: bool) -> None:
+        callback = getattr(self, "on_checksum_offload", None)
+        self.partial_checksums = bool(callback(guest_takes_them)) if callback else False
+
+    def _checksum_fields(self, frame: bytes | bytearray | memoryview) -> None:
+        """NEEDS_CSUM with where the TCP/UDP checksum starts and lies, in the header
+        template, for a frame whose L4 checksum field holds the pseudo-header sum."""
+        hdr = self._hdr
+        if len(frame) < 42:
+            return
+        if frame[12] == 0x08 and frame[13] == 0x00:
+            proto, l4 = frame[23], 14 + (frame[14] & 0xF) * 4
+        elif frame[12] == 0x86 and frame[13] == 0xDD:
+            proto, l4 = frame[20], 54
+        else:
+            return
+        if proto == 6:
+            NET_HDR_CSUM.pack_into(hdr, 0, p.NET_HDR_F_NEEDS_CSUM, l4, 16)
+        elif proto == 17:
+            NET_HDR_CSUM.pack_into(hdr, 0, p.NET_HDR_F_NEEDS_CSUM, l4, 6)
+
     def _reset(self) -> None:
         """Back to the state of a device no front-end has touched."""
         self.features = 0
+        self._set_partial_checksums(False)
         self.protocol_features = 0
         self.hdr_len = 12
         self.mergeable = False
@@ -286,6 +314,7 @@ class VhostUserNetDevice:
         self.mergeable = bool(features & (1 << p.F_NET_MRG_RXBUF))
         self.hdr_len = 12 if version_1 or self.mergeable else 10
         self.logging = bool(features & (1 << p.F_LOG_ALL))
+        self._set_partial_checksums(bool(features & (1 << p.F_NET_GUEST_CSUM)))
         if not features & (1 << p.F_PROTOCOL_FEATURES):
             # vhost-user.rst "Ring states": without PROTOCOL_FEATURES rings
             # are enabled as soon as they start.
@@ -819,6 +848,8 @@ class VhostUserNetDevice:
         heads = self._rx_heads
         dirty = self._log()
         hdr = self._hdr
+        if self.partial_checksums:
+            self._checksum_fields(frame)
         if len(segs) == 1:
             # The common case (one buffer, one descriptor): two slice copies.
             view, off, _, gpa = segs[0]
@@ -826,7 +857,7 @@ class VhostUserNetDevice:
                 hdr[10] = 1  # num_buffers
             view[off:off + hdr_len] = hdr[:hdr_len]
             view[off + hdr_len:off + need] = frame
-            hdr[10] = 0
+            hdr[:] = _ZERO_HDR
             if dirty is not None:
                 dirty.mark(gpa, need)
             vq.push_used(heads[0][0], need, dirty)
@@ -857,8 +888,7 @@ class VhostUserNetDevice:
                 written += n
             first = end
             vq.push_used(head, written, dirty)
-        if hdr_len == 12:
-            hdr[10] = hdr[11] = 0
+        hdr[:] = _ZERO_HDR
         self.rx_frames += 1
         if len(heads) > 1:
             self.rx_multi_buffer += 1
@@ -874,7 +904,11 @@ class VhostUserNetDevice:
         place — e.g. headers, then `socket.recvmsg_into(views[...])` — and
         then `rx_commit(length)`; or `rx_abort()`.  None if the guest has no
         room now (guest_room_available() follows).  The views die at commit.
+        Frames sent this way carry no checksum offload: the caller completes them.
         """
+        if self.partial_checksums:
+            raise RuntimeError("zero-copy RX frames need full checksums: not with "
+                               "partial checksums on")
         if self._rx_views is not None:
             raise RuntimeError("rx_buffers() called twice without rx_commit()/rx_abort()")
         hdr_len = self.hdr_len

@@ -94,6 +94,8 @@ def request_name(request: int) -> str:
 
 
 # -- feature bits (virtio spec 1.2 §6 "Reserved Feature Bits", §5.1.3; vhost-user.rst)
+F_NET_CSUM = 0  # the device takes frames with a partial checksum (virtio 1.2 5.1.3)
+F_NET_GUEST_CSUM = 1  # the driver takes frames with a partial checksum
 F_NET_MRG_RXBUF = 15
 F_LOG_ALL = 26  # VHOST_F_LOG_ALL
 F_RING_INDIRECT_DESC = 28
@@ -113,7 +115,10 @@ OFFERED_FEATURES = (
     | (1 << F_PROTOCOL_FEATURES)
     | (1 << F_LOG_ALL)
     | (1 << F_NET_MRG_RXBUF)
+    | (1 << F_NET_CSUM)
+    | (1 << F_NET_GUEST_CSUM)
 )
+NET_HDR_F_NEEDS_CSUM = 1  # virtio 1.2 5.1.6: checksum from csum_start, stored at +csum_offset
 OFFERED_PROTOCOL_FEATURES = (
     (1 << PF_LOG_SHMFD) | (1 << PF_RARP) | (1 << PF_REPLY_ACK) | (1 << PF_DEVICE_STATE)
 )
