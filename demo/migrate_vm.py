@@ -53,10 +53,7 @@ def main() -> int:
             try:
                 return run(lab)
             finally:
-                for vm in lab.vms:
-                    vm.close()
-                for p in reversed(lab.processes):
-                    p.stop()
+                lab.close()
 
 
 def run(lab: Lab) -> int:

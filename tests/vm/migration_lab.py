@@ -66,6 +66,13 @@ class Lab:
         self.processes.append(p)
         return p
 
+    def close(self) -> None:
+        """Stop every VM, then every process, newest first."""
+        for vm in self.vms:
+            vm.close()
+        for p in reversed(self.processes):
+            p.stop()
+
     def logs(self) -> str:
         out = []
         for p in self.processes:

@@ -42,10 +42,7 @@ def lab(workdir: Path, guest: GuestImage, tstream: Path) -> Iterator[Lab]:
         try:
             yield lab
         finally:
-            for vm in lab.vms:
-                vm.close()
-            for p in reversed(lab.processes):
-                p.stop()
+            lab.close()
 
 
 @pytest.mark.vm
@@ -265,10 +262,7 @@ def test_cross_host_migration_moves_the_address_with_the_connections(
                                     capture_output=True, text=True, check=False).stdout
             assert re.search(r"TcpEstabResets\s+0\b", resets), resets
         finally:
-            for vm in lab.vms:
-                vm.close()
-            for p in reversed(lab.processes):
-                p.stop()
+            lab.close()
 
 
 @pytest.mark.vm
