@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.vm.guest import build_tstream, ensure_guest
 from tests.vm.harness import qemu_missing_reason
 from tests.vm.migration_lab import (
-    DOWN_PORT,
+    SOURCE,
+    TARGET,
     Lab,
     migrate,
     start_streams,
@@ -57,10 +58,7 @@ def main() -> int:
 
 
 def run(lab: Lab) -> int:
-    t1 = lab.tether("tether1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("tether2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    t1, t2, vm1, vm2 = lab.pair(SOURCE, TARGET)
     print("  booting the guest on tether 1 (vhost-user, TCG: about 10 s)...")
     streams = start_streams(lab, vm1)
     _, out = vm1.console.run("ip -4 addr show eth0 | grep inet; ip route | grep default")

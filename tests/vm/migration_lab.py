@@ -12,6 +12,7 @@ checks every byte against its pattern and reports a reset as an error.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ RATE = "512K"  # per stream: slow enough to outlast the migration under TCG
 IDLE_LIMIT = "8"  # a stream that stalls this long fails: lost connections fail fast
 UP_PORT = 6000  # host service the guest connects to
 DOWN_PORT = 5001  # tether 1's -t port, where a host peer reaches the guest
+# Two tethers in one namespace: distinct -t ports, sockets closed as soon as saved.
+SOURCE = ("-t", str(DOWN_PORT), "--migrate-no-linger")
+TARGET = ("-t", str(DOWN_PORT + 1), "--migrate-no-linger")
 UP_SEED = 7
 DOWN_SEED = 9
 
@@ -60,6 +64,15 @@ class Lab:
                 incoming=f"unix:{self.work}/{name}.migrate" if incoming else None)
         self.vms.append(vm)
         return vm
+
+    def pair(self, source: Sequence[str], target: Sequence[str], *,
+             source_helper: bool = True, target_helper: bool = True,
+             source_ns: str | None = None,
+             target_ns: str | None = None) -> tuple[Tether, Tether, Vm, Vm]:
+        """Tether t1 serving vm1, and tether t2 with vm2 waiting to receive it."""
+        t1 = self.tether("t1", *source, helper=source_helper, ns=source_ns)
+        t2 = self.tether("t2", *target, helper=target_helper, ns=target_ns)
+        return t1, t2, self.vm("vm1", t1), self.vm("vm2", t2, incoming=True)
 
     def peer(self, name: str, *args: str) -> Peer:
         p = Peer(self.work, name, self.peer_ns or self.ns, self.tstream, *args)

@@ -18,7 +18,8 @@ import pytest
 from .guest import GuestImage, build_tstream
 from .harness import wait_for
 from .migration_lab import (
-    DOWN_PORT,
+    SOURCE,
+    TARGET,
     Lab,
     check_streams,
     migrate,
@@ -47,10 +48,7 @@ def lab(workdir: Path, guest: GuestImage, tstream: Path) -> Iterator[Lab]:
 
 @pytest.mark.vm
 def test_same_host_migration_keeps_streams_both_ways(lab: Lab) -> None:
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    t1, t2, vm1, vm2 = lab.pair(SOURCE, TARGET)
     streams = start_streams(lab, vm1)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
@@ -71,10 +69,8 @@ def test_target_refusing_the_state_leaves_the_source_running(lab: Lab, linger: b
     restarts the source's rings, and every connection carries on there, whether
     the source had closed its frozen sockets (re-created from the dump) or kept
     them (thawed)."""
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), *([] if linger else ["--migrate-no-linger"]))
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger", "--max-state", "100")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    t1, t2, vm1, vm2 = lab.pair(SOURCE if not linger else SOURCE[:2],
+                                (*TARGET, "--max-state", "100"))
     streams = start_streams(lab, vm1)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "failed", f"{info}\n{lab.logs()}"
@@ -86,10 +82,7 @@ def test_target_refusing_the_state_leaves_the_source_running(lab: Lab, linger: b
 
 @pytest.mark.vm
 def test_target_tether_dead_leaves_the_source_running(lab: Lab) -> None:
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    _, t2, vm1, vm2 = lab.pair(SOURCE, TARGET)
     streams = start_streams(lab, vm1)
     t2.stop(signal.SIGKILL)
     info = migrate(lab, vm1, vm2)
@@ -101,10 +94,7 @@ def test_target_tether_dead_leaves_the_source_running(lab: Lab) -> None:
 def test_without_a_helper_on_the_target_connections_reset_but_the_guest_moves(
         lab: Lab) -> None:
     """As with passt: no tether-repair, no connections; the VM still migrates."""
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger", helper=False)
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    _, t2, vm1, vm2 = lab.pair(SOURCE, TARGET, target_helper=False)
     start_streams(lab, vm1)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
@@ -114,11 +104,7 @@ def test_without_a_helper_on_the_target_connections_reset_but_the_guest_moves(
 
 @pytest.mark.vm
 def test_require_repair_on_the_target_fails_the_migration_instead(lab: Lab) -> None:
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger", "--require-repair",
-                    helper=False)
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    _, t2, vm1, vm2 = lab.pair(SOURCE, (*TARGET, "--require-repair"), target_helper=False)
     streams = start_streams(lab, vm1)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "failed", f"{info}\n{lab.logs()}"
@@ -129,10 +115,7 @@ def test_require_repair_on_the_target_fails_the_migration_instead(lab: Lab) -> N
 @pytest.mark.vm
 def test_cancelled_migration_leaves_the_source_running(lab: Lab) -> None:
     """migrate_cancel while RAM is still being copied: the source never froze."""
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    t1, _, vm1, vm2 = lab.pair(SOURCE, TARGET)
     streams = start_streams(lab, vm1)
     vm1.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 20})  # minutes for the RAM
     vm1.qmp("migrate", uri=f"unix:{lab.work}/{vm2.name}.migrate")
@@ -148,9 +131,8 @@ def test_cancelled_migration_leaves_the_source_running(lab: Lab) -> None:
 @pytest.mark.vm
 def test_ping_pong_keeps_the_same_connections(lab: Lab) -> None:
     """A -> B -> A -> B with the same two streams, each tether a target again."""
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger")
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vms = [lab.vm("vm1", t1), lab.vm("vm2", t2, incoming=True)]
+    t1, t2, vm1, vm2 = lab.pair(SOURCE, TARGET)
+    vms = [vm1, vm2]
     streams = start_streams(lab, vms[0])
     tethers = [t1, t2]
     for hop in range(3):
@@ -170,10 +152,7 @@ def test_ping_pong_keeps_the_same_connections(lab: Lab) -> None:
 def test_udp_flow_keeps_its_port_across_the_migration(lab: Lab) -> None:
     """iperf3's UDP server answers only the client port it started with: datagrams
     keep arriving after the move only if tether 2 re-created the flow on it."""
-    t1 = lab.tether("t1", "--migrate-no-linger")
-    t2 = lab.tether("t2", "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    _, t2, vm1, vm2 = lab.pair(SOURCE[2:], TARGET[2:])
     vm1.wait_booted()
     server = Process(in_ns(lab.ns, "iperf3", "-s", "-1", "-J", "-B", "127.0.0.1"),
                      lab.work / "iperf3.log")
@@ -207,10 +186,7 @@ MANY = 300
 @pytest.mark.vm
 def test_three_hundred_connections_move_together(lab: Lab) -> None:
     """More sockets than one helper message carries (253): batches, all of them moved."""
-    t1 = lab.tether("t1", "--migrate-no-linger")
-    t2 = lab.tether("t2", "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    _, t2, vm1, vm2 = lab.pair(SOURCE[2:], TARGET[2:])
     vm1.wait_booted()
     server = Process(in_ns(lab.ns, sys.executable, "-m", "tests.vm.manyconns", "6100", str(MANY),
                            "7"), lab.work / "many.log", cwd=ROOT)
@@ -245,10 +221,9 @@ def test_cross_host_migration_moves_the_address_with_the_connections(
         lab = Lab(workdir, hosts.source, tstream, guest, peer_ns=hosts.peer,
                   service=PEER_ADDR, forward=HOST_ADDR)
         try:
-            t1 = lab.tether("t1", "-t", str(DOWN_PORT), ns=hosts.source)
-            t2 = lab.tether("t2", "-t", str(DOWN_PORT), ns=hosts.target)
-            vm1 = lab.vm("vm1", t1)
-            vm2 = lab.vm("vm2", t2, incoming=True)
+            # Default (linger) mode, the same -t port: each is a host of its own.
+            t1, t2, vm1, vm2 = lab.pair(SOURCE[:2], SOURCE[:2], source_ns=hosts.source,
+                                        target_ns=hosts.target)
             streams = start_streams(lab, vm1)
             info = migrate(lab, vm1, vm2)
             assert info["status"] == "completed", f"{info}\n{lab.logs()}"
@@ -267,10 +242,7 @@ def test_cross_host_migration_moves_the_address_with_the_connections(
 
 @pytest.mark.vm
 def test_without_a_helper_on_the_source_peers_see_a_reset_not_a_hang(lab: Lab) -> None:
-    t1 = lab.tether("t1", "-t", str(DOWN_PORT), "--migrate-no-linger", helper=False)
-    t2 = lab.tether("t2", "-t", str(DOWN_PORT + 1), "--migrate-no-linger")
-    vm1 = lab.vm("vm1", t1)
-    vm2 = lab.vm("vm2", t2, incoming=True)
+    t1, _, vm1, vm2 = lab.pair(SOURCE, TARGET, source_helper=False)
     streams = start_streams(lab, vm1)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
