@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from tether.loop import Loop, Timer
+
 FlowKey = tuple[int, bytes, int, bytes, int]
 """(IP protocol, guest address, guest port, remote address as the guest sees it, remote port)."""
 
@@ -65,3 +67,24 @@ class FlowTable:
     def close_all(self) -> None:
         for flow in self:
             self.remove(flow)
+
+
+class IdleFlow(Flow, Protocol):
+    last_used: float
+    timer: Timer | None
+
+
+def expire_when_idle(loop: Loop, table: FlowTable, flow: IdleFlow, timeout: float) -> None:
+    """Remove flow from table once nothing used it for timeout seconds.
+
+    One timer per flow, re-armed for the remaining time when it fires early,
+    rather than a reset on every datagram: traffic costs nothing extra.
+    """
+    def check() -> None:
+        idle = loop.now() - flow.last_used
+        if idle >= timeout:
+            table.remove(flow)
+        else:
+            flow.timer = loop.call_later(timeout - idle, check)
+
+    flow.timer = loop.call_later(timeout, check)

@@ -14,7 +14,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from tether import loop as evloop
-from tether.net.flows import FlowKey, TableFull
+from tether.net.flows import FlowKey, TableFull, expire_when_idle
 from tether.net.output import L2L3, l4_offset
 from tether.wire import icmp, ipv4, ipv6
 
@@ -103,16 +103,7 @@ class IcmpTranslator:
         flow = EchoFlow(self, key, sock)
         self.stack.flows.add(flow)
         self.stack.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
-        timeout = self.stack.params.icmp_timeout
-
-        def check() -> None:
-            idle = self.stack.loop.now() - flow.last_used
-            if idle >= timeout:
-                self.stack.flows.remove(flow)
-            else:
-                flow.timer = self.stack.loop.call_later(timeout - idle, check)
-
-        flow.timer = self.stack.loop.call_later(timeout, check)
+        expire_when_idle(self.stack.loop, self.stack.flows, flow, self.stack.params.icmp_timeout)
         return flow
 
     def _readable(self, flow: EchoFlow) -> None:

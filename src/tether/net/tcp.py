@@ -445,17 +445,9 @@ class TcpTranslator:
             conn.pending += data
             conn.pending_fin = fin
             return
-        written = 0
-        if data:
-            try:
-                written = conn.sock.send(data)
-            except BlockingIOError:
-                written = 0
-            except OSError as exc:
-                log.debug("send to host: %s", exc)
-                self._reset_guest(conn)
-                return
-            conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        written = self._to_socket(conn, data)
+        if written is None:
+            return
         if written < len(data):
             self.socket_full += 1
             conn.sock_blocked = True
@@ -470,6 +462,22 @@ class TcpTranslator:
             return
         self._ack_later(conn)
 
+    def _to_socket(self, conn: TcpConn, data: bytes | bytearray | memoryview) -> int | None:
+        """Write guest data to the host socket: bytes taken (and now covered by
+        seq_from_tap), or None when the socket failed and the guest was reset."""
+        if not data:
+            return 0
+        try:
+            written = conn.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            log.debug("send to host: %s", exc)
+            self._reset_guest(conn)
+            return None
+        conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
+        return written
+
     def _guest_fin(self, conn: TcpConn) -> None:
         conn.seq_from_tap = (conn.seq_from_tap + 1) & 0xFFFFFFFF
         conn.events |= TAP_FIN_RCVD
@@ -481,15 +489,9 @@ class TcpTranslator:
     def _socket_writable(self, conn: TcpConn) -> None:
         """The socket has room again: write what was held, then acknowledge it."""
         pending = conn.pending
-        try:
-            written = conn.sock.send(pending) if pending else 0
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            log.debug("send to host: %s", exc)
-            self._reset_guest(conn)
+        written = self._to_socket(conn, pending)
+        if written is None:
             return
-        conn.seq_from_tap = (conn.seq_from_tap + written) & 0xFFFFFFFF
         del pending[:written]
         if pending:
             self._control(conn, wtcp.ACK)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tether import loop as evloop
-from tether.net.flows import FlowKey, TableFull
+from tether.net.flows import FlowKey, TableFull, expire_when_idle
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, l4_offset
 from tether.wire import ipv4, udp
 
@@ -138,16 +138,7 @@ class UdpTranslator:
         self.stack.send(view)
 
     def _schedule_expiry(self, flow: UdpFlow) -> None:
-        timeout = self.stack.params.udp_timeout
-
-        def check() -> None:
-            idle = self.stack.loop.now() - flow.last_used
-            if idle >= timeout:
-                self.stack.flows.remove(flow)
-            else:
-                flow.timer = self.stack.loop.call_later(timeout - idle, check)
-
-        flow.timer = self.stack.loop.call_later(timeout, check)
+        expire_when_idle(self.stack.loop, self.stack.flows, flow, self.stack.params.udp_timeout)
 
     # -- inbound (-u) ------------------------------------------------------
 
