@@ -1,6 +1,12 @@
 """iperf3 between a real TCG guest and a host service, through tether.
 
     python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-slirp] [--no-stream]
+                                    [--baseline DIR]
+
+`--baseline DIR` also runs the tether of DIR (a checkout, e.g.
+`git worktree add /tmp/base <commit>`) over vhost-user, on a second guest
+booted beside the first, alternating runs with this tree's: the ratio of
+the two is the figure to quote for a change, since the machine is shared.
 
 The same lab as tests/vm/test_tether_vm.py: a network namespace set up like
 a host, `tether --vhost-user` in it (no -d: debug logging costs CPU per
@@ -35,9 +41,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.vm.guest import DHCP_ARG, ensure_guest  # noqa: E402
+from tests.vm.guest import DHCP_ARG, GuestImage, ensure_guest  # noqa: E402
 from tests.vm.harness import Vm  # noqa: E402
-from tests.vm.tetherlab import GATEWAY, Process, Tether, host_namespace, in_ns  # noqa: E402
+from tests.vm.tetherlab import (  # noqa: E402
+    GATEWAY,
+    SRC,
+    Process,
+    Tether,
+    host_namespace,
+    in_ns,
+)
 
 IPERF_PORT = 5201
 CpuClock = Callable[[], float]
@@ -94,6 +107,8 @@ def main() -> None:
                         help="skip the QEMU -netdev user reference")
     parser.add_argument("--no-stream", action="store_true",
                         help="skip tether over -netdev stream")
+    parser.add_argument("--baseline", type=Path,
+                        help="a checkout whose tether runs beside this one, alternating")
     args = parser.parse_args()
     guest = ensure_guest()
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
@@ -103,32 +118,22 @@ def main() -> None:
                                "--forceflush"), work / "iperf3-s.log")
         try:
             server.wait_log(r"Server listening", 30)
-            for mode in ("vhost-user", "stream"):
-                if mode == "stream" and args.no_stream:
-                    continue
-                tether = Tether(work, f"t-{mode}", ns, debug=False,
-                                vhost_user=mode == "vhost-user")
-                try:
-                    vm = Vm(work, f"vm-{mode}", tether.socket, guest, kernel_args=[DHCP_ARG],
-                            netdev=mode)
-                    try:
-                        vm.wait_booted()
-                        rows += runs_on(vm, f"tether {mode}", GATEWAY, args,
-                                        tether.cpu_seconds)
-                    finally:
-                        vm.close()
-                finally:
-                    log = tether.stop()
-                if "Traceback" in log:
-                    print(log[-3000:], file=sys.stderr)
+            variants = [("tether", SRC)]
+            if args.baseline is not None:
+                variants.append(("baseline", args.baseline.resolve() / "src"))
+            rows += side_by_side(work, ns, guest, variants, args)
+            if not args.no_stream:
+                rows += side_by_side(work, ns, guest, [("tether", SRC)], args, mode="stream")
             if not args.no_slirp:
                 vm = Vm(work, "vm-user", work / "unused", guest, kernel_args=[DHCP_ARG],
                         netdev="user", prefix=in_ns(ns))
                 try:
                     vm.wait_booted()
                     pid = vm.proc.pid
-                    rows += runs_on(vm, "QEMU -netdev user", "10.0.2.2", args,
-                                    lambda: cpu_seconds(pid, pid))
+                    label = "QEMU -netdev user"
+                    for _ in range(args.runs):
+                        rows += runs_on(vm, label, "10.0.2.2", args,
+                                        lambda: cpu_seconds(pid, pid))
                 finally:
                     vm.close()
         finally:
@@ -149,21 +154,89 @@ def main() -> None:
                       sum(r.qemu_cpu for r in group)).line())
 
 
-def runs_on(vm: Vm, name: str, server: str, args: argparse.Namespace,
-            backend_cpu: CpuClock) -> list[Row]:
+def side_by_side(work: Path, ns: str, guest: GuestImage, variants: list[tuple[str, Path]],
+                 args: argparse.Namespace, *, mode: str = "vhost-user") -> list[Row]:
+    """One tether and guest per variant, all booted first; then the runs
+    alternate between them, so a change in the machine's load hits both.
+    The guests not measuring are paused (QMP stop): an idle TCG guest
+    still burns CPU.  A run whose guest broke (iperf3 failed) is reported,
+    the guest rebooted on the same tether, and the run done again."""
+    tethers: list[Tether] = []
+    vms: list[Vm] = []
+    boots = 0
+
+    def boot(name: str, tether: Tether) -> Vm:
+        nonlocal boots
+        boots += 1
+        return Vm(work, f"vm-{name}-{mode}-{boots}", tether.socket, guest,
+                  kernel_args=[DHCP_ARG], netdev=mode)
+
+    try:
+        for name, src in variants:
+            tethers.append(Tether(work, f"t-{name}-{mode}", ns, debug=False,
+                                  vhost_user=mode == "vhost-user", src=src))
+            vms.append(boot(name, tethers[-1]))
+        for vm in vms:
+            vm.wait_booted()
+            vm.qmp("stop")
+        labels = [f"{name} {mode}" for name, _ in variants]
+        rows = []
+        for _ in range(args.runs):
+            for i, (label, tether) in enumerate(zip(labels, tethers, strict=True)):
+                vms[i].qmp("cont")
+                for reverse in (False, True):
+                    for _attempt in range(3):
+                        try:
+                            rows.append(one_run(vms[i], label, GATEWAY, args,
+                                                reverse=reverse,
+                                                backend_cpu=tether.cpu_seconds))
+                            break
+                        except RuntimeError as e:
+                            print(f"{label}: run failed, guest rebooted: "
+                                  f"{str(e).splitlines()[-1]}\n{broken_guest(vms[i])}",
+                                  flush=True)
+                            vms[i].close()
+                            vms[i] = boot(variants[i][0], tether)
+                            vms[i].wait_booted()
+                vms[i].qmp("stop")
+        return rows
+    finally:
+        for vm in vms:
+            vm.close()
+        for tether in tethers:
+            log = tether.stop()
+            if "Traceback" in log:
+                print(log[-3000:], file=sys.stderr)
+
+
+def broken_guest(vm: Vm) -> str:
+    """The guest kernel's complaints, if any (e.g. a virtqueue it declared broken)."""
+    return "\n".join(line for line in vm.console.tail(20000).splitlines()
+                     if "virtio" in line or "BUG" in line or "watchdog" in line)
+
+
+def guest_mtu(vm: Vm) -> str:
     _, out = vm.console.run("ip link show eth0", 30)
     mtu = re.search(r"mtu (\d+)", out)
-    label = f"{name} (mtu {mtu.group(1) if mtu else '?'})"
-    rows = []
-    for _ in range(args.runs):
-        for reverse in (False, True):
-            b0, q0 = backend_cpu(), cpu_seconds(vm.proc.pid)
-            gbit, moved = iperf(vm, server, args.seconds, reverse)
-            b1, q1 = backend_cpu(), cpu_seconds(vm.proc.pid)
-            rows.append(Row(label, "host -> guest" if reverse else "guest -> host", gbit, moved,
-                            b1 - b0, q1 - q0))
-            print(rows[-1].line(), flush=True)
-    return rows
+    return mtu.group(1) if mtu else "?"
+
+
+def one_run(vm: Vm, label: str, server: str, args: argparse.Namespace, *, reverse: bool,
+            backend_cpu: CpuClock) -> Row:
+    b0, q0 = backend_cpu(), cpu_seconds(vm.proc.pid)
+    gbit, moved = iperf(vm, server, args.seconds, reverse)
+    b1, q1 = backend_cpu(), cpu_seconds(vm.proc.pid)
+    row = Row(f"{label} (mtu {guest_mtu(vm)})", "host -> guest" if reverse else "guest -> host",
+              gbit, moved, b1 - b0, q1 - q0)
+    print(row.line(), flush=True)
+    return row
+
+
+def runs_on(vm: Vm, label: str, server: str, args: argparse.Namespace,
+            backend_cpu: CpuClock) -> list[Row]:
+    """One run each way."""
+    return [one_run(vm, label, server, args, reverse=reverse, backend_cpu=backend_cpu)
+            for reverse in (False, True)]
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ class Vm:
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
         accel = os.environ.get("TETHER_ACCEL", "tcg")
+        cpu = os.environ.get("TETHER_CPU", "max" if accel == "tcg" else "host")
         cmd = [
             *prefix, QEMU, "-name", name,
-            "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            "-accel", accel, "-cpu", cpu,
             "-smp", "1", "-m", f"{memory_mib}M",
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-machine", "q35,memory-backend=mem",

@@ -69,10 +69,11 @@ def in_ns(ns: str, *cmd: str) -> list[str]:
 class Process:
     """A long-running process whose output goes to a log file."""
 
-    def __init__(self, cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(self, cmd: Sequence[str], log_path: Path, cwd: Path | None = None,
+                 src: Path = SRC) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
-        env = dict(os.environ, PYTHONPATH=str(SRC))
+        env = dict(os.environ, PYTHONPATH=str(src))
         self.proc = subprocess.Popen(list(cmd), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, cwd=cwd)
 
@@ -108,13 +109,13 @@ class Tether(Process):
     debug=False leaves out -d (benchmarks: per-event debug logging costs CPU)."""
 
     def __init__(self, workdir: Path, name: str, ns: str, *extra: str,
-                 vhost_user: bool = True, debug: bool = True) -> None:
+                 vhost_user: bool = True, debug: bool = True, src: Path = SRC) -> None:
         self.socket = workdir / f"{name}.sock"
         self.repair_path = Path(f"{self.socket}.repair")
         mode = ["--vhost-user"] if vhost_user else []
         cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
                     str(self.socket), "-f", *(["-d"] if debug else []), *extra)
-        super().__init__(cmd, workdir / f"{name}.log")
+        super().__init__(cmd, workdir / f"{name}.log", src=src)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")
         if self.proc.poll() is not None:
