@@ -106,6 +106,10 @@ class Guest:
     def used_idx(self, q: int) -> int:
         return int(struct.unpack_from("<H", self.mem, self.used_gpa(q) + 2)[0])
 
+    def kicks_wanted(self, q: int) -> bool:
+        """The device's request in used->flags: False while it says NO_NOTIFY."""
+        return not struct.unpack_from("<H", self.mem, self.used_gpa(q))[0] & 1
+
     def used(self, q: int) -> list[tuple[int, int]]:
         """New used elements since the last call."""
         out = []

@@ -19,6 +19,7 @@ from .frontend import BUF_BASE, MEM_SIZE, QSIZE, Frontend, Guest, RecordingPort,
 
 RX, TX = 0, 1
 HDR = bytes(12)
+BIG = 0x11000  # a receive buffer that holds any frame (has_room's measure)
 
 
 class Rig:
@@ -140,6 +141,60 @@ def test_no_room_drops_frame_and_keeps_buffers_then_signals_room(started: Rig) -
     assert dev.send_frame(b"x" * 3000)  # the kept buffer 0 is used first
     dev.flush()
     assert [h for h, _ in g.used(RX)] == [0, 1]
+
+
+def test_receive_kicks_are_wanted_only_while_the_device_waits_for_room(started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    assert not dev.send_frame(b"x" * 100)  # no buffers yet
+    assert g.kicks_wanted(RX)
+    for i in range(4):  # room for a full-sized frame (has_room's measure)
+        g.set_desc(RX, i, BUF_BASE + i * BIG, BIG, DESC_F_WRITE)
+        g.offer(RX, i)
+    fe.kick_queue(RX)
+    assert started.port.room_calls == 1
+    # Room again: the guest's further refills need not wake the device.
+    assert not g.kicks_wanted(RX)
+    assert dev.send_frame(b"x" * 100)
+    dev.flush()
+    assert [h for h, _ in g.used(RX)] == [0]
+
+
+def test_a_buffer_added_while_kicks_were_off_is_not_missed(
+        started: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race of virtio 1.2 §2.7.10: the guest adds a buffer while it still
+    sees NO_NOTIFY, just after the device looked and just before it asks for
+    kicks again; no kick ever comes for it, so the device must notice alone."""
+    g, fe, dev, port = started.guest, started.fe, started.device, started.port
+
+    def offer(head: int) -> None:
+        g.set_desc(RX, head, BUF_BASE + head * BIG, BIG, DESC_F_WRITE)
+        g.offer(RX, head)
+
+    offer(0)
+    fe.kick_queue(RX)
+    assert dev.send_frame(b"x" * 100)
+    assert not dev.has_room()  # waits, with kicks on
+    offer(1)
+    fe.kick_queue(RX)
+    assert port.room_calls == 1
+    assert not g.kicks_wanted(RX)  # room: kicks off again
+    assert dev.send_frame(b"x" * 100)
+
+    looked = dev._room
+
+    def look_then_guest_adds() -> bool:
+        result = looked()
+        offer(2)  # no kick: the guest still sees NO_NOTIFY
+        return result
+
+    monkeypatch.setattr(dev, "_room", look_then_guest_adds)
+    assert not dev.has_room()
+    monkeypatch.setattr(dev, "_room", looked)
+    started.loop.run_once(0)
+    assert port.room_calls == 2
+    assert dev.send_frame(b"x" * 100)
+    dev.flush()
+    assert [h for h, _ in g.used(RX)] == [0, 1, 2]
 
 
 def test_hostile_chains_are_dropped_counted_and_the_device_keeps_working(
@@ -457,8 +512,12 @@ def test_tx_works_in_batches_and_yields_to_the_loop_between_them() -> None:
         # The kick's batch, then at most the one continuation that was due
         # when the pass began: the loop polls again before the rest.
         assert len(port.frames) in (64, 128)
+        # Coming back anyway, the device tells the guest not to kick meanwhile...
+        assert not guest.kicks_wanted(TX)
         fe.pump()
         assert len(port.frames) == 200
+        # ...and asks for kicks again once the ring is empty.
+        assert guest.kicks_wanted(TX)
     finally:
         fe.close()
         device.disconnect("test over")

@@ -671,9 +671,12 @@ class VhostUserNetDevice:
         if memory is None or not vq.ready:
             return
         count = min(vq.available(), TX_BATCH)
-        if count == 0:
-            return
         dirty = self._log()
+        if count == 0:
+            if vq.want_kicks(dirty):
+                self._schedule_tx()
+            return
+        vq.quiet_kicks(dirty)  # we come back until the ring is empty
         hdr_len = self.hdr_len
         segs = self._tx_segs
         frames: list[memoryview] = []
@@ -715,7 +718,7 @@ class VhostUserNetDevice:
         for head in heads:
             vq.push_used(head, 0, dirty)
         vq.publish_and_notify(dirty)
-        if vq.available():
+        if vq.available() or vq.want_kicks(dirty):
             self._schedule_tx()
 
     # -- RX: port -> guest (frames.FrameSink) ----------------------------------------
@@ -727,16 +730,31 @@ class VhostUserNetDevice:
         self._room_check()
 
     def _room_check(self) -> None:
-        if self._want_room and self._room():
+        if not self._want_room:
+            return
+        if self._room():
             self._want_room = False
+            self.queues[RX].quiet_kicks(self._log())
             self.port.guest_room_available()
+        else:
+            self._wait_for_room()  # the ring may have just started
 
     def has_room(self) -> bool:
         """Whether a full-sized frame fits; if not, guest_room_available() follows."""
         if self._room():
             return True
-        self._want_room = True
+        self._wait_for_room()
         return False
+
+    def _wait_for_room(self) -> None:
+        """Ask the guest to kick us when it adds receive buffers.
+
+        Only now: while there is room, its refills need not wake us.
+        """
+        self._want_room = True
+        vq = self.queues[RX]
+        if vq.ready and vq.want_kicks(self._log()):
+            self.loop.call_soon(self._room_check)
 
     def _room(self) -> bool:
         vq = self.queues[RX]
@@ -801,7 +819,7 @@ class VhostUserNetDevice:
             if avail == 0 or (heads and not self.mergeable):
                 # Not enough buffers now: keep them for a frame that fits.
                 vq.unpop(len(heads))
-                self._want_room = True
+                self._wait_for_room()
                 return 0
             head = vq.pop()
             avail -= 1
@@ -836,6 +854,40 @@ class VhostUserNetDevice:
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         if self._rx_views is not None:
             raise RuntimeError("send_frame() between rx_buffers() and rx_commit()/rx_abort()")
+        vq = self.queues[RX]
+        if self.memory is None or not vq.ready or not vq.enabled:
+            self.rx_dropped += 1
+            return False
+        hdr_len = self.hdr_len
+        hdr = self._hdr
+        if self.partial_checksums:
+            self._checksum_fields(frame)
+        dirty = self._log()
+        taken = vq.scatter(self.memory, hdr[:hdr_len], memoryview(frame),
+                           MAX_QUEUE_SIZE if self.mergeable else 1, dirty)
+        hdr[:] = _ZERO_HDR
+        if taken < 0:
+            return self._send_frame_chains(frame)  # chains, or a bad descriptor
+        if not taken:
+            self._wait_for_room()
+            self.rx_dropped += 1
+            return False
+        assert vq.scattered is not None
+        view, off, gpa, n, capacity, largest = vq.scattered
+        if hdr_len == 12:
+            NET_HDR_NUM_BUFFERS.pack_into(view, off + 10, taken)
+        if dirty is not None:
+            dirty.mark(gpa, n)  # after the header's last write
+        self._rx_consumed(capacity)
+        self._rx_buf_size = max(self._rx_buf_size, largest)
+        self.rx_frames += 1
+        if taken > 1:
+            self.rx_multi_buffer += 1
+        return True
+
+    def _send_frame_chains(self, frame: bytes | bytearray | memoryview) -> bool:
+        """send_frame for receive buffers that are descriptor chains (or malformed
+        ones, which are dropped and counted here)."""
         hdr_len = self.hdr_len
         need = hdr_len + len(frame)
         room = self._rx_collect(need)
