@@ -293,7 +293,8 @@ class VirtQueue:
             pos += n
             taken += 1
             capacity += length
-            largest = max(largest, length)
+            if length > largest:  # noqa: PLR1730 (max() is a call, per buffer)
+                largest = length
         assert first is not None
         self.scattered = (*first, capacity, largest)
         self.last_avail, self.used_idx = position, used_idx
