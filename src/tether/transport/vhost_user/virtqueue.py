@@ -21,8 +21,8 @@ Notification suppression (§2.7.7, §2.7.10 without EVENT_IDX): the guest's
 NO_INTERRUPT flag is honoured, and our NO_NOTIFY flag asks for kicks only
 while the device has nothing to do: a ring it is draining, or a receive
 ring with room to spare, stays quiet.  A kick is a vCPU exit (under TCG a
-costly one) and a wake-up of tether; vhost and passt suppress them the same
-way.  EVENT_IDX is not offered: measured, it saved no tether CPU here.
+costly one) and a wake-up of tether; the kernel's vhost suppresses them the
+same way.  EVENT_IDX is not offered: measured, it saved no tether CPU here.
 """
 
 from __future__ import annotations
