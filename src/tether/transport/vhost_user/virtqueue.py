@@ -253,12 +253,18 @@ class VirtQueue:
         desc_view, desc_off = self._desc_view, self._desc_off
         used_view, used_base = self._used_view, self._used_off + 4
         mask = self.num - 1  # a power of two (SET_VRING_NUM)
-        count = min(self.available(), max_buffers)
+        position, used_idx = self.last_avail, self.used_idx
+        idx: int = U16.unpack_from(avail_view, avail_base - 2)[0]
+        self.avail_seen = idx
+        count = (idx - position) & 0xFFFF
+        if count > mask + 1:
+            count = self.available()  # broken: marks and logs it, and says 0
+        count = min(count, max_buffers)
         hdr_len = len(header)
         need = hdr_len + len(frame)
-        position, used_idx = self.last_avail, self.used_idx
         taken = pos = capacity = largest = 0
-        first: tuple[memoryview, int, int, int] | None = None
+        first_view: memoryview | None = None
+        first_off = first_addr = first_len = 0
         while pos < need:
             if taken == count:
                 return 0
@@ -284,7 +290,8 @@ class VirtQueue:
             else:
                 view[off:off + hdr_len] = header
                 view[off + hdr_len:off + n] = frame[:n - hdr_len]
-                first = (view, off, addr, n)  # the caller completes and marks it
+                # the caller completes the header, and marks the buffer after
+                first_view, first_off, first_addr, first_len = view, off, addr, n
             USED_ELEM.pack_into(used_view, used_base + 8 * (used_idx & mask), head, n)
             if dirty is not None and self.log_used:
                 dirty.mark(self.log_gpa + 4 + 8 * (used_idx & mask), 8)
@@ -295,8 +302,8 @@ class VirtQueue:
             capacity += length
             if length > largest:  # noqa: PLR1730 (max() is a call, per buffer)
                 largest = length
-        assert first is not None
-        self.scattered = (*first, capacity, largest)
+        assert first_view is not None
+        self.scattered = (first_view, first_off, first_addr, first_len, capacity, largest)
         self.last_avail, self.used_idx = position, used_idx
         self._pending_used = True
         return taken
