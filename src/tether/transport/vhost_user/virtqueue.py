@@ -349,9 +349,7 @@ class VirtQueue:
         if not self.kicks_wanted or self._used_view is None:
             return
         self.kicks_wanted = False
-        U16.pack_into(self._used_view, self._used_off, USED_F_NO_NOTIFY)
-        if dirty is not None and self.log_used:
-            dirty.mark(self.log_gpa, 2)
+        self._set_used_flags(USED_F_NO_NOTIFY, dirty)
 
     def want_kicks(self, dirty: DirtyLog | None) -> bool:
         """Ask for a kick at the guest's next buffer; True if one came meanwhile.
@@ -364,14 +362,18 @@ class VirtQueue:
         if self._used_view is None or self._avail_view is None or self.kicks_wanted:
             return False
         self.kicks_wanted = True
-        U16.pack_into(self._used_view, self._used_off, 0)
-        if dirty is not None and self.log_used:
-            dirty.mark(self.log_gpa, 2)
+        self._set_used_flags(0, dirty)
         # Store our wish, then reread the index: the mirror of publish()'s
         # fence, against the guest's store-index-then-read-flag.
         full_fence()
         now: int = U16.unpack_from(self._avail_view, self._avail_off + 2)[0]
         return now != self.avail_seen
+
+    def _set_used_flags(self, flags: int, dirty: DirtyLog | None) -> None:
+        assert self._used_view is not None
+        U16.pack_into(self._used_view, self._used_off, flags)
+        if dirty is not None and self.log_used:
+            dirty.mark(self.log_gpa, 2)
 
     def notify(self) -> None:
         if self.call_fd is not None:
