@@ -163,6 +163,7 @@ class TcpConn:
         "seq_ack_to_tap",
         "seq_from_tap",
         "seq_init_from_tap",
+        "seq_recover",
         "seq_to_tap",
         "sock",
         "sock_blocked",
@@ -188,6 +189,10 @@ class TcpConn:
         # The initial sequence number is seq_to_tap - 1: the SYN takes one number.
         self.seq_to_tap = (random.getrandbits(32) + 1) & 0xFFFFFFFF
         self.seq_ack_from_tap = self.seq_to_tap
+        # Where the last rewind went back from: data up to here may already be
+        # with the guest, so its ACKs for it are valid although seq_to_tap is
+        # behind, and its duplicate ACKs for our own resent data start no new rewind.
+        self.seq_recover = self.seq_to_tap
         self.seq_from_tap = 0
         self.seq_ack_to_tap = 0
         self.seq_init_from_tap = 0
@@ -376,14 +381,19 @@ class TcpTranslator:
     def _guest_ack(self, conn: TcpConn, hdr: wtcp.Tcp, has_data: bool) -> None:
         acked = _seq_diff(hdr.ack, conn.seq_ack_from_tap)
         in_flight = _seq_diff(conn.seq_to_tap, conn.seq_ack_from_tap)
+        recovering = _seq_diff(conn.seq_recover, conn.seq_ack_from_tap)
         old_window = conn.wnd_from_tap
         conn.wnd_from_tap = hdr.window
-        if acked < 0 or acked > in_flight:
+        if acked < 0 or acked > max(in_flight, recovering):
             return  # old or from the future: ignore (RFC 9293 section 3.10.7.4)
         if acked == 0:
             if in_flight and not has_data and hdr.window == old_window:
                 conn.dup_acks += 1
-                if conn.dup_acks == 3:  # fast retransmit, RFC 5681 section 3.2
+                # Fast retransmit (RFC 5681 section 3.2), once per window: the
+                # guest answers every segment we send again with a duplicate
+                # ACK, and rewinding on those would resend the window forever
+                # (RFC 6582 section 3.2, step 2).
+                if conn.dup_acks == 3 and recovering <= 0:
                     self._rewind(conn)
             elif hdr.window != old_window:
                 self._push(conn)
@@ -397,6 +407,17 @@ class TcpTranslator:
         if data_acked > 0 and not self._consume(conn, data_acked):
             return
         conn.seq_ack_from_tap = hdr.ack
+        if acked > in_flight:
+            # After a rewind the guest acknowledged data it had before: go on
+            # from there, peeking from the head of the queue again.
+            conn.seq_to_tap = hdr.ack
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+            except OSError:
+                self._reset_guest(conn)
+                return
+        if recovering < acked:
+            conn.seq_recover = hdr.ack  # recovered: keep it from going stale as seq wraps
         if conn.seq_ack_from_tap == conn.seq_to_tap:
             self._disarm(conn)
         else:
@@ -660,8 +681,12 @@ class TcpTranslator:
         """Go back to the guest's last ACK and send from there again."""
         conn.dup_acks = 0
         self.rewinds += 1
+        sent = conn.seq_to_tap
         if conn.events & TAP_FIN_SENT and not conn.events & TAP_FIN_ACKED:
             conn.events &= ~(TAP_FIN_SENT | SOCK_FIN_RCVD)
+            sent = (sent - 1) & 0xFFFFFFFF  # an ACK of the FIN waits for the FIN sent again
+        if _seq_diff(sent, conn.seq_recover) > 0:
+            conn.seq_recover = sent
         conn.seq_to_tap = conn.seq_ack_from_tap
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
@@ -766,7 +791,7 @@ class TcpTranslator:
         sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, max(in_flight - fin_sent, 0))
         conn = TcpConn(self, key, sock)
         conn.events = record.events
-        conn.seq_to_tap = record.seq_to_tap
+        conn.seq_to_tap = conn.seq_recover = record.seq_to_tap
         conn.seq_ack_from_tap = record.seq_ack_from_tap
         conn.seq_from_tap = record.seq_from_tap
         conn.seq_ack_to_tap = record.seq_ack_to_tap
