@@ -176,8 +176,8 @@ def run(config: Config) -> int:
     finally:
         tcp = stack.tcp
         log.info("exiting: %d bad guest frames; TCP: %d socket-full stalls, %d guest gaps, "
-                 "%d rewinds", stack.bad_frames, tcp.socket_full, tcp.gaps_from_guest,
-                 tcp.rewinds)
+                 "%d rewinds, %d pure ACKs (%d delayed)", stack.bad_frames, tcp.socket_full,
+                 tcp.gaps_from_guest, tcp.rewinds, tcp.pure_acks, tcp.delayed_acks)
         stack.close()
         if server is not None:
             server.close()
