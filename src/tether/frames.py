@@ -16,7 +16,8 @@ class FrameSink(Protocol):
     """Frames towards the guest."""
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
-        """Queue one frame for the guest.
+        """Queue one frame for the guest, copied before this returns: the
+        caller may reuse its buffer at once.
 
         Returns False, having dropped the frame, when the guest has no room;
         callers that must not lose data (TCP) check `has_room()` first and

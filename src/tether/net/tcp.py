@@ -255,6 +255,11 @@ class TcpTranslator:
         self.stack = stack
         self.conns: dict[int, TcpConn] = {}  # by socket fd
         self._ack_due: list[TcpConn] = []
+        # Where _push builds each frame: sinks copy a frame before send_frame
+        # returns (frames.FrameSink), so one buffer serves them all, and a 64 KiB
+        # frame costs no allocation and no zeroing.
+        self._frame_buf = bytearray(l4_offset(bytes(16)) + wtcp.HLEN + 0xFFFF)
+        self._frame_view = memoryview(self._frame_buf)
         # Counters for the log and the benchmarks: how often the slow paths run.
         self.socket_full = 0
         self.gaps_from_guest = 0
@@ -657,9 +662,9 @@ class TcpTranslator:
                 stack.wait_for_room(conn)
                 return
             want = min(mss, room)
-            frame = bytearray(payload_off + want)
+            frame = self._frame_buf
             try:
-                got = sock.recv_into(memoryview(frame)[payload_off:], want,
+                got = sock.recv_into(self._frame_view[payload_off:], want,
                                      socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
