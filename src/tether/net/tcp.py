@@ -73,6 +73,9 @@ WINDOW_FLOOR = 1 << 20
 PENDING_MAX = 2 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
 _OUTQ = bytearray(4)
+# seq, ack, data offset, flags, window: the fields of a pure ACK that change
+# (wire/tcp.py's header from byte 4, RFC 9293 section 3.1).
+_ACK_FIELDS = struct.Struct("!IIBBH")
 
 
 def _seq_diff(a: int, b: int) -> int:
@@ -152,6 +155,8 @@ def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
 
 class TcpConn:
     __slots__ = (
+        "ack_frame",
+        "ack_mac",
         "ack_timer",
         "dup_acks",
         "events",
@@ -218,6 +223,10 @@ class TcpConn:
         self.pending = bytearray()  # guest data the socket had no room for: not yet acked
         self.pending_fin = False
         self.timer: evloop.Timer | None = None
+        # A pure ACK to the guest, built once: with the L4 checksum left to the
+        # guest's device, only seq, ack, flags and window change between two.
+        self.ack_frame: bytearray | None = None
+        self.ack_mac = b""  # the guest MAC ack_frame was built for
         self.ack_timer: evloop.Timer | None = None
         self.sndbuf = 0
         self.sndbuf_age = 0  # windows computed since sndbuf was read; 0: read it now
@@ -613,15 +622,29 @@ class TcpTranslator:
 
     def _control(self, conn: TcpConn, flags: int, seq: int | None = None,
                  options: bytes = b"") -> None:
-        frame = bytearray(conn.payload_off + len(options))
         window = self._window(conn) if conn.events & ESTABLISHED else 0xFFFF
         conn.wnd_to_tap = window
         conn.seq_ack_to_tap = conn.seq_from_tap
         conn.flow_ack_due = False
+        output = self.stack.output
         if flags == wtcp.ACK:
             self.pure_acks += 1
-        self.stack.send(self.stack.output.tcp(
-            frame, 0, conn.remote_addr, conn.remote_port, conn.guest_addr, conn.guest_port,
+            if seq is None and not options and output.partial_l4_checksums:
+                frame = conn.ack_frame
+                if frame is None or conn.ack_mac is not output.guest_mac:
+                    # IP header, ports and the pseudo-header sum in the checksum
+                    # field are the same for every pure ACK of this connection.
+                    frame = conn.ack_frame = bytearray(conn.payload_off)
+                    output.tcp(frame, 0, conn.remote_addr, conn.remote_port, conn.guest_addr,
+                               conn.guest_port, 0, 0, flags, 0)
+                    conn.ack_mac = output.guest_mac
+                _ACK_FIELDS.pack_into(frame, conn.payload_off - wtcp.HLEN + 4, conn.seq_to_tap,
+                                      conn.seq_from_tap, (wtcp.HLEN // 4) << 4, flags, window)
+                self.stack.send(frame)
+                return
+        self.stack.send(output.tcp(
+            bytearray(conn.payload_off + len(options)), 0, conn.remote_addr, conn.remote_port,
+            conn.guest_addr, conn.guest_port,
             conn.seq_to_tap if seq is None else seq, conn.seq_from_tap, flags, window, options))
 
     def _raw_reset(self, key: FlowKey, seq: int, ack: int, flags: int) -> None:
