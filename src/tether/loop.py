@@ -24,6 +24,7 @@ FdHandler = Callable[[int], None]
 READ = select.EPOLLIN
 WRITE = select.EPOLLOUT
 HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+EDGE = select.EPOLLET  # report a file once per change, not while it stays ready
 
 
 class Timer:

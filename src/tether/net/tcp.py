@@ -343,7 +343,7 @@ class TcpTranslator:
             self._reset_guest(conn)
             return
         conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
-        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE,
                                lambda ev: self._sock_event(conn, ev))
         self._send_syn(conn, wtcp.SYN | wtcp.ACK)
         conn.events |= TAP_SYN_ACK_SENT
@@ -507,7 +507,7 @@ class TcpTranslator:
             conn.pending = bytearray(data[written:])
             conn.pending_fin = fin
             self.stack.loop.modify(conn.fd, evloop.READ | evloop.WRITE | evloop.HANGUP
-                                   | _EPOLLET)
+                                   | evloop.EDGE)
             self._ack_later(conn)
             return
         if fin:
@@ -550,7 +550,7 @@ class TcpTranslator:
             self._control(conn, wtcp.ACK)
             return
         conn.sock_blocked = False
-        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET)
+        self.stack.loop.modify(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE)
         if conn.pending_fin:
             conn.pending_fin = False
             self._guest_fin(conn)
@@ -793,7 +793,7 @@ class TcpTranslator:
         conn.events = SOCK_ACCEPTED
         self.stack.flows.add(conn)
         self.conns[conn.fd] = conn
-        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE,
                             lambda ev: self._sock_event(conn, ev))
         self._send_syn(conn, wtcp.SYN)
         self.stack.sink_flush()
@@ -879,7 +879,7 @@ class TcpTranslator:
         conn.retries = record.retries
         self.stack.flows.add(conn)
         self.conns[conn.fd] = conn
-        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | _EPOLLET,
+        self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE,
                             lambda ev: self._sock_event(conn, ev))
         if in_flight:
             self._arm(conn, ACK_TIMEOUT)
@@ -895,4 +895,3 @@ class TcpTranslator:
         return conn
 
 
-_EPOLLET = 1 << 31
