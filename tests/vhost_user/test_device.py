@@ -630,3 +630,48 @@ def test_ring_size_changed_on_a_running_ring_is_not_read_with_old_bounds(
     fe.kick_queue(TX)  # must not read past what was checked
     assert started.port.frames == []
     assert fe.call_u64(p.Request.GET_FEATURES) == p.OFFERED_FEATURES
+
+
+def test_the_guest_never_sees_used_idx_half_written(started: Rig) -> None:
+    """The guest reads used->idx while we publish it, from another CPU: every
+    value it can see must be one we published, or the guest takes a stale
+    slot for a used buffer ("id N is not a head!", the ring declared broken).
+    A reader process polls the index with 16-bit loads, as the guest does,
+    while the device publishes 200000 times; the index must only ever move
+    forward.  struct.pack_into fails this (it clears the field first)."""
+    g = started.guest
+    vq = started.device.queues[TX]
+    stop_at = MEM_SIZE - 1  # a byte the test owns: set when the publishing is done
+    ready_r, ready_w = os.pipe()
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "guest": no pytest machinery past this point
+        try:
+            index = memoryview(g.mem)[g.used_gpa(TX) + 2:g.used_gpa(TX) + 4].cast("H")
+            reads = backwards = 0
+            last = index[0]
+            os.write(ready_w, b"r")
+            stop = memoryview(g.mem)
+            while not stop[stop_at] and reads < 100_000_000:
+                now = index[0]
+                if (now - last) & 0xFFFF >= 0x8000:
+                    backwards += 1
+                last = now
+                reads += 1
+            os.write(result_w, f"{reads} {backwards}".encode())
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        for _ in range(200_000):
+            vq.push_used(0, 0, None)
+            vq.publish(None)
+        g.mem[stop_at] = 1
+        reads, backwards = map(int, os.read(result_r, 64).split())
+    finally:
+        g.mem[stop_at] = 1
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, result_r, result_w):
+            os.close(fd)
+    assert reads > 10_000  # it really read while we wrote
+    assert backwards == 0, f"{backwards} of {reads} reads saw used->idx go backwards"

@@ -17,6 +17,12 @@ vhost-user.rst "Migration"): buffer data is written and its pages logged,
 then used elements are written and logged, then `used->idx` is published
 (and logged), then the guest is notified.
 
+The guest reads used->flags and used->idx while we write them, so each is
+written with one 16-bit store, through a native-order `H` view of the two
+words: `struct.pack_into` clears its destination before it fills it in, and
+a guest that read the cleared used->idx took it for a new index and
+consumed a stale ring slot ("output.0: id N is not a head!").
+
 Notification suppression (§2.7.7, §2.7.10 without EVENT_IDX): the guest's
 NO_INTERRUPT flag is honoured, and our NO_NOTIFY flag asks for kicks only
 while the device has nothing to do: a ring it is draining, or a receive
@@ -31,6 +37,7 @@ import contextlib
 import logging
 import os
 import struct
+import sys
 import threading
 
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
@@ -50,6 +57,10 @@ USED_ELEM = struct.Struct("<II")
 MAX_QUEUE_SIZE = 32768  # split rings: a power of two up to 32768 (§2.7)
 MAX_CHAIN_BYTES = 16 << 20  # no sane net buffer is larger; bounds work per chain
 MAX_INDIRECT = 1024  # entries in one indirect table (Linux never exceeds MAX_SKB_FRAGS+2)
+
+if sys.byteorder != "little":
+    # _used_words stores virtio's little-endian u16s in native order.
+    raise ImportError("tether's virtqueues need a little-endian host")
 
 # One segment of a chain: (view, offset into view, length, guest-physical address)
 Segment = tuple[memoryview, int, int, int]
@@ -97,6 +108,8 @@ class VirtQueue:
         self._avail_off = 0
         self._used_view: memoryview | None = None
         self._used_off = 0
+        # used->flags and used->idx as two native u16 cells: [0] flags, [1] idx.
+        self._used_words: memoryview | None = None
         self._pending_used = False  # used elements written, idx not yet published
         # scatter()'s first buffer (view, offset, guest address, bytes written),
         # and the total and largest size of the buffers it used
@@ -118,13 +131,16 @@ class VirtQueue:
         self._desc_view, self._desc_off = memory.qva(self.desc_qva, DESC_SIZE * num)
         self._avail_view, self._avail_off = memory.qva(self.avail_qva, 6 + 2 * num)
         self._used_view, self._used_off = memory.qva(self.used_qva, 6 + 8 * num)
+        self._used_words = self._used_view[self._used_off:self._used_off + 4].cast("H")
         self.broken = False
         # Unknown: the ring may say NO_NOTIFY (a source that migrated it, a
         # previous connection); False makes the next want_kicks() write.
         self.kicks_wanted = False
 
     def unmap_rings(self) -> None:
-        self._desc_view = self._avail_view = self._used_view = None
+        if self._used_words is not None:
+            self._used_words.release()
+        self._desc_view = self._avail_view = self._used_view = self._used_words = None
 
     def read_used_idx(self) -> None:
         """Take the used index from guest memory (it is not migrated by the front-end)."""
@@ -325,12 +341,12 @@ class VirtQueue:
 
     def publish(self, dirty: DirtyLog | None) -> bool:
         """Make pushed elements visible; return whether the guest wants a notification."""
-        if not self._pending_used or self._used_view is None:
+        if not self._pending_used or self._used_words is None:
             return False
         self._pending_used = False
         # x86 keeps stores in program order, so the elements written above are
         # visible before this index (the write barrier of §2.7.13.3).
-        U16.pack_into(self._used_view, self._used_off + 2, self.used_idx)
+        self._used_words[1] = self.used_idx
         if dirty is not None and self.log_used:
             dirty.mark(self.log_gpa + 2, 2)
         # The guest clears NO_INTERRUPT, fences, then rereads used->idx; we
@@ -370,8 +386,8 @@ class VirtQueue:
         return now != self.avail_seen
 
     def _set_used_flags(self, flags: int, dirty: DirtyLog | None) -> None:
-        assert self._used_view is not None
-        U16.pack_into(self._used_view, self._used_off, flags)
+        assert self._used_words is not None
+        self._used_words[0] = flags
         if dirty is not None and self.log_used:
             dirty.mark(self.log_gpa, 2)
 
