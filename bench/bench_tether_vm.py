@@ -191,7 +191,7 @@ def side_by_side(work: Path, ns: str, guest: GuestImage, variants: list[tuple[st
                                                 reverse=reverse,
                                                 backend_cpu=tether.cpu_seconds))
                             break
-                        except RuntimeError as e:
+                        except (RuntimeError, TimeoutError) as e:  # a guest that hung, too
                             print(f"{label}: run failed, guest rebooted: "
                                   f"{str(e).splitlines()[-1]}\n{broken_guest(vms[i])}",
                                   flush=True)
