@@ -232,14 +232,18 @@ class TcpConn:
         self.sndbuf_age = 0  # windows computed since sndbuf was read; 0: read it now
 
     def close(self) -> None:
+        self.stop_timers()
+        self.translator.stack.loop.remove(self.fd)
+        self.sock.close()
+
+    def stop_timers(self) -> None:
+        """Cancel retransmission and delayed ACK: nothing more goes to the guest."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.ack_timer is not None:
             self.ack_timer.cancel()
             self.ack_timer = None
-        self.translator.stack.loop.remove(self.fd)
-        self.sock.close()
 
     def record(self) -> TcpFlowRecord:
         """passt's flowside is (oaddr, eaddr, oport, eport): "o" is our end of that side,
@@ -443,10 +447,7 @@ class TcpTranslator:
             # After a rewind the guest acknowledged data it had before: go on
             # from there, peeking from the head of the queue again.
             conn.seq_to_tap = hdr.ack
-            try:
-                conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
-            except OSError:
-                self._reset_guest(conn)
+            if not self._peek_from_head(conn):
                 return
         if recovering < acked:
             conn.seq_recover = hdr.ack  # recovered: keep it from going stale as seq wraps
@@ -763,13 +764,20 @@ class TcpTranslator:
         if _seq_diff(sent, conn.seq_recover) > 0:
             conn.seq_recover = sent
         conn.seq_to_tap = conn.seq_ack_from_tap
+        if not self._peek_from_head(conn):
+            return
+        self._arm(conn, ACK_TIMEOUT * (1 << min(conn.retries, 4)))
+        self._push(conn)
+
+    def _peek_from_head(self, conn: TcpConn) -> bool:
+        """Peek from the first unacknowledged byte again (seq_to_tap was set
+        to seq_ack_from_tap); False when the socket failed and the guest was reset."""
         try:
             conn.sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
         except OSError:
             self._reset_guest(conn)
-            return
-        self._arm(conn, ACK_TIMEOUT * (1 << min(conn.retries, 4)))
-        self._push(conn)
+            return False
+        return True
 
     # -- inbound (-t) ------------------------------------------------------
 
@@ -829,7 +837,7 @@ class TcpTranslator:
         sockets = []
         for conn in list(self.conns.values()):
             self.stack.loop.remove(conn.fd)
-            self._disarm(conn)
+            conn.stop_timers()  # a delayed ACK too: the socket is the caller's now
             self.conns.pop(conn.fd, None)
             conn.flow_ack_due = False
             self.stack.flows.detach(conn)
