@@ -362,7 +362,7 @@ class VirtQueue:
 
     def quiet_kicks(self, dirty: DirtyLog | None) -> None:
         """Tell the guest it need not kick (NO_NOTIFY): we will look at the ring anyway."""
-        if not self.kicks_wanted or self._used_view is None:
+        if not self.kicks_wanted or self._used_words is None:
             return
         self.kicks_wanted = False
         self._set_used_flags(USED_F_NO_NOTIFY, dirty)
@@ -375,7 +375,7 @@ class VirtQueue:
         (`available()`), maybe while it still saw NO_NOTIFY, so no kick
         will come for it.
         """
-        if self._used_view is None or self._avail_view is None or self.kicks_wanted:
+        if self._used_words is None or self._avail_view is None or self.kicks_wanted:
             return False
         self.kicks_wanted = True
         self._set_used_flags(0, dirty)
