@@ -126,4 +126,3 @@ class IcmpTranslator:
             out = self.stack.output
             self.stack.send(out.icmp(frame, n, remote, guest_addr) if off == L2L3 else
                             out.icmp6(frame, n, remote, guest_addr))
-        self.stack.sink_flush()

@@ -47,6 +47,7 @@ class Stack:
         self.bad_frames = 0
         self.internal_errors = 0
         self._sink: FrameSink | None = None
+        self._flush_due = False
         self._waiting: dict[int, TcpConn] = {}
         self._listeners: list[socket.socket] = []
 
@@ -117,25 +118,38 @@ class Stack:
                 self.internal_errors += 1
                 log.exception("internal error handling a guest frame")
         self.tcp.end_of_batch()
-        self.sink_flush()
 
     def guest_room_available(self) -> None:
         waiting, self._waiting = self._waiting, {}
         for conn in waiting.values():
             self.tcp.room_available(conn)
-        self.sink_flush()
 
     # -- used by the translators -------------------------------------------
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
-        return self._sink.send_frame(frame) if self._sink is not None else False
+        """Queue a frame for the guest; it is flushed before the loop sleeps again.
+
+        Why here and not at each caller: a vhost-user or stream transport makes
+        queued frames visible (and notifies the guest) only at flush(), and every
+        path that forgot to flush (a connect completing, a timer) left its frame
+        waiting for the next unrelated event, often the guest's own retransmission
+        a second later.  Flushing once per loop pass in which anything was queued
+        keeps a burst in one notification and leaves nothing to remember.
+        """
+        if self._sink is None:
+            return False
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+        return self._sink.send_frame(frame)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._sink is not None:
+            self._sink.flush()
 
     def has_room(self) -> bool:
         return self._sink is not None and self._sink.has_room()
-
-    def sink_flush(self) -> None:
-        if self._sink is not None:
-            self._sink.flush()
 
     def wait_for_room(self, conn: TcpConn) -> None:
         self._waiting[conn.fd] = conn

@@ -128,7 +128,6 @@ class UdpTranslator:
             # is read, or the level-triggered socket would wake the loop without end.
             if self.stack.has_room():
                 self._to_guest(flow, frame, n)
-        self.stack.sink_flush()
 
     def _to_guest(self, flow: UdpFlow, frame: bytearray, n: int) -> None:
         _, guest_addr, guest_port, remote_addr, remote_port = flow.key
@@ -170,7 +169,6 @@ class UdpTranslator:
                 self._schedule_expiry(flow)
             assert isinstance(flow, UdpFlow)
             self._to_guest(flow, frame, n)
-        stack.sink_flush()
 
     # -- migration -----------------------------------------------------------
 
