@@ -91,6 +91,14 @@ class Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """The process's user + system CPU time so far, from /proc/PID/stat.
+
+        `ip netns exec` execs the command in place, so the pid is the process's own."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, signum: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
@@ -120,15 +128,6 @@ class Tether(Process):
                  f"{name} socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"tether {name} exited:\n{self.text()}")
-
-
-    def cpu_seconds(self) -> float:
-        """tether's user + system CPU time so far, from /proc/PID/stat.
-
-        `ip netns exec` execs the command in place, so the pid is tether's."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def namespace_nameservers4(ns: str) -> list[str]:

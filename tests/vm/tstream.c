@@ -34,10 +34,10 @@
  *     TSTREAM bad offset=K expected=0xXX found=0xYY      exit 1
  *     TSTREAM error KIND after=N                         exit 3 (detail on stderr)
  *     TSTREAM rr conns=C exchanges=E seconds=S connect_max_us=U first_median_us=U
- *         first_max_us=U rtt_median_us=U                 exit 0
+ *         first_max_us=U rtt_median_us=U rtt_seconds=S   exit 0
  * rr's "first" is time to first byte: from connect() until the first echo is
  * back, i.e. the handshake plus one round trip; "rtt" covers the exchanges
- * after the first on each connection.  serve echo prints "TSTREAM echoed
+ * after the first on each connection (rtt_seconds: their total time).  serve echo prints "TSTREAM echoed
  * conns=C bytes=N".
  * where KIND is reset, connect, idle, io, listen.  serve prints
  * "TSTREAM listening port=P" on stderr once it accepts connections.
@@ -426,6 +426,7 @@ static int do_rr(const char *host, const char *port, uint64_t conns, uint64_t ex
 	double *first_us = calloc(conns, sizeof(double));
 	double *rtt_us = calloc(conns * (exchanges - 1) + 1, sizeof(double));
 	size_t nrtt = 0;
+	double rtt_total = 0;
 	int one = 1;
 
 	if (!connect_us || !first_us || !rtt_us)
@@ -445,10 +446,14 @@ static int do_rr(const char *host, const char *port, uint64_t conns, uint64_t ex
 		}
 		close(fd);
 	}
+	for (size_t i = 0; i < nrtt; i++)
+		rtt_total += rtt_us[i];
 	printf("TSTREAM rr conns=%" PRIu64 " exchanges=%" PRIu64 " seconds=%.6f"
-	       " connect_max_us=%.0f first_median_us=%.0f first_max_us=%.0f rtt_median_us=%.0f\n",
+	       " connect_max_us=%.0f first_median_us=%.0f first_max_us=%.0f rtt_median_us=%.0f"
+	       " rtt_seconds=%.6f\n",
 	       conns, exchanges, now_s() - t_start, max_of(connect_us, conns),
-	       median(first_us, conns), max_of(first_us, conns), median(rtt_us, nrtt));
+	       median(first_us, conns), max_of(first_us, conns), median(rtt_us, nrtt),
+	       rtt_total / 1e6);
 	return 0;
 }
 
