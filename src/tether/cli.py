@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from tether.config import Config, ConfigError, build_parser, from_args
 from tether.frames import FrameSink, GuestPort
-from tether.handover.device_state import Handover
+from tether.handover.device_state import FORMATS, Handover
 from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack
@@ -25,6 +25,7 @@ from tether.spawn import Child
 from tether.transport.stream import StreamTransport
 from tether.transport.tap import TapTransport, configure_ipv4, create_tap
 from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
+from tether.transport.vhost_user.protocol import PASST_FEATURES
 
 log = logging.getLogger("tether")
 
@@ -105,8 +106,11 @@ def run(config: Config) -> int:
                 log.info("tether-repair can connect on %s", config.repair_path)
             handover = Handover(stack, helper, require_repair=config.require_repair,
                                 linger=config.linger, max_size=config.max_state,
-                                listeners=stack.listening_sockets)
+                                listeners=stack.listening_sockets,
+                                save_format=FORMATS[config.migrate_format])
             device = VhostUserNetDevice(loop, port, state=handover)
+            if config.migrate_format == "passt":
+                device.offered_features = PASST_FEATURES
 
             def checksum_offload(guest_takes_partial: bool) -> bool:
                 # The guest completes TCP/UDP checksums: the stack leaves the

@@ -44,6 +44,7 @@ class Config:
     require_repair: bool = False
     linger: bool = True
     max_state: int = 2 << 30
+    migrate_format: str = "tether"
 
 
 def _ipv4(text: str, what: str) -> bytes:
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-state", metavar="BYTES", type=int, default=2 << 30,
                    help="refuse an incoming migration state larger than this "
                         "(default 2 GiB)")
+    m.add_argument("--migrate-format", choices=("tether", "passt"), default="tether",
+                   help="the stream a migration source writes: tether's own (default), or "
+                        "passt's version 2, for a target that runs passt.  A target reads "
+                        "either, whatever this says")
     a = p.add_argument_group("addresses (defaults copied from the host's default-route "
                              "interface)")
     a.add_argument("-a", "--address", metavar="ADDR", action="append",
@@ -367,4 +372,5 @@ def from_args(ns: argparse.Namespace) -> Config:
                   debug=ns.debug, log_file=ns.log_file, pid_file=ns.pid,
                   command=list(ns.command), config_net=ns.config_net,
                   repair_path=repair_path, require_repair=ns.require_repair,
-                  linger=not ns.migrate_no_linger, max_state=ns.max_state)
+                  linger=not ns.migrate_no_linger, max_state=ns.max_state,
+                  migrate_format=ns.migrate_format)

@@ -19,7 +19,8 @@ from pathlib import Path
 from . import pattern
 from .guest import DHCP_ARG, GuestImage
 from .harness import Vm, wait_for
-from .tetherlab import Helper, Peer, Tether
+from .reference import Passt, PasstRepair
+from .tetherlab import Helper, Peer, Process, Tether
 
 STREAM_SECONDS = 12
 RATE = "512K"  # per stream: slow enough to outlast the migration under TCG
@@ -39,7 +40,7 @@ class Lab:
     ns: str
     tstream: Path
     guest: GuestImage
-    processes: list[Tether | Helper | Peer] = field(default_factory=list)
+    processes: list[Process] = field(default_factory=list)
     vms: list[Vm] = field(default_factory=list)
 
     peer_ns: str | None = None
@@ -59,7 +60,23 @@ class Lab:
             t.wait_log("repair helper pid \\d+ connected")
         return t
 
-    def vm(self, name: str, tether: Tether, incoming: bool = False) -> Vm:
+    def passt(self, name: str, *extra: str, helper: str | None = "passt-repair",
+              ns: str | None = None) -> Passt:
+        """passt in vhost-user mode; helper "passt-repair", "tether-repair" or None."""
+        p = Passt(self.work, name, ns or self.ns, *extra)
+        self.processes.append(p)
+        if helper is not None:
+            self.processes.append(self.helper(f"{name}-helper", p.repair_path, helper))
+        return p
+
+    def helper(self, name: str, repair_path: Path, kind: str) -> Process:
+        if kind == "passt-repair":
+            return PasstRepair(self.work, name, repair_path)
+        if kind == "tether-repair":
+            return Helper(self.work, name, _Path(repair_path))
+        raise ValueError(f"unknown helper {kind!r}")
+
+    def vm(self, name: str, tether: Tether | Passt, incoming: bool = False) -> Vm:
         vm = Vm(self.work, name, tether.socket, self.guest, kernel_args=[DHCP_ARG],
                 incoming=f"unix:{self.work}/{name}.migrate" if incoming else None)
         self.vms.append(vm)
@@ -89,10 +106,15 @@ class Lab:
     def logs(self) -> str:
         out = []
         for p in self.processes:
-            if isinstance(p, Tether):
+            if isinstance(p, Tether | Passt):
                 lines = [line for line in p.text().splitlines() if "flags=" not in line]
                 out.append(f"--- {p.log_path.name}\n" + "\n".join(lines[-40:]))
         return "\n".join(out)
+
+
+@dataclass
+class _Path:
+    repair_path: Path
 
 
 @dataclass

@@ -39,3 +39,15 @@ class Passt(Process):
                  self.proc.poll() is not None, 30, f"{name} socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"passt {name} exited:\n{self.text()}")
+
+
+class PasstRepair(Process):
+    """passt-repair, privileged, connected to a back-end's repair socket (passt's
+    or tether's)."""
+
+    def __init__(self, workdir: Path, name: str, repair_path: Path) -> None:
+        binary = passt_dir()
+        if binary is None:
+            raise RuntimeError("no passt build: run ./dev setup")
+        super().__init__([str(binary / "passt-repair"), str(repair_path)],
+                         workdir / f"{name}.log")

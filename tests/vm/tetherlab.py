@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from . import pattern
 from .harness import wait_for
@@ -144,11 +145,16 @@ def namespace_nameservers4(ns: str) -> list[str]:
 
 
 class Helper(Process):
-    """tether-repair, privileged, connected to a tether's repair socket."""
+    """tether-repair, privileged, connected to a back-end's repair socket (tether's
+    or passt's: the protocol is the same)."""
 
-    def __init__(self, workdir: Path, name: str, tether: Tether) -> None:
-        super().__init__([sys.executable, "-m", "tether.repair.helper", str(tether.repair_path)],
-                         workdir / f"{name}.log")
+    def __init__(self, workdir: Path, name: str, backend: Tether | HasRepairPath) -> None:
+        super().__init__([sys.executable, "-m", "tether.repair.helper",
+                          str(backend.repair_path)], workdir / f"{name}.log")
+
+
+class HasRepairPath(Protocol):
+    repair_path: Path
 
 
 class Peer(Process):

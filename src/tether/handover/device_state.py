@@ -32,16 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.handover.format import TETHER_FORMAT
+from tether.handover.passt_format import PASST_FORMAT
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
+    Format,
     Saved,
     Side,
-    StreamParser,
     apply_loaded,
     save,
 )
+from tether.migrate.unframed import FormatReader
 from tether.net.addresses import RECORD as ADDRESS_RECORD
 from tether.net.flows import TableFull
 from tether.net.stack import Stack
@@ -57,6 +59,23 @@ log = logging.getLogger(__name__)
 
 HELPER_WAIT = 1.0
 """How long a migration waits for tether-repair to connect when it is not yet there."""
+
+
+FORMATS = {"tether": TETHER_FORMAT, "passt": PASST_FORMAT}
+"""What a target reads (picked by the stream's magic), and what --migrate-format names."""
+
+# Each format's stages by the role they play here: passt's three stages do what
+# tether's first three do, under their own names; passt has no UDP stage.
+_ROLES: dict[str, dict[str, str]] = {
+    "tether": {"guest addresses": "addresses", "freeze tcp": "freeze", "tcp flows": "tcp",
+               "udp flows": "udp"},
+    "passt": {"observed addresses": "addresses", "prepare flows": "freeze",
+              "transfer flows": "tcp"},
+}
+
+
+def _bind(fmt: Format, by_role: dict[str, Side[Any]]) -> dict[str, Side[Any]]:
+    return {stage: by_role[role] for stage, role in _ROLES[fmt.name].items() if role in by_role}
 
 
 def _addresses_from_stack(stack: Stack) -> GuestAddresses:
@@ -99,8 +118,10 @@ class Handover:
     def __init__(self, stack: Stack, helper: RepairHelper | None, *,
                  require_repair: bool = False, linger: bool = True,
                  max_size: int = DEFAULT_MAX_SIZE, helper_wait: float = HELPER_WAIT,
-                 listeners: Callable[[], list[socket.socket]] | None = None) -> None:
+                 listeners: Callable[[], list[socket.socket]] | None = None,
+                 save_format: Format = TETHER_FORMAT) -> None:
         self.stack = stack
+        self.save_format = save_format
         self.helper = helper
         self.require_repair = require_repair
         self.linger = linger
@@ -119,14 +140,20 @@ class Handover:
             self._rollback("a new save started before the last one was settled")
         outgoing = _Outgoing()
         sides: dict[str, Side[Any]] = {
-            "guest addresses": Side(save=lambda: _addresses_from_stack(self.stack)),
-            "freeze tcp": Side(save=lambda: self._freeze(outgoing),
-                               undo=lambda: self._unfreeze(outgoing)),
-            "tcp flows": Side(save=lambda: self._dump(outgoing)),
-            "udp flows": Side(save=self.stack.dump_udp_flows),
+            "addresses": Side(save=lambda: _addresses_from_stack(self.stack)),
+            "freeze": Side(save=lambda: self._freeze(outgoing),
+                           undo=lambda: self._unfreeze(outgoing)),
+            "tcp": Side(save=lambda: self._dump(outgoing)),
+            "udp": Side(save=self.stack.dump_udp_flows),
         }
+        fmt = self.save_format
+        if "udp" not in _ROLES[fmt.name].values():
+            udp = len(self.stack.dump_udp_flows())
+            if udp:
+                log.info("migration: the %s format has no place for UDP flows: %d left out, "
+                         "the guest's next datagram opens each again", fmt.name, udp)
         try:
-            saved = save(TETHER_FORMAT, sides)
+            saved = save(fmt, _bind(fmt, sides))
         except MigrationError as exc:
             log.error("migration: saving state failed, source unchanged: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
@@ -299,23 +326,23 @@ class Handover:
         self._discard_incoming("a new state arrived")
         incoming = _Incoming()
         try:
-            parser = StreamParser(TETHER_FORMAT, self.max_size)
+            parser = FormatReader(tuple(FORMATS.values()), self.max_size)
             parser.feed(data)
             loaded = parser.finish()
+            assert parser.format is not None
             previous = _addresses_from_stack(self.stack)
             sides: dict[str, Side[Any]] = {
-                "guest addresses": Side(apply=lambda seen: self._apply_addresses(seen,
-                                                                                 previous)),
-                "tcp flows": Side(apply=lambda flows: self._restore(flows, incoming)),
-                "udp flows": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
+                "addresses": Side(apply=lambda seen: self._apply_addresses(seen, previous)),
+                "tcp": Side(apply=lambda flows: self._restore(flows, incoming)),
+                "udp": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
             }
-            apply_loaded(TETHER_FORMAT, loaded, sides)
+            apply_loaded(parser.format, loaded, _bind(parser.format, sides))
         except MigrationError as exc:
             log.error("migration: refusing incoming state, nothing applied: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
         self._incoming = incoming
-        log.info("migration: state loaded, %d bytes, %d TCP connections restored in repair "
-                 "mode", len(data), len(incoming.flows))
+        log.info("migration: %s state loaded, %d bytes, %d TCP connections restored in repair "
+                 "mode", parser.format.name, len(data), len(incoming.flows))
 
     def _apply_addresses(self, seen: GuestAddresses | None,
                          previous: GuestAddresses) -> Callable[[], None]:

@@ -1,0 +1,88 @@
+"""A running VM moves between passt and tether, both ways, with its TCP connections.
+
+The lab is tests/vm/migration_lab.py's (one host namespace, checked streams
+both ways: the guest to a host service, a host peer through the source's -t
+port into the guest), with a real passt (tests/vm/reference.py, built by
+./dev setup from Debian's source package) on one side.  That passt
+(0.0~git20250503) closes its migrated sockets and exits once a migration as
+source completes (later passt does so with `--migrate-exit
+--migrate-no-linger`); tether runs with `--migrate-no-linger`, as two
+back-ends on one host must.
+Each back-end has its own helper, or the other's: the helper protocol is
+the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .guest import GuestImage, build_tstream
+from .migration_lab import DOWN_PORT, Lab, check_streams, migrate, run_ok, start_streams
+from .reference import Passt, passt_dir
+from .tetherlab import Tether, host_namespace
+
+pytestmark = pytest.mark.vm
+
+PASST_OPTS = ("-d",)  # its log says why a migration failed
+TETHER_OPTS = ("--migrate-no-linger",)
+
+
+@pytest.fixture(scope="module")
+def tstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tstream(tmp_path_factory.mktemp("tstream"))
+
+
+@pytest.fixture
+def lab(workdir: Path, guest: GuestImage, tstream: Path) -> Iterator[Lab]:
+    if passt_dir() is None:
+        pytest.fail("no passt build (./dev setup builds it from Debian's source package)")
+    with host_namespace("tpst") as ns:
+        lab = Lab(workdir, ns, tstream, guest)
+        try:
+            yield lab
+        finally:
+            lab.close()
+
+
+def _tether(lab: Lab, name: str, port: int, helper: str, *extra: str) -> Tether:
+    t = lab.tether(name, "-t", str(port), *TETHER_OPTS, *extra, helper=False)
+    lab.processes.append(lab.helper(f"{name}-helper", t.repair_path, helper))
+    t.wait_log("repair helper pid \\d+ connected")
+    return t
+
+
+def _passt(lab: Lab, name: str, port: int, helper: str) -> Passt:
+    return lab.passt(name, "-t", str(port), *PASST_OPTS, helper=helper)
+
+
+@pytest.mark.parametrize("helpers", [("passt-repair", "tether-repair"),
+                                     ("tether-repair", "passt-repair")],
+                         ids=["own-helpers", "crossed-helpers"])
+def test_vm_moves_from_passt_to_tether(lab: Lab, helpers: tuple[str, str]) -> None:
+    source = _passt(lab, "p1", DOWN_PORT, helpers[0])
+    target = _tether(lab, "t2", DOWN_PORT + 1, helpers[1])
+    vm1, vm2 = lab.vm("vm1", source), lab.vm("vm2", target, incoming=True)
+    streams = start_streams(lab, vm1)
+    info = migrate(lab, vm1, vm2)
+    assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+    target.wait_log("migration: passt state loaded, \\d+ bytes, 2 TCP connections")
+    target.wait_log("migration: guest resumed here, resumed 2 of 2 TCP connections")
+    check_streams(lab, streams, vm2)
+    run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")
+
+
+@pytest.mark.parametrize("helpers", [("tether-repair", "passt-repair"),
+                                     ("passt-repair", "tether-repair")],
+                         ids=["own-helpers", "crossed-helpers"])
+def test_vm_moves_from_tether_to_passt(lab: Lab, helpers: tuple[str, str]) -> None:
+    source = _tether(lab, "t1", DOWN_PORT, helpers[0], "--migrate-format", "passt")
+    target = _passt(lab, "p2", DOWN_PORT + 1, helpers[1])
+    vm1, vm2 = lab.vm("vm1", source), lab.vm("vm2", target, incoming=True)
+    streams = start_streams(lab, vm1)
+    info = migrate(lab, vm1, vm2)
+    assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+    check_streams(lab, streams, vm2)
+    run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")
