@@ -11,7 +11,7 @@
  * mod 256 differ at byte 0; any shift of the stream changes some byte of
  * every word, so the first mismatch is within 8 bytes of where it went wrong.
  *
- * Usage: tstream [-g] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...
+ * Usage: tstream [-g] [-w SECONDS] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...
  *     send HOST PORT BYTES [SEED]     connect, send, shut down writing, wait for close
  *     recv HOST PORT [SEED]           connect, read to EOF, verify
  *     serve PORT send BYTES [SEED]    listen (PORT 0: any), accept one, then as send
@@ -21,6 +21,7 @@
  *     serve PORT echo [CONNS]         accept CONNS connections (0: forever) one
  *                                     after another, echo each until EOF
  * BYTES takes a K/M/G suffix (powers of 1024); 0 means no limit (needs -d).
+ * -w waits SECONDS before recv's first read (data queues up, a FIN with it).
  * -g adds "gap_max_us=U" to recv's ok line: the longest wait for data, from
  * the start (connected or accepted) to the first byte and between reads.
  * -r limits the rate (either direction), -d stops sending after SECONDS,
@@ -69,6 +70,7 @@ static double duration;    /* seconds of sending, 0: none */
 static double idle_limit;  /* seconds without progress before failing, 0: none */
 static const char *progress_path;
 static int report_gap;     /* -g */
+static double read_delay;  /* -w: seconds before the first read */
 static uint64_t done;      /* bytes sent, or received and verified */
 static double t_start, t_progress, t_activity;
 
@@ -236,7 +238,16 @@ static void do_send(int fd, uint64_t total)
 static int do_recv(int fd)
 {
 	static uint8_t buf[CHUNK], expected[CHUNK];
-	double last = now_s(), gap_max = 0;
+	double last, gap_max = 0;
+
+	while (read_delay > 0 && now_s() - t_start < read_delay) {
+		struct timespec ts = { .tv_nsec = TICK_MS * 1000000L };
+
+		nanosleep(&ts, NULL);
+		t_activity = now_s(); /* waiting on purpose is not idleness */
+		tick();
+	}
+	last = now_s();
 
 	for (;;) {
 		ssize_t n = recv(fd, buf, throttle(CHUNK), MSG_DONTWAIT);
@@ -518,7 +529,7 @@ bad:
 static void __attribute__((noreturn)) usage(void)
 {
 	fprintf(stderr,
-		"usage: tstream [-g] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...\n"
+		"usage: tstream [-g] [-w SECONDS] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...\n"
 		"  send HOST PORT BYTES [SEED]\n"
 		"  recv HOST PORT [SEED]\n"
 		"  serve PORT send BYTES [SEED]\n"
@@ -535,13 +546,14 @@ int main(int argc, char **argv)
 	int opt, fd, nargs;
 	char **args;
 
-	while ((opt = getopt(argc, argv, "+r:d:t:p:g")) != -1) {
+	while ((opt = getopt(argc, argv, "+r:d:t:p:gw:")) != -1) {
 		switch (opt) {
 		case 'r': rate = parse_size(optarg); break;
 		case 'd': duration = atof(optarg); break;
 		case 't': idle_limit = atof(optarg); break;
 		case 'p': progress_path = optarg; break;
 		case 'g': report_gap = 1; break;
+		case 'w': read_delay = atof(optarg); break;
 		default: usage();
 		}
 	}
