@@ -15,7 +15,8 @@ from typing import NoReturn
 
 from tether.config import Config, ConfigError, build_parser, from_args
 from tether.frames import FrameSink, GuestPort
-from tether.handover.device_state import FORMATS, Handover
+from tether.handover.device_state import Handover
+from tether.handover.format import FORMATS
 from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack

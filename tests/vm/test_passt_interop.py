@@ -10,6 +10,15 @@ source completes (later passt does so with `--migrate-exit
 back-ends on one host must.
 Each back-end has its own helper, or the other's: the helper protocol is
 the same.
+
+Half-closed connections cross too (migration_lab.HalfClosed).  That passt
+does not carry one state: a connection the host peer half-closed
+(CLOSE_WAIT) with data still queued for the guest.  As a source it leaves
+the queue's last byte out of its stream; as a target it never resumes such
+a connection (passt to passt hangs there just the same).  So the passt
+source's half-closed connections have nothing queued towards the guest,
+and a passt target gets only connections the guest half-closed; tether's
+own tests move the rest (tests/vm/test_migration.py, tests/repair).
 """
 
 from __future__ import annotations
@@ -92,7 +101,7 @@ def test_vm_moves_from_passt_to_tether(lab: Lab, helpers: tuple[str, str]) -> No
     _silence_the_gap(lab)
     vm1, vm2 = lab.vm("vm1", source), lab.vm("vm2", target, incoming=True)
     streams = start_streams(lab, vm1)
-    half = start_half_closed(lab, vm1)
+    half = start_half_closed(lab, vm1, fin_in_bytes=8 << 10)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
     target.wait_log("migration: passt state loaded, \\d+ bytes, 4 TCP connections")
@@ -110,10 +119,10 @@ def test_vm_moves_from_tether_to_passt(lab: Lab, helpers: tuple[str, str]) -> No
     target = _passt(lab, "p2", DOWN_PORT + 1, helpers[1])
     vm1, vm2 = lab.vm("vm1", source), lab.vm("vm2", target, incoming=True)
     streams = start_streams(lab, vm1)
-    half = start_half_closed(lab, vm1)
+    half = start_half_closed(lab, vm1, fin_in_bytes=None)
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
-    source.wait_log("migration: state saved, \\d+ bytes, 4 TCP connections frozen")
+    source.wait_log("migration: state saved, \\d+ bytes, 3 TCP connections frozen")
     check_streams(lab, streams, vm2)
     check_half_closed(lab, half, vm2)
     run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")

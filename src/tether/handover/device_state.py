@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.handover.format import TETHER_FORMAT
-from tether.handover.passt_format import PASST_FORMAT
+from tether.handover.format import FORMATS, TETHER_FORMAT
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
@@ -60,9 +59,6 @@ log = logging.getLogger(__name__)
 HELPER_WAIT = 1.0
 """How long a migration waits for tether-repair to connect when it is not yet there."""
 
-
-FORMATS = {"tether": TETHER_FORMAT, "passt": PASST_FORMAT}
-"""What a target reads (picked by the stream's magic), and what --migrate-format names."""
 
 # Each format's stages by the role they play here: passt's three stages do what
 # tether's first three do, under their own names; passt has no UDP stage.

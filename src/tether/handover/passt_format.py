@@ -20,11 +20,18 @@ established, a socket state TCP_REPAIR cannot rebuild.  A flow passt marks
 "skip" (socket state 0: its dump failed on the source) is dropped, as passt
 itself drops it.
 
-The socket record's sequence fields follow passt's dump (2.7): its queue
-lengths leave our FIN out, its send sequence is the write sequence minus
-that length, and in CLOSE_WAIT and LAST_ACK its rcv_wup is one lower and
-rcv_wnd one higher.  tether's TcpConnState counts data only (repair/tcp.py),
-so the conversion is in one place each way: `_from_passt` and `_to_passt`.
+The socket record's sequence fields follow passt's dump (2.7): each
+sequence is the kernel's queue sequence, which counts a FIN, minus the
+queue's length, so after a FIN it is one past where tether's TcpConnState
+(data only, repair/tcp.py) starts; and in CLOSE_WAIT and LAST_ACK passt
+lowers rcv_wup by one and raises rcv_wnd by one.  Checked on streams of the
+real passt (tests/data/migration/passt/) and by moving VMs both ways.  The
+conversion is in one place each way: `_from_passt` and `_to_passt`.
+
+A limit of passt 0.0~git20250503, not of this reader: in CLOSE_WAIT it
+writes its receive queue one byte short (the sequences agree with what it
+wrote), so that byte of a connection the host half-closed is lost when such
+a passt is the source; as a target it does not resume CLOSE_WAIT flows.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from tether.handover.records import (
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import Buffer, Format, Stage
 from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
-from tether.repair.kernel import FIN_SENT, MIGRATABLE, WSCALE_MAX, TcpState
+from tether.repair.kernel import FIN_RECEIVED, FIN_SENT, MIGRATABLE, WSCALE_MAX, TcpState
 from tether.repair.record import _OPT_KNOWN, OPT_WSCALE, QUEUE_MAX, TcpConnState
 
 PASST_MAGIC = 0xB1BB1D1B0BB1D1B0
@@ -239,7 +246,8 @@ def _from_passt(tap: TcpFlowRecord, fields: tuple[int, ...], send_queue: bytes, 
     return TcpConnState(
         family=family, local=(local, oport), remote=(remote, eport), state=state,
         options=options, snd_wscale=snd_ws, rcv_wscale=rcv_ws, mss=mss, timestamp=timestamp,
-        snd_seq=(seq_snd - int(state in FIN_SENT)) & 0xFFFFFFFF, rcv_seq=seq_rcv,
+        snd_seq=(seq_snd - int(state in FIN_SENT)) & 0xFFFFFFFF,
+        rcv_seq=(seq_rcv - int(state in FIN_RECEIVED)) & 0xFFFFFFFF,
         snd_wl1=snd_wl1, snd_wnd=snd_wnd, max_window=max_window, rcv_wnd=rcv_wnd,
         rcv_wup=rcv_wup, send_queue=send_queue, unsent_len=notsent, recv_queue=recv_queue)
 
@@ -249,7 +257,8 @@ def _to_passt(st: TcpConnState) -> bytes:
     if st.state in _WUP_ADJUSTED:
         rcv_wup, rcv_wnd = (rcv_wup - 1) & 0xFFFFFFFF, rcv_wnd + 1
     return SOCKET_RECORD.pack(
-        (st.snd_seq + int(st.state in FIN_SENT)) & 0xFFFFFFFF, st.rcv_seq,
+        (st.snd_seq + int(st.state in FIN_SENT)) & 0xFFFFFFFF,
+        (st.rcv_seq + int(st.state in FIN_RECEIVED)) & 0xFFFFFFFF,
         len(st.send_queue), st.unsent_len, len(st.recv_queue), st.mss, st.timestamp,
         st.snd_wl1, st.snd_wnd, st.max_window, rcv_wnd, rcv_wup, st.snd_wscale,
         st.rcv_wscale, int(st.state), st.options)

@@ -200,6 +200,14 @@ class FormatReader:
     def done(self) -> bool:
         return self._parser is not None and self._parser.done
 
+    @property
+    def header(self) -> tuple[int, int, int] | None:
+        return self._parser.header if self._parser is not None else None
+
+    @property
+    def records(self) -> tuple[Record, ...]:
+        return self._parser.records if self._parser is not None else ()
+
     def feed(self, data: Buffer) -> None:
         if self._parser is not None:
             self._parser.feed(data)
