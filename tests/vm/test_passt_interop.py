@@ -23,6 +23,7 @@ own tests move the rest (tests/vm/test_migration.py, tests/repair).
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ from .migration_lab import (
     start_streams,
 )
 from .reference import Passt, passt_dir
-from .tetherlab import Tether, host_namespace, in_ns
+from .tetherlab import HOST_ADDR, PEER_ADDR, Tether, host_namespace, in_ns, two_hosts
 
 pytestmark = pytest.mark.vm
 
@@ -66,7 +67,7 @@ def lab(workdir: Path, guest: GuestImage, tstream: Path) -> Iterator[Lab]:
             lab.close()
 
 
-def _silence_the_gap(lab: Lab) -> None:
+def _silence_the_gap(lab: Lab, ns: str | None = None) -> None:
     """On one host, a passt source closes its sockets as it saves them, and
     holds nothing in their place (tether's source keeps silent listeners on
     those addresses, migration_lab.py): a host peer's segment that falls in
@@ -76,7 +77,7 @@ def _silence_the_gap(lab: Lab) -> None:
     namespace drops the kernel's resets, and the peer's retransmission finds
     the restored socket.  A reset tether sent would be dropped too, but the
     stream would then stall, and fail on its idle limit."""
-    subprocess.run(in_ns(lab.ns, "nft", "-f", "-"), check=True, capture_output=True,
+    subprocess.run(in_ns(ns or lab.ns, "nft", "-f", "-"), check=True, capture_output=True,
                    text=True, timeout=30, input="table inet passt_gap {\n"
                    " chain out { type filter hook output priority 0; tcp flags rst drop; }\n}\n")
 
@@ -126,3 +127,61 @@ def test_vm_moves_from_tether_to_passt(lab: Lab, helpers: tuple[str, str]) -> No
     check_streams(lab, streams, vm2)
     check_half_closed(lab, half, vm2)
     run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")
+
+
+def test_ping_pong_passt_tether_passt_keeps_the_same_connections(lab: Lab) -> None:
+    """passt -> tether -> passt with the same two streams: the tether in the
+    middle reads passt's stream and writes it again."""
+    p1 = _passt(lab, "p1", DOWN_PORT, "passt-repair")
+    t2 = _tether(lab, "t2", DOWN_PORT + 1, "tether-repair", "--migrate-format", "passt")
+    p3 = _passt(lab, "p3", DOWN_PORT + 2, "passt-repair")
+    _silence_the_gap(lab)
+    vm1, vm2 = lab.vm("vm1", p1), lab.vm("vm2", t2, incoming=True)
+    streams = start_streams(lab, vm1)
+    info = migrate(lab, vm1, vm2)
+    assert info["status"] == "completed", f"passt -> tether: {info}\n{lab.logs()}"
+    t2.wait_log("migration: guest resumed here, resumed 2 of 2 TCP connections")
+    vm1.close()
+    vm3 = lab.vm("vm3", p3, incoming=True)
+    info = migrate(lab, vm2, vm3)
+    assert info["status"] == "completed", f"tether -> passt: {info}\n{lab.logs()}"
+    t2.wait_log("migration: state saved, \\d+ bytes, 2 TCP connections frozen")
+    check_streams(lab, streams, vm3)
+
+
+@pytest.mark.parametrize("direction", ["passt-to-tether", "tether-to-passt"])
+def test_cross_host_the_address_moves_with_the_vm(workdir: Path, guest: GuestImage,
+                                                  tstream: Path, direction: str) -> None:
+    """Two hosts with one address behind a bridge, the peer on a third
+    (tetherlab.two_hosts); the VM moves, then the address, and both streams
+    carry on.  tether runs in its default (linger) mode: each is a host of its
+    own."""
+    if passt_dir() is None:
+        pytest.fail("no passt build (./dev setup builds it from Debian's source package)")
+    with two_hosts("txp") as hosts:
+        lab = Lab(workdir, hosts.source, tstream, guest, peer_ns=hosts.peer,
+                  service=PEER_ADDR, forward=HOST_ADDR)
+        try:
+            port = str(DOWN_PORT)
+            if direction == "passt-to-tether":
+                source: Passt | Tether = lab.passt("p1", "-t", port, *PASST_OPTS,
+                                                   ns=hosts.source)
+                target: Passt | Tether = lab.tether("t2", "-t", port, ns=hosts.target)
+                _silence_the_gap(lab, hosts.source)
+            else:
+                source = lab.tether("t1", "-t", port, "--migrate-format", "passt",
+                                    ns=hosts.source)
+                target = lab.passt("p2", "-t", port, *PASST_OPTS, ns=hosts.target)
+            vm1, vm2 = lab.vm("vm1", source), lab.vm("vm2", target, incoming=True)
+            streams = start_streams(lab, vm1)
+            info = migrate(lab, vm1, vm2)
+            assert info["status"] == "completed", f"{info}\n{lab.logs()}"
+            if isinstance(target, Tether):
+                target.wait_log("resumed 2 of 2 TCP connections")
+            hosts.move_address()
+            check_streams(lab, streams, vm2)
+            resets = subprocess.run(in_ns(hosts.peer, "nstat", "-az", "TcpEstabResets"),
+                                    capture_output=True, text=True, check=False).stdout
+            assert re.search(r"TcpEstabResets\s+0\b", resets), resets
+        finally:
+            lab.close()
