@@ -181,7 +181,7 @@ def stream_results(streams: Streams, vm: Vm) -> StreamResults:
                          pattern.parse_result(run_ok(vm, "cat /tmp/down.out")))
 
 
-def check_streams(lab: Lab, streams: Streams, vm: Vm) -> None:
+def check_streams(lab: Lab, streams: Streams, vm: Vm) -> StreamResults:
     """Both ends of both streams saw every byte, once, in order, and no reset."""
     r = stream_results(streams, vm)
     up, guest_up, down, guest_down = r.up, r.guest_up, r.down, r.guest_down
@@ -191,6 +191,7 @@ def check_streams(lab: Lab, streams: Streams, vm: Vm) -> None:
     assert down["result"] == "sent" and guest_down["result"] == "ok", context
     assert down["bytes"] == guest_down["bytes"], context
     assert int(up["bytes"]) > 1 << 20 and int(down["bytes"]) > 1 << 20, context
+    return r
 
 
 def migrate(lab: Lab, source: Vm, target: Vm) -> dict[str, object]:

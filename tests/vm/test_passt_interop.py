@@ -34,6 +34,7 @@ from .guest import GuestImage, build_tstream
 from .migration_lab import (
     DOWN_PORT,
     Lab,
+    StreamResults,
     check_half_closed,
     check_streams,
     migrate,
@@ -65,6 +66,14 @@ def lab(workdir: Path, guest: GuestImage, tstream: Path) -> Iterator[Lab]:
             yield lab
         finally:
             lab.close()
+
+
+def _report(what: str, info: dict[str, object], tether: Tether, results: StreamResults) -> None:
+    """One line for the record (pytest -s shows it): what QEMU and tether measured."""
+    size = re.findall(r"migration: (?:passt )?state (?:saved|loaded), (\d+) bytes", tether.text())
+    print(f"\nINTEROP {what}: downtime {info.get('downtime')} ms, total "
+          f"{info.get('total-time')} ms, state {size[-1] if size else '?'} bytes, checked "
+          f"{results.up['bytes']} B guest->host, {results.down['bytes']} B host->guest")
 
 
 def _silence_the_gap(lab: Lab, ns: str | None = None) -> None:
@@ -107,8 +116,9 @@ def test_vm_moves_from_passt_to_tether(lab: Lab, helpers: tuple[str, str]) -> No
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
     target.wait_log("migration: passt state loaded, \\d+ bytes, 4 TCP connections")
     target.wait_log("migration: guest resumed here, resumed 4 of 4 TCP connections")
-    check_streams(lab, streams, vm2)
+    results = check_streams(lab, streams, vm2)
     check_half_closed(lab, half, vm2)
+    _report(f"passt -> tether ({'/'.join(helpers)})", info, target, results)
     run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")
 
 
@@ -124,8 +134,9 @@ def test_vm_moves_from_tether_to_passt(lab: Lab, helpers: tuple[str, str]) -> No
     info = migrate(lab, vm1, vm2)
     assert info["status"] == "completed", f"{info}\n{lab.logs()}"
     source.wait_log("migration: state saved, \\d+ bytes, 3 TCP connections frozen")
-    check_streams(lab, streams, vm2)
+    results = check_streams(lab, streams, vm2)
     check_half_closed(lab, half, vm2)
+    _report(f"tether -> passt ({'/'.join(helpers)})", info, source, results)
     run_ok(vm2, "ping -c 1 -W 5 10.200.0.1")
 
 
