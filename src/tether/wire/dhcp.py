@@ -22,6 +22,7 @@ OPT_DNS = 6
 OPT_HOSTNAME = 12
 OPT_DOMAIN_NAME = 15
 OPT_MTU = 26
+OPT_CLIENT_FQDN = 81  # RFC 4702
 OPT_REQUESTED_IP = 50
 OPT_LEASE_TIME = 51
 OPT_MESSAGE_TYPE = 53
@@ -114,3 +115,8 @@ def encode_search_list(domains: list[str]) -> bytes:
                 out += bytes([len(raw)]) + raw
         out.append(0)
     return bytes(out)
+
+
+def client_fqdn(name: str) -> bytes:
+    """Option 81 from a server (RFC 4702 section 2): E (wire-format name), RCODEs 255."""
+    return bytes([0x04, 0xFF, 0xFF]) + encode_search_list([name])
