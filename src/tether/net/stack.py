@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import socket
 from collections.abc import Sequence
 
@@ -63,6 +64,9 @@ class Stack:
         """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken
         (ports of an 'all' spec that cannot be bound are skipped, as in passt)."""
         p = self.params
+        # 'all' could take every descriptor: half of them stay for the flows.
+        budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+        skipped = 0
         work: tuple[tuple[int, tuple[PortRange, ...], bool], ...] = (
             (socket.SOCK_STREAM, p.tcp_forward, p.tcp), (socket.SOCK_DGRAM, p.udp_forward, p.udp))
         for kind, ranges, enabled in work:
@@ -71,6 +75,9 @@ class Stack:
             for rng in ranges:
                 for family in self._forward_families(rng):
                     for port in range(rng.first, rng.last + 1):
+                        if rng.best_effort and len(self._listeners) >= budget:
+                            skipped += 1
+                            continue
                         try:
                             s = self._listen(family, kind, port, rng)
                         except OSError:
@@ -83,6 +90,9 @@ class Stack:
                             self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
                         else:
                             self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
+        if skipped:
+            log.warning("'all' forwarding: %d ports not bound, to keep file descriptors "
+                        "for connections (RLIMIT_NOFILE %d)", skipped, budget * 2)
 
     def _forward_families(self, rng: PortRange) -> list[int]:
         # Like passt: both families when the guest has IPv6, each socket v6-only so
