@@ -113,7 +113,7 @@ def _local_port_range() -> range:
         return range(32768, 61000)
 
 
-_TO_ADDRESS = re.compile(r"(^|,)~?\d+(-\d+)?:[^,/]*[^\d,/-][^,/]*/")
+_PORTS_TO = re.compile(r"(.*,)?(~?\d+(-\d+)?|all):")  # ports, then ':' and an address
 
 
 def _bind_prefix(prefix: str, what: str) -> tuple[str | None, str | None]:
@@ -155,17 +155,20 @@ def parse_ports(spec: str, what: str) -> tuple[PortRange, ...]:
     """
     if spec == "none":
         return ()
-    if _TO_ADDRESS.search(spec) or spec.startswith("all:"):
-        raise ConfigError(f"{what}: {spec!r}: forwarding to another guest address "
+    refused = ConfigError(f"{what}: {spec!r}: forwarding to another guest address "
                           "(':ADDR/' or 'all:ADDR') is not supported by tether")
     address = ifname = None
     body = spec
     if "/" in spec:
         prefix, _, body = spec.partition("/")
-        address, ifname = _bind_prefix(prefix, what)
-        if body.startswith("all:"):
-            raise ConfigError(f"{what}: {spec!r}: forwarding to another guest address "
-                              "('all:ADDR') is not supported by tether")
+        try:
+            address, ifname = _bind_prefix(prefix, what)
+        except ConfigError:
+            if _PORTS_TO.match(prefix):
+                raise refused from None  # 'PORT:ADDR/GUESTPORT' without a prefix
+            raise
+    if "/" in body or body.startswith("all:") or ",all:" in body:
+        raise refused
     wanted: dict[int, int] = {}
     excluded: set[int] = set()
     parts = body.split(",")
@@ -455,6 +458,12 @@ def _by_family(values: list[str] | None, what: str, allow_none: bool = False) ->
     return out
 
 
+def _inside(gateway: bytes, addr: bytes, prefix: int) -> bool:
+    """Whether the host's gateway is on the guest's network (so the guest reaches it)."""
+    net = ipaddress.IPv4Network(f"{ipaddress.IPv4Address(addr)}/{prefix}", strict=False)
+    return ipaddress.IPv4Address(gateway) in net
+
+
 def _search(values: list[str] | None, host: list[str]) -> tuple[str, ...]:
     if not values:
         return tuple(host)
@@ -546,7 +555,7 @@ def from_args(ns: argparse.Namespace) -> Config:
         prefix = host[1] if host and addresses.v4 is None else 24
     if gateways.v4 is not None:
         gateway = _ipv4(gateways.v4, "--gateway")
-    elif route is not None and addresses.v4 is None:
+    elif route is not None and (addresses.v4 is None or _inside(route[1], addr, prefix)):
         gateway = route[1]
     elif want4:
         # An address on its own: the first host of its network is the gateway.
