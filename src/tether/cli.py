@@ -98,6 +98,9 @@ def _drop_privileges(runas: str | None) -> None:
     anyone, end with no capabilities: tether needs none once its sockets exist."""
     if os.geteuid() == 0:
         uid, gid = _user(runas or "nobody")
+        if uid == 0:
+            log.info("staying root, as --runas asks")
+            return
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)  # from root to non-root: every capability set is cleared
@@ -295,7 +298,9 @@ def run(config: Config) -> int:
         if pid_out is not None:
             pid_out.write(f"{os.getpid()}\n")
             pid_out.close()
-        if not qemu_facing:
+        if not qemu_facing and config.runas is not None:
+            # pasta's part (a tap in a namespace, COMMAND) keeps its user unless asked:
+            # it is started by whoever owns the namespace.
             _drop_privileges(config.runas)
         if ready is not None:
             _detach_stdio()

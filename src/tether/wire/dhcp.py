@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The "idna" codec is found by a lazy import at its first use; tether may have
+# dropped privileges by then, and a Python installed where only root can read
+# would no longer find it.  Import it while tether can.
+import encodings.idna  # noqa: F401
 import struct
 from typing import NamedTuple
 
