@@ -7,10 +7,12 @@ back-end to go away.  Each test runs tether inside its own network namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,10 @@ def rundir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="tether-daemon-", dir="/tmp"))
     d.chmod(0o1777)
     yield d
+    # A test that failed half-way leaves its daemon: end it by the pid it wrote.
+    for pid_file in d.glob("*pid"):
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -134,6 +140,31 @@ def test_unprivileged_without_capabilities_as_libvirt_runs_it(ns: Netns, rundir:
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(str(sock))
     wait_for(lambda: _gone(pid), "tether to exit after its one client", timeout=10)
+
+
+def test_fd_serves_an_inherited_socket_and_exits_when_it_closes(ns: Netns) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(ns.cmd(sys.executable, "-m", "tether.cli", "-f", "-q",
+                                   "--fd", str(theirs.fileno()), *BASE),
+                            pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    theirs.close()
+    try:
+        # An ARP request for the gateway, framed as QEMU's -netdev stream frames it.
+        guest_mac = bytes.fromhex("020000000002")
+        arp = (b"\xff" * 6 + guest_mac + b"\x08\x06" + bytes.fromhex("0001080006040001") +
+               guest_mac + socket.inet_aton("10.0.2.15") + bytes(6) +
+               socket.inet_aton("10.0.2.1"))
+        ours.sendall(struct.pack("!I", len(arp)) + arp)
+        ours.settimeout(20)
+        (length,) = struct.unpack("!I", ours.recv(4, socket.MSG_WAITALL))
+        reply = ours.recv(length, socket.MSG_WAITALL)
+        assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"  # ARP reply
+        assert reply[28:32] == socket.inet_aton("10.0.2.1")
+    finally:
+        ours.close()
+    assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
 
 
 def test_version_and_capabilities_on_stdout(ns: Netns) -> None:
