@@ -89,8 +89,10 @@ def libvirt_missing_reason() -> str | None:
 class Libvirtd:
     """One libvirtd in network namespace `ns`, its state under a fresh ROOT."""
 
-    def __init__(self, ns: str, guest: GuestImage) -> None:
+    def __init__(self, ns: str, guest: GuestImage, host_uuid: str | None = None) -> None:
+        """host_uuid: two daemons on one machine must differ for libvirt to migrate."""
         self.ns = ns
+        self.host_uuid = host_uuid
         self.root = Path(tempfile.mkdtemp(prefix="tlv-", dir="/tmp"))  # short socket paths
         self.root.chmod(0o755)
         try:
@@ -116,7 +118,10 @@ class Libvirtd:
                     st = real.stat()
                     os.chown(path, st.st_uid, st.st_gid)
         (r / "etc" / "qemu.conf").write_text(QEMU_CONF)
-        (r / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
+        conf = LIBVIRTD_CONF
+        if self.host_uuid is not None:
+            conf += f'host_uuid = "{self.host_uuid}"\n'
+        (r / "etc" / "libvirtd.conf").write_text(conf)
         passt = r / "bin" / "passt"
         passt.write_text(PASST)
         passt.chmod(0o755)
@@ -251,6 +256,14 @@ class Domain:
         self._sock.connect(str(self.console_path))
         self.console = Console(self._sock.fileno(), self._sock.fileno(), self.name)
         self.daemon.virsh("resume", self.name)
+
+    def attach_console(self, path: Path) -> Console:
+        """Follow the domain to another console socket (its QEMU after a migration)."""
+        self._close_console()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(str(path))
+        self.console = Console(self._sock.fileno(), self._sock.fileno(), self.name)
+        return self.console
 
     def wait_booted(self) -> Console:
         assert self.console is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ pytestmark = pytest.mark.vm
 GATEWAY6 = "fd00:200::1"  # the host namespace's IPv6 default gateway: tether maps it to ::1
 FWD_HOST, FWD_GUEST = 5111, 5112  # <range start='5111' to='5112'/>
 MIB = 1024 * 1024
+# Two daemons on one machine: libvirt refuses to migrate to a host with its own UUID.
+SOURCE_UUID = "7e7e7e7e-0000-4000-8000-000000000001"
+TARGET_UUID = "7e7e7e7e-0000-4000-8000-000000000002"
 
 VHOSTUSER = """<interface type='vhostuser'>
       <mac address='{mac}'/>
@@ -36,6 +40,13 @@ VHOSTUSER = """<interface type='vhostuser'>
       <portForward proto='tcp'>
         <range start='5111' to='5112'/>
       </portForward>
+      <model type='virtio'/>
+      <rom enabled='no'/>
+    </interface>"""
+
+MIGRATING = """<interface type='vhostuser'>
+      <mac address='{mac}'/>
+      <backend type='passt' logFile='{log}'/>
       <model type='virtio'/>
       <rom enabled='no'/>
     </interface>"""
@@ -69,7 +80,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, guest: GuestImage) -> Iterator
     workdir = tmp_path_factory.mktemp("tlv", numbered=True)
     tstream = build_tstream(workdir / "ts")
     with host_namespace("tlv") as ns:
-        daemon = Libvirtd(ns, guest)
+        daemon = Libvirtd(ns, guest, host_uuid=SOURCE_UUID)
         try:
             yield Lab(ns, daemon, tstream, workdir)
         finally:
@@ -209,4 +220,47 @@ def test_stream_domain_basics(lab: Lab) -> None:
         check_forwarded(lab, domain, 73)
         check_destroy_leaves_nothing(lab, domain)
     finally:
+        domain.undefine()
+
+
+def test_virsh_migrate_live_between_two_daemons(lab: Lab, guest: GuestImage) -> None:
+    """libvirt moves a vhost-user domain from one libvirtd to another on this machine:
+    the target's tether takes over the guest's network; the source's tether stays,
+    as passt(1) says --one-off does after a completed migration as source."""
+    domain = Domain(lab.daemon, "tlvmig", MIGRATING, DHCP_ARG)
+    target = Libvirtd(lab.ns, guest, host_uuid=TARGET_UUID)
+    source_pid = None
+    try:
+        domain.start()
+        domain.wait_booted()
+        source_pid = int(domain.passt_pid_file().read_text())
+        # The target's QEMU needs its own console socket; its tether its own log.
+        xml = lab.daemon.virsh("dumpxml", "--migratable", domain.name).stdout
+        for path in (domain.console_path, domain.passt_log):
+            xml = xml.replace(str(path), str(target.root / "rw" / path.name))
+        target_xml = lab.daemon.root / "tlvmig-target.xml"
+        target_xml.write_text(xml)
+        lab.daemon.virsh("migrate", "--live", "--xml", str(target_xml), domain.name,
+                         target.uri.replace("qemu:///", "qemu+unix:///"),
+                         "tcp://127.0.0.1:49152", timeout=600)
+        assert target.virsh("domstate", domain.name).stdout.strip() == "running"
+        assert lab.daemon.virsh("domstate", domain.name).stdout.strip() == "shut off"
+        domain.daemon = target  # the domain lives on the target now
+        domain.attach_console(target.root / "rw" / domain.console_path.name)
+        target_pid = int(domain.passt_pid_file().read_text())
+        assert target_pid != source_pid and _alive(target_pid)
+        target_log = (target.root / "rw" / domain.passt_log.name).read_text()
+        assert "front-end connected" in target_log, target_log
+        # The guest, running on the target, reaches the host through the target's tether.
+        check_upload(lab, domain, GATEWAY, 6121, 81)
+        assert _alive(source_pid)  # see the docstring
+        source_log = domain.passt_log.read_text()
+        assert "migration complete: staying" in source_log, source_log
+        target.virsh("destroy", domain.name)
+        wait_for(lambda: not _alive(target_pid), 10, "the target's tether to exit")
+    finally:
+        if source_pid is not None and _alive(source_pid):
+            os.kill(source_pid, signal.SIGTERM)
+        domain.daemon = lab.daemon
+        target.close()
         domain.undefine()
