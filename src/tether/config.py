@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from tether.net.params import DEFAULT_MTU, OUR_MAC, NetParams, PortRange
 from tether.wire.ethernet import parse_mac
 
+LINK_LOCAL_ADDR4 = bytes([169, 254, 2, 1])  # passt's, when the host has nothing to copy
+LINK_LOCAL_GATEWAY4 = bytes([169, 254, 2, 2])
+
 
 class ConfigError(Exception):
     """A bad option or an environment that cannot give a default."""
@@ -539,6 +542,7 @@ def from_args(ns: argparse.Namespace) -> Config:
             addr6 = _ipv6(addresses.v6, "--address")
         elif host6 is not None and (addresses.v4 is None or ns.ipv6_only):
             addr6 = host6[0]
+    link_local = False
     if addresses.v4 is not None:
         addr = _ipv4(addresses.v4, "--address")
     elif host is not None:
@@ -546,15 +550,21 @@ def from_args(ns: argparse.Namespace) -> Config:
     elif not want4:
         addr = bytes(4)
     else:
-        raise ConfigError("no IPv4 default route on the host to copy: give --address")
+        # Nothing to copy: passt's link-local fallback, so the guest still reaches
+        # the host through the gateway.
+        addr, link_local = LINK_LOCAL_ADDR4, True
     if cidr is not None:
         prefix = cidr
     elif ns.netmask is not None:
         prefix = _prefix(ns.netmask)
+    elif link_local:
+        prefix = 16
     else:
         prefix = host[1] if host and addresses.v4 is None else 24
     if gateways.v4 is not None:
         gateway = _ipv4(gateways.v4, "--gateway")
+    elif link_local:
+        gateway = LINK_LOCAL_GATEWAY4
     elif route is not None and (addresses.v4 is None or _inside(route[1], addr, prefix)):
         gateway = route[1]
     elif want4:

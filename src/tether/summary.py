@@ -47,7 +47,7 @@ def lines(p: NetParams) -> list[str]:
         out.append("DNS search: " + " ".join(p.search))
     if p.map_host_loopback4 is not None:
         out.append(f"NAT to host 127.0.0.1: {_a(p.map_host_loopback4)}")
-    if p.map_host_loopback6 is not None:
+    if p.map_host_loopback6 is not None and p.ipv6 and p.addr6 is not None:
         linklocal = f" (and {_a(p.router6)})" if p.map_host_loopback6 != p.router6 else ""
         out.append(f"NAT to host ::1: {_a(p.map_host_loopback6)}{linklocal}")
     if p.map_guest_addr4 is not None:

@@ -19,7 +19,8 @@ SRC = str(Path(__file__).parents[2] / "src")
 
 class Host:
     """eth42: 192.0.2.10/24 via .1, 2001:db8:42::10/64 via 2001:db8:42::1; eth43: a
-    second interface with 198.51.100.7/24 and no default route; resolver 192.0.2.53."""
+    second interface with 198.51.100.7/24 and no default route; eth44: no address at
+    all; resolver 192.0.2.53."""
 
     def __init__(self, ns: Netns) -> None:
         self.ns = ns
@@ -39,6 +40,7 @@ def host() -> Iterator[Host]:
     (etc / "resolv.conf").write_text("nameserver 192.0.2.53\nsearch example.test\n")
     try:
         for argv in (["link", "add", "eth42", "type", "veth", "peer", "name", "eth43"],
+                     ["link", "add", "eth44", "type", "veth", "peer", "name", "eth45"],
                      ["link", "set", "eth42", "up"], ["link", "set", "eth43", "up"],
                      ["addr", "add", "192.0.2.10/24", "dev", "eth42"],
                      ["addr", "add", "198.51.100.7/24", "dev", "eth43"],

@@ -139,3 +139,10 @@ def test_passt_switches(host: Host) -> None:
 def test_what_tether_refuses_is_said(host: Host, argv: list[str], message: str) -> None:
     c = host.config("--socket", S0, *argv)
     assert message in c.get("error", ""), c
+
+
+def test_no_ipv4_route_falls_back_to_passts_link_local_addresses(host: Host) -> None:
+    c = host.config("--socket", S0, "--interface", "eth44")
+    n = c["net"]
+    assert (n["addr4"], n["prefix4"], n["gateway4"]) == ("169.254.2.1", 16, "169.254.2.2")
+    assert n["map_host_loopback4"] == "169.254.2.2"
