@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 from .guest import DHCP_ARG, GuestImage, build_tstream
 from .harness import wait_for
 from .libvirtlab import Domain, Libvirtd, libvirt_missing_reason
-from .tetherlab import GATEWAY, HOST_ADDR, Peer, host_namespace
+from .tetherlab import GATEWAY, HOST_ADDR, Peer, Process, host_namespace
 
 pytestmark = pytest.mark.vm
 
@@ -224,16 +225,29 @@ def test_stream_domain_basics(lab: Lab) -> None:
 
 
 def test_virsh_migrate_live_between_two_daemons(lab: Lab, guest: GuestImage) -> None:
-    """libvirt moves a vhost-user domain from one libvirtd to another on this machine:
-    the target's tether takes over the guest's network; the source's tether stays,
-    as passt(1) says --one-off does after a completed migration as source."""
+    """libvirt moves a vhost-user domain from one libvirtd to another on this machine,
+    with tether-repair beside each tether as KubeVirt runs passt-repair: the
+    target's tether takes over the guest's network; the source's tether stays, as
+    passt(1) says --one-off does after a completed migration as source."""
     domain = Domain(lab.daemon, "tlvmig", MIGRATING, DHCP_ARG)
     target = Libvirtd(lab.ns, guest, host_uuid=TARGET_UUID)
     source_pid = None
+    helpers: list[Process] = []
     try:
         domain.start()
         domain.wait_booted()
         source_pid = int(domain.passt_pid_file().read_text())
+        # As KubeVirt's virt-handler does: passt-repair (here tether-repair, as root)
+        # given the source's SOCKET.repair, and the target's socket directory, where
+        # it waits for the repair socket to appear.
+        source_repair = lab.daemon.host_path(domain.passt_socket() + ".repair")
+        target_dir = target.host_path("/run/libvirt/qemu/passt")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for side, path in (("source", source_repair), ("target", target_dir)):
+            helpers.append(Process([sys.executable, "-m", "tether.repair.helper", str(path)],
+                                   lab.workdir / f"repair-{side}.log"))
+        wait_for(lambda: "repair helper pid" in domain.passt_log.read_text(), 30,
+                 "tether-repair to connect to the source's tether")
         # The target's QEMU needs its own console socket; its tether its own log.
         xml = lab.daemon.virsh("dumpxml", "--migratable", domain.name).stdout
         for path in (domain.console_path, domain.passt_log):
@@ -251,6 +265,7 @@ def test_virsh_migrate_live_between_two_daemons(lab: Lab, guest: GuestImage) -> 
         assert target_pid != source_pid and _alive(target_pid)
         target_log = (target.root / "rw" / domain.passt_log.name).read_text()
         assert "front-end connected" in target_log, target_log
+        assert "repair helper pid" in target_log, target_log
         # The guest, running on the target, reaches the host through the target's tether.
         check_upload(lab, domain, GATEWAY, 6121, 81)
         assert _alive(source_pid)  # see the docstring
@@ -259,6 +274,8 @@ def test_virsh_migrate_live_between_two_daemons(lab: Lab, guest: GuestImage) -> 
         target.virsh("destroy", domain.name)
         wait_for(lambda: not _alive(target_pid), 10, "the target's tether to exit")
     finally:
+        for helper in helpers:
+            helper.stop()
         if source_pid is not None and _alive(source_pid):
             os.kill(source_pid, signal.SIGTERM)
         domain.daemon = lab.daemon
