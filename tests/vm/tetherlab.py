@@ -122,8 +122,11 @@ class Tether(Process):
         self.socket = workdir / f"{name}.sock"
         self.repair_path = Path(f"{self.socket}.repair")
         mode = ["--vhost-user"] if vhost_user else []
+        # --runas root: the lab's sockets live in root's own test directories, which
+        # the nobody tether would otherwise become cannot write.
         cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
-                    str(self.socket), "-f", *(["-d"] if debug else []), *extra)
+                    str(self.socket), "-f", "--runas", "root", *(["-d"] if debug else []),
+                    *extra)
         super().__init__(cmd, workdir / f"{name}.log", src=src)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")

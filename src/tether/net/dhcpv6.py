@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tether.net.params import NetParams
 from tether.wire import dhcpv6
+from tether.wire.dhcp import encode_search_list
 
 
 def reply(params: NetParams, msg: dhcpv6.Message) -> bytes | None:
@@ -32,4 +33,7 @@ def reply(params: NetParams, msg: dhcpv6.Message) -> bytes | None:
         out += dhcpv6.option(dhcpv6.OPT_RAPID_COMMIT, b"")
     if params.dns6:
         out += dhcpv6.option(dhcpv6.OPT_DNS_SERVERS, b"".join(params.dns6))
+    if params.fqdn is not None:
+        # RFC 4704 section 4: flags 0 (the server does the updates, if any), then the name.
+        out += dhcpv6.option(dhcpv6.OPT_CLIENT_FQDN, b"\0" + encode_search_list([params.fqdn]))
     return bytes(out)

@@ -99,7 +99,11 @@ class UdpTranslator:
             log.warning("dropping UDP datagram: %s", exc)
             return None
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = stack.outbound_socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.debug("udp socket: %s", exc)
+            return None
         sock.setblocking(False)
         try:
             sock.connect((target, key[4]))
