@@ -1,10 +1,17 @@
 """tether's stack against the kernel's own ceiling, in one run, side by side.
 
-A network namespace is the guest.  Each figure is measured twice:
+A network namespace is the guest.  Each figure is measured for each of:
   tether  guest namespace --tap--> tether (this machine's initial namespace) --> 127.0.0.1
+  pasta   the same, with pasta in tether's place (the build ./dev setup makes)
   veth    guest namespace --veth--> a second namespace (the kernel forwarding alone)
+The last column is tether's figure over pasta's (over veth's without pasta).
+pasta gives the small-packet figures only (connections, time to first byte,
+request/response): attached this way to a namespace it did not create, its
+guest -> host bulk rate falls to about 0.1 Gbit/s, which is not what pasta
+does with its own namespace, so its iperf3 figures would mislead.
 Figures: iperf3 TCP throughput both ways at MTU 65520 and 1500, connection setup
-rate, TCP request/response latency, tether CPU seconds per GB moved.
+rate and time to first byte (connect until the server's first byte), TCP
+request/response latency, tether CPU seconds per GB moved.
 
     python bench/bench_net.py [--time SECONDS]      (root; needs iperf3)
 """
@@ -22,15 +29,22 @@ from pathlib import Path
 
 GUEST, GATEWAY = "10.77.0.2", "10.77.0.1"
 ROOT = Path(__file__).resolve().parent.parent
+PASTA = Path.home() / ".cache" / "tether" / "passt" / "pasta"  # ./dev setup builds it
 
 CLIENT = r"""
 import socket, sys, time
 mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode == "connect":
+    firsts = []
     t = time.perf_counter()
     for _ in range(n):
-        s = socket.create_connection((host, port)); s.recv(1); s.close()
-    print(n / (time.perf_counter() - t))
+        t0 = time.perf_counter()
+        s = socket.create_connection((host, port)); s.recv(1)
+        firsts.append(time.perf_counter() - t0)
+        s.close()
+    firsts.sort()
+    # connections/s, then time to first byte (connect until the server's byte): median, max
+    print(n / (time.perf_counter() - t), firsts[n // 2] * 1e6, firsts[-1] * 1e6)
 else:
     s = socket.create_connection((host, port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,7 +142,19 @@ class Setup:
         self.iperf_port = 0
         sh("ip", "netns", "add", self.guest)
         sh("ip", "-n", self.guest, "link", "set", "lo", "up")
-        if kind == "tether":
+        if kind == "pasta":
+            # As root, --runas 0: pasta joins the namespace, which as nobody it may not.
+            self.tether = subprocess.Popen(
+                [str(PASTA), "-f", "-q", "--runas", "0", "--netns", f"/run/netns/{self.guest}",
+                 "-I", "tap0", "-a", GUEST, "-n", "24", "-g", GATEWAY, "-m", str(mtu)],
+                stdout=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while sh("ip", "-n", self.guest, "link").stdout.count("tap0") == 0:
+                if time.monotonic() > deadline or self.tether.poll() is not None:
+                    raise SystemExit("pasta did not start")
+                time.sleep(0.05)
+            dev = "tap0"
+        elif kind == "tether":
             log = f"/tmp/bench-net-{tag}.log"
             self.tether = subprocess.Popen(
                 [sys.executable, "-m", "tether.cli", "-f", "-l", log, "--netns", self.guest,
@@ -213,7 +239,7 @@ class Setup:
         server.wait()
         return client == server_said == "ok", time.perf_counter() - started
 
-    def small(self, mode: str, n: int) -> float:
+    def small(self, mode: str, n: int) -> list[float]:
         port = free_port()
         server = subprocess.Popen(ns_cmd(self.server_ns, sys.executable, "-c", SERVER, mode,
                                          self.server_addr, str(port)),
@@ -223,7 +249,7 @@ class Setup:
             server.stdout.readline()
             out = sh(*ns_cmd(self.guest, sys.executable, "-c", CLIENT, mode, self.target,
                              str(port), str(n))).stdout
-            return float(out)
+            return [float(x) for x in out.split()]
         finally:
             server.kill()
             server.wait()
@@ -246,32 +272,48 @@ def main() -> None:
         print(f"1 GiB each way at once through tether: {'byte-exact' if intact else 'CORRUPT'}"
               f", {seconds:.1f} s, {2 * 8 * (1 << 30) / seconds / 1e9:.2f} Gbit/s total")
         raise SystemExit(0 if intact else 1)
-    rows: list[tuple[str, str, str, str]] = []
+    kinds = ["tether"] + (["pasta"] if PASTA.is_file() else []) + ["veth"]
+    if "pasta" not in kinds:
+        print("no pasta build (./dev setup makes one): tether against veth only")
+    # figure -> kind -> (value, unit, lower is better)
+    rows: dict[str, dict[str, tuple[float, str, bool]]] = {}
+
+    def put(figure: str, kind: str, value: float, unit: str, lower: bool) -> None:
+        rows.setdefault(figure, {})[kind] = (value, unit, lower)
+
     for mtu in (65520, 1500):
-        setups = [Setup("tether", mtu), Setup("veth", mtu)]
+        setups = {kind: Setup(kind, mtu) for kind in kinds}
         try:
             for reverse, label in ((False, "guest->host"), (True, "host->guest")):
-                t_gbps, t_cpu = setups[0].iperf(args.time, reverse)
-                v_gbps, _ = setups[1].iperf(args.time, reverse)
-                rows.append((f"iperf3 {label} MTU {mtu}", f"{t_gbps:.2f} Gbit/s",
-                             f"{v_gbps:.2f} Gbit/s", f"{t_cpu:.2f} CPU-s/GB, "
-                             f"{t_gbps / v_gbps:.0%} of veth"))
+                for kind, setup in setups.items():
+                    if kind == "pasta":
+                        continue  # see the module's docstring
+                    gbps, cpu = setup.iperf(args.time, reverse)
+                    put(f"iperf3 {label} MTU {mtu}", kind, gbps, "Gbit/s", False)
+                    if kind != "veth":
+                        put(f"  CPU-s/GB {label} MTU {mtu}", kind, cpu, "", True)
             if mtu == 65520:
-                t = setups[0].small("connect", 1000)
-                v = setups[1].small("connect", 1000)
-                rows.append(("TCP connections/s (sequential)", f"{t:.0f}", f"{v:.0f}",
-                             f"{t / v:.0%} of veth"))
-                t = setups[0].small("rr", 5000)
-                v = setups[1].small("rr", 5000)
-                rows.append(("TCP_RR round trip", f"{t:.0f} us", f"{v:.0f} us",
-                             f"{t / v:.1f}x veth"))
+                for kind, setup in setups.items():
+                    rate, first, worst = setup.small("connect", 1000)
+                    put("TCP connections/s (sequential)", kind, rate, "", False)
+                    put("time to first byte, median", kind, first, "us", True)
+                    put("time to first byte, worst of 1000", kind, worst, "us", True)
+                for kind, setup in setups.items():
+                    put("TCP_RR round trip", kind, setup.small("rr", 5000)[0], "us", True)
         finally:
-            for s in setups:
+            for s in setups.values():
                 s.close()
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  {'tether':>14}  {'veth':>14}  note")
-    for name, t_fig, v_fig, note in rows:
-        print(f"{name:<{width}}  {t_fig:>14}  {v_fig:>14}  {note}")
+    reference = "pasta" if "pasta" in kinds else "veth"
+    width = max(len(r) for r in rows)
+    print(f"{'figure':<{width}}  " + "  ".join(f"{k:>14}" for k in kinds) +
+          f"  tether / {reference}")
+    for figure, values in rows.items():
+        cells = [f"{values[k][0]:.2f} {values[k][1]}".strip() if k in values else "-"
+                 for k in kinds]
+        ratio = ""
+        if reference in values and values[reference][0]:
+            ratio = f"{values['tether'][0] / values[reference][0]:.2f}x"
+        print(f"{figure:<{width}}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {ratio}")
 
 
 if __name__ == "__main__":
