@@ -19,7 +19,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from tether.net.params import DEFAULT_MTU, OUR_MAC, NetParams, PortRange
+from tether.net.params import DEFAULT_MAX_FLOWS, DEFAULT_MTU, OUR_MAC, NetParams, PortRange
 from tether.wire.ethernet import parse_mac
 
 LINK_LOCAL_ADDR4 = bytes([169, 254, 2, 1])  # passt's, when the host has nothing to copy
@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward host UDP ports to the guest, same syntax as -t")
     f.add_argument("--freebind", action="store_true",
                    help="-t/-u may listen on addresses the host does not have (yet)")
-    f.add_argument("--max-flows", metavar="N", type=int, default=4096,
-                   help="size of the flow table (default 4096)")
+    f.add_argument("--max-flows", metavar="N", type=int, default=DEFAULT_MAX_FLOWS,
+                   help=f"size of the flow table (default {DEFAULT_MAX_FLOWS}, passt's)")
     o = p.add_argument_group("running")
     o.add_argument("-p", "--pcap", metavar="FILE",
                    help="capture every frame to FILE (pcap format)")
