@@ -21,3 +21,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_limits() -> None:
+    """Each test sees the first line of every rate-limited kind (tether.ratelimit)."""
+    from tether import ratelimit
+
+    ratelimit.reset()

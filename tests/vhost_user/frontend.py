@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 
 from tether.loop import Loop
 from tether.transport.vhost_user import protocol as p
-from tether.transport.vhost_user.device import DeviceStateError, VhostUserNetDevice
+from tether.transport.vhost_user.device import (
+    BufferedSink,
+    DeviceStateError,
+    VhostUserNetDevice,
+)
 
 MEM_SIZE = 1 << 20
 QVA_BASE = 0x7F00_0000_0000  # the front-end's (made-up) address of guest memory
@@ -55,6 +59,9 @@ class RecordingState:
 
     def save_state(self) -> bytes:
         return self.blob
+
+    def begin_load(self) -> BufferedSink:
+        return BufferedSink(self.load_state, 1 << 20)
 
     def load_state(self, data: bytes) -> None:
         if self.reject:

@@ -36,6 +36,7 @@ from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
+    Loaded,
     Saved,
     Side,
     StreamParser,
@@ -91,6 +92,30 @@ class _Incoming:
     flows: list[tuple[TcpFlowRecord, socket.socket, TcpConnState]] = field(default_factory=list)
     udp: list[UdpFlowRecord] = field(default_factory=list)
     """Re-created when the rings start: a UDP socket takes no repair mode to stay quiet."""
+
+
+class _StreamSink:
+    """The device's StateSink: bytes into the stream parser as they arrive, so
+    --max-state, a bad magic or bad framing ends the transfer at once."""
+
+    def __init__(self, handover: Handover, parser: StreamParser) -> None:
+        self._handover = handover
+        self._parser = parser
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed(data)
+        except MigrationError as exc:
+            log.error("migration: refusing incoming state, nothing applied: %s", exc)
+            raise DeviceStateError(exc.errno, str(exc)) from exc
+
+    def finish(self) -> None:
+        try:
+            loaded = self._parser.finish()
+        except MigrationError as exc:
+            log.error("migration: refusing incoming state, nothing applied: %s", exc)
+            raise DeviceStateError(exc.errno, str(exc)) from exc
+        self._handover._load(loaded)
 
 
 class Handover:
@@ -295,13 +320,20 @@ class Handover:
 
     # -- target -----------------------------------------------------------------
 
-    def load_state(self, data: bytes) -> None:
+    def begin_load(self) -> _StreamSink:
+        """A SET_DEVICE_STATE_FD(LOAD): the stream is parsed as its bytes arrive."""
         self._discard_incoming("a new state arrived")
+        return _StreamSink(self, StreamParser(TETHER_FORMAT, self.max_size))
+
+    def load_state(self, data: bytes) -> None:
+        """A whole stream at once (benchmarks, tests): as begin_load, fed once."""
+        sink = self.begin_load()
+        sink.feed(data)
+        sink.finish()
+
+    def _load(self, loaded: Loaded) -> None:
         incoming = _Incoming()
         try:
-            parser = StreamParser(TETHER_FORMAT, self.max_size)
-            parser.feed(data)
-            loaded = parser.finish()
             previous = _addresses_from_stack(self.stack)
             sides: dict[str, Side[Any]] = {
                 "guest addresses": Side(apply=lambda seen: self._apply_addresses(seen,
@@ -315,7 +347,7 @@ class Handover:
             raise DeviceStateError(exc.errno, str(exc)) from exc
         self._incoming = incoming
         log.info("migration: state loaded, %d bytes, %d TCP connections restored in repair "
-                 "mode", len(data), len(incoming.flows))
+                 "mode", loaded.size, len(incoming.flows))
 
     def _apply_addresses(self, seen: GuestAddresses | None,
                          previous: GuestAddresses) -> Callable[[], None]:
