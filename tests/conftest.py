@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tether import ratelimit
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -26,6 +28,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 @pytest.fixture(autouse=True)
 def _fresh_log_limits() -> None:
     """Each test sees the first line of every rate-limited kind (tether.ratelimit)."""
-    from tether import ratelimit
-
     ratelimit.reset()
