@@ -81,11 +81,12 @@ class RecordingState:
 class Guest:
     """The guest's view: memory and the split rings of queue 0 (RX) and 1 (TX)."""
 
-    def __init__(self, qsize: int = QSIZE, mem_size: int = MEM_SIZE) -> None:
+    def __init__(self, qsize: int = QSIZE, mem_size: int = MEM_SIZE,
+                 memfd_flags: int = 0) -> None:
         assert qsize <= 256
         self.qsize = qsize
         self.mem_size = mem_size
-        self.fd = os.memfd_create("tether-test-guest")
+        self.fd = os.memfd_create("tether-test-guest", os.MFD_CLOEXEC | memfd_flags)
         os.ftruncate(self.fd, mem_size)
         self.mem = mmap.mmap(self.fd, mem_size)
         self.avail_idx = [0, 0]

@@ -147,8 +147,12 @@ class VhostUserNetDevice:
 
     def __init__(self, loop: Loop, port: GuestPort,
                  state: DeviceStateHandler | None = None,
-                 on_rarp: Callable[[bytes], None] | None = None) -> None:
+                 on_rarp: Callable[[bytes], None] | None = None,
+                 allow_unpinned_memory: bool = True) -> None:
         self.loop = loop
+        self.allow_unpinned_memory = allow_unpinned_memory
+        """Map guest memory in files that cannot be sealed against shrinking
+        (QEMU's memory-backend-file): see memory.py for what that risks."""
         self.port = port
         self.state = state
         self.on_rarp = on_rarp
@@ -418,7 +422,7 @@ class VhostUserNetDevice:
         self._scan_valid = False  # ring positions or buffers may change
         regions = p.parse_mem_table(m)
         fds, m.fds = m.fds, []
-        memory = MemoryTable(regions, fds)  # closes the fds
+        memory = MemoryTable(regions, fds, self.allow_unpinned_memory)  # closes the fds
         if self.memory is not None:
             for vq in self.queues:
                 vq.unmap_rings()
@@ -443,7 +447,7 @@ class VhostUserNetDevice:
     def _set_log_base(self, m: p.Message) -> bytes:
         size, offset = p.parse_log_params(m)
         fd = m.take_fd()
-        new = DirtyLog(fd, size, offset)  # closes fd
+        new = DirtyLog(fd, size, offset, self.allow_unpinned_memory)  # closes fd
         if self.dirty_log is not None:
             self.logged_pages += self.dirty_log.marked
             self.dirty_log.close()
