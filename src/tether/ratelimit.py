@@ -26,7 +26,7 @@ _suppressed: dict[tuple[str, str], int] = {}
 
 
 def limited(logger: logging.Logger, level: int, msg: str, *args: object,
-            kind: str | None = None) -> bool:
+            kind: str | None = None, exc_info: bool = False) -> bool:
     """Log `msg % args` unless a line of this kind went out less than INTERVAL ago.
 
     Returns whether the line was printed.  Arguments are only formatted when
@@ -44,9 +44,9 @@ def limited(logger: logging.Logger, level: int, msg: str, *args: object,
     skipped = _suppressed.pop(key, 0)
     if skipped:
         logger.log(level, msg + " (and %d more like it in %.0f s)", *args, skipped,
-                   now - (last or now))
+                   now - (last or now), exc_info=exc_info, stacklevel=2)
     else:
-        logger.log(level, msg, *args)
+        logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
     return True
 
 
