@@ -29,9 +29,8 @@ from tests.repair.conftest import (
     wait_for,
 )
 from tether.loop import Loop
-from tether.repair import helper
+from tether.repair import helper, tcp
 from tether.repair import kernel as k
-from tether.repair import tcp
 from tether.repair.client import RepairHelper, RepairHelperError
 from tether.repair.protocol import ANCBUF_SIZE, SCM_MAX_FD
 
