@@ -185,7 +185,8 @@ def test_messages_with_fds_of_every_kind(data: st.DataObject) -> None:
         serves_an_honest_front_end(rig)
     finally:
         rig.close()
-    assert open_fds() == fds_before, "the device leaked file descriptors"
+    # At most: objects of earlier tests (subprocess pipes) may be collected meanwhile.
+    assert open_fds() <= fds_before, "the device leaked file descriptors"
     assert rss() < rss_before + MEMORY_SLACK
 
 
@@ -271,7 +272,8 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
     finally:
         rig.close()
         device_module.CHECK_GRACE = saved_grace
-    assert open_fds() == fds_before, "the device leaked file descriptors"
+    # At most: objects of earlier tests (subprocess pipes) may be collected meanwhile.
+    assert open_fds() <= fds_before, "the device leaked file descriptors"
 
 
 def test_fuzz_counts() -> None:
