@@ -15,6 +15,7 @@ import struct
 
 from tether import loop as evloop
 from tether.frames import GuestPort
+from tether.ratelimit import limited
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,11 @@ class StreamTransport:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.info("stream client: %s", exc)
+            limited(log, logging.INFO, "stream client: %s", exc)
             self._drop_client()
             return
         if not data:
-            log.info("stream client disconnected")
+            limited(log, logging.INFO, "stream client disconnected")
             self._drop_client()
             return
         buf = self._inbuf
@@ -98,7 +99,8 @@ class StreamTransport:
             if length == 0 or length > FRAME_MAX:
                 # The framing is lost: nothing after this can be trusted.
                 self.bad_lengths += 1
-                log.warning("stream client sent a frame length of %d: disconnecting", length)
+                limited(log, logging.WARNING,
+                        "stream client sent a frame length of %d: disconnecting", length)
                 self.port.frames_from_guest(frames)
                 self._drop_client()
                 return
@@ -135,7 +137,7 @@ class StreamTransport:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.info("stream client: %s", exc)
+            limited(log, logging.INFO, "stream client: %s", exc)
             self._drop_client()
             return
         del self._outbuf[:sent]

@@ -39,7 +39,7 @@ import struct
 import sys
 import threading
 
-from ... import ratelimit
+from ...ratelimit import limited
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ class VirtQueue:
         if count > self.num:
             self.broken = True
             self.bad_chains += 1
-            log.error("queue %d: avail idx %d is %d ahead of %d (size %d): ring stopped",
-                      self.index, idx, count, self.last_avail, self.num)
+            limited(log, logging.ERROR,
+                    "queue %d: avail idx %d is %d ahead of %d (size %d): ring stopped",
+                    self.index, idx, count, self.last_avail, self.num)
             return 0
         return count
 
@@ -400,7 +401,7 @@ class VirtQueue:
             except OSError as e:
                 # A call fd that passed its check and still fails (a socket whose
                 # peer went away): the guest misses interrupts, tether carries on.
-                ratelimit.limited(log, logging.WARNING,
+                limited(log, logging.WARNING,
                                   "queue %d: notifying the guest failed: %s", self.index, e)
 
     def publish_and_notify(self, dirty: DirtyLog | None) -> None:
