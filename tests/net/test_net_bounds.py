@@ -10,9 +10,12 @@ neighbour swallows every packet: a blackhole).
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -26,6 +29,7 @@ from tether.loop import Loop
 from tether.net import tcp as tcp_module
 from tether.net.params import NetParams
 from tether.net.stack import Stack
+from tether.transport.stream import StreamTransport
 from tether.transport.tap import inside
 from tether.wire import ndp
 
@@ -65,7 +69,7 @@ class Rig:
 
     def send(self, *frames: bytes) -> None:
         self.stack.frames_from_guest([memoryview(f) for f in frames])
-        self.loop.run(timeout=0)
+        self.loop.run_once(0)
 
     def close(self) -> None:
         self.stack.close()
@@ -158,3 +162,35 @@ def test_every_reply_fits_the_mtu(blackhole_netns: Netns, mtu: int) -> None:
             assert len(frame) - 14 <= mtu, Ether(frame).summary()
     finally:
         rig.close()
+
+
+class _NoPort:
+    def frames_from_guest(self, frames: object) -> None:
+        pass
+
+    def guest_room_available(self) -> None:
+        pass
+
+
+def test_stream_accept_out_of_fds_backs_off_and_serves_later(tmp_path: Path) -> None:
+    """QEMU's -netdev stream socket: EMFILE on accept used to end the daemon."""
+    loop = Loop()
+    transport = StreamTransport(loop, str(tmp_path / "s"), _NoPort())
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        client.connect(str(tmp_path / "s"))
+        lowest_free = os.dup(0)  # the kernel hands out the lowest free number
+        os.close(lowest_free)
+        # Every new fd number would be at or above the limit: accept() gets EMFILE.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        loop.run_once(0)  # accept fails with EMFILE: backs off, does not raise
+        assert transport.conn is None
+        assert not loop.watching(transport.listener.fileno())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert loop.run(until=lambda: transport.conn is not None, timeout=5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
+        transport.close()
+        loop.close()

@@ -8,6 +8,7 @@ when QEMU disconnects, tether waits for the next one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -18,6 +19,8 @@ from tether.frames import GuestPort
 from tether.ratelimit import limited
 
 log = logging.getLogger(__name__)
+
+ACCEPT_BACKOFF = 0.5  # s without accepting after EMFILE and the like
 
 FRAME_MAX = 65536 + 14
 _LEN = struct.Struct("!I")
@@ -48,6 +51,15 @@ class StreamTransport:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            # Out of fds: stop listening for a while rather than spin or exit.
+            limited(log, logging.ERROR, "cannot accept a stream client: %s", exc.strerror)
+            fd = self.listener.fileno()
+            self.loop.remove(fd)
+            self.loop.call_later(ACCEPT_BACKOFF, lambda: self._listen_again(fd))
+            return
         if self.conn is not None:
             conn.close()  # one guest per tether, as passt
             return
@@ -57,6 +69,10 @@ class StreamTransport:
         self._inbuf.clear()
         self._outbuf.clear()
         self.loop.add(conn.fileno(), evloop.READ | evloop.HANGUP, self._on_event)
+
+    def _listen_again(self, fd: int) -> None:
+        if self.listener.fileno() == fd and not self.loop.watching(fd):
+            self.loop.add(fd, evloop.READ, self._accept)
 
     def _drop_client(self) -> None:
         if self.conn is not None:
