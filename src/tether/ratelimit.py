@@ -2,8 +2,10 @@
 
 A guest that sends one bad frame per microsecond must not turn tether's log
 into its own disk-filling pipe, so every such line goes through `limited()`:
-per (logger, kind) at most one line per `INTERVAL`; the first line of an
-interval says how many were suppressed since the last one it printed.
+per (logger, kind), at most `BURST` lines in each `INTERVAL`; the first line
+after lines were left out says how many.  The burst lets ordinary events
+through whole (two migrations a few seconds apart each log their lines);
+a flood costs at most BURST / INTERVAL lines a second per kind.
 
     from tether.ratelimit import limited
     limited(log, logging.WARNING, "queue %d: dropped chain: %s", q, e)
@@ -19,15 +21,26 @@ import logging
 import time
 
 INTERVAL = 5.0
-"""Seconds between two lines of one kind."""
+"""Seconds of one window."""
+BURST = 10
+"""Lines of one kind per window."""
 
-_last: dict[tuple[str, str], float] = {}
-_suppressed: dict[tuple[str, str], int] = {}
+
+class _Window:
+    __slots__ = ("left_out", "printed", "start")
+
+    def __init__(self, start: float, left_out: int) -> None:
+        self.start = start
+        self.printed = 0
+        self.left_out = left_out  # lines of the previous window(s) not printed yet
+
+
+_windows: dict[tuple[str, str], _Window] = {}
 
 
 def limited(logger: logging.Logger, level: int, msg: str, *args: object,
             kind: str | None = None, exc_info: bool = False) -> bool:
-    """Log `msg % args` unless a line of this kind went out less than INTERVAL ago.
+    """Log `msg % args` unless BURST lines of this kind went out this INTERVAL.
 
     Returns whether the line was printed.  Arguments are only formatted when
     it is, so a suppressed line costs a dictionary lookup.
@@ -36,15 +49,18 @@ def limited(logger: logging.Logger, level: int, msg: str, *args: object,
         return False
     key = (logger.name, kind or msg)
     now = time.monotonic()
-    last = _last.get(key)
-    if last is not None and now - last < INTERVAL:
-        _suppressed[key] = _suppressed.get(key, 0) + 1
+    window = _windows.get(key)
+    if window is None or now - window.start >= INTERVAL:
+        window = _Window(now, window.left_out if window is not None else 0)
+        _windows[key] = window
+    if window.printed >= BURST:
+        window.left_out += 1
         return False
-    _last[key] = now
-    skipped = _suppressed.pop(key, 0)
-    if skipped:
-        logger.log(level, msg + " (and %d more like it in %.0f s)", *args, skipped,
-                   now - (last or now), exc_info=exc_info, stacklevel=2)
+    window.printed += 1
+    if window.left_out:
+        left_out, window.left_out = window.left_out, 0
+        logger.log(level, msg + " (%d more like it were left out)", *args, left_out,
+                   exc_info=exc_info, stacklevel=2)
     else:
         logger.log(level, msg, *args, exc_info=exc_info, stacklevel=2)
     return True
@@ -52,5 +68,4 @@ def limited(logger: logging.Logger, level: int, msg: str, *args: object,
 
 def reset() -> None:
     """Forget every kind (tests that count lines start from a clean table)."""
-    _last.clear()
-    _suppressed.clear()
+    _windows.clear()
