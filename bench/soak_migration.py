@@ -54,7 +54,7 @@ IDLE_LIMIT = "20"  # a stream stalled this long fails: a lost connection fails t
 UP_PORT = 6000
 SLOW = 1 << 20  # bytes/s of RAM while a fault is injected: minutes, the window to inject it in
 FAST = 1 << 40
-PER_MIGRATION_S = 9.0  # stream time budgeted per attempt (measured: 4-7 s under TCG)
+PER_MIGRATION_S = 6.0  # stream time budgeted per attempt (measured: 4 s under TCG)
 
 
 @dataclass
@@ -187,7 +187,7 @@ class Soak:
             progress: Callable[[str], None]) -> Report:
         report = Report()
         plan = self._plan(migrations, faults, fault_rate)
-        duration = 30 + PER_MIGRATION_S * (migrations + sum(1 for f in plan if f))
+        duration = 20 + PER_MIGRATION_S * (migrations + sum(1 for f in plan if f))
         for side in self.sides:
             self.spawn(side)
         here, there = self.sides
