@@ -3,11 +3,14 @@
     sudo .venv/bin/python bench/soak_migration.py [--migrations 20] [--seed 1]
         [--faults target-killed,target-refusing,cancel,helper-killed,path-dropped]
 
-One host namespace, two tethers (each with its tether-repair helper,
-`--require-repair`, so that a missing helper fails a migration instead of
-resetting connections), one VM with a checked TCP stream each way (guest ->
-host and host -> guest, tests/vm/tstream.c).  The VM migrates A -> B -> A ...
-`--migrations` times.  Before each migration, with probability --fault-rate,
+Two "hosts" with the same address and MAC behind a bridge, the peer on a
+third (tests/vm/tetherlab.two_hosts), a tether on each (with its
+tether-repair helper and `--require-repair`, so that a missing helper fails a
+migration instead of resetting connections; default linger mode), one VM
+with a checked TCP stream each way between the guest and the peer
+(tests/vm/tstream.c).  The VM migrates A -> B -> A ... `--migrations` times,
+and after each migration the address moves with it (only the new host's
+bridge port forwards).  Before each migration, with probability --fault-rate,
 one attempt fails on purpose first, and the source must carry on:
 
   target-killed    the target tether is SIGKILLed while the RAM is moving
@@ -46,7 +49,15 @@ from tests.vm import pattern  # noqa: E402
 from tests.vm.guest import GuestImage, build_tstream, ensure_guest  # noqa: E402
 from tests.vm.harness import Vm, wait_for  # noqa: E402
 from tests.vm.migration_lab import Lab, run_ok  # noqa: E402
-from tests.vm.tetherlab import Helper, Peer, Tether, host_namespace  # noqa: E402
+from tests.vm.tetherlab import (  # noqa: E402
+    HOST_ADDR,
+    PEER_ADDR,
+    Helper,
+    Peer,
+    Tether,
+    _ip,
+    two_hosts,
+)
 
 FAULTS = ("target-killed", "target-refusing", "cancel", "helper-killed", "path-dropped")
 RATE = "256K"  # per stream
@@ -57,17 +68,22 @@ FAST = 1 << 40
 PER_MIGRATION_S = 6.0  # stream time budgeted per attempt (measured: 4 s under TCG)
 
 
+FORWARD_PORT = 5001  # each tether's -t port, on its own host
+
+
 @dataclass
 class Side:
     key: str
-    port: int
+    ns: str
+    bridge_port: str
+    """This host's port on the bridge: up while the address is here."""
     tether: Tether | None = None
     helper: Helper | None = None
     generation: int = 0
 
     def args(self, refusing: bool = False) -> tuple[str, ...]:
         extra = ("--max-state", "100") if refusing else ()
-        return ("-t", str(self.port), "--migrate-no-linger", "--require-repair", *extra)
+        return ("-t", str(FORWARD_PORT), "--require-repair", *extra)
 
 
 @dataclass
@@ -89,10 +105,12 @@ class Report:
 
 
 class Soak:
-    def __init__(self, lab: Lab, rng: random.Random) -> None:
+    def __init__(self, lab: Lab, rng: random.Random, bridge: str,
+                 sides: tuple[Side, Side]) -> None:
         self.lab = lab
         self.rng = rng
-        self.sides = [Side("a", 5001), Side("b", 5002)]
+        self.bridge = bridge
+        self.sides = sides
         self.vms = 0
 
     # -- pieces -------------------------------------------------------------
@@ -101,7 +119,7 @@ class Soak:
         self.retire(side)
         name = f"{side.key}{side.generation}"
         side.generation += 1
-        t = Tether(self.lab.work, name, self.lab.ns, *side.args(refusing))
+        t = Tether(self.lab.work, name, side.ns, *side.args(refusing))
         self.lab.processes.append(t)
         side.tether = t
         if helper:
@@ -121,6 +139,13 @@ class Soak:
         assert side.tether is not None
         self.vms += 1
         return self.lab.vm(f"vm{self.vms}", side.tether, incoming=incoming)
+
+    def move_address(self, to: Side) -> None:
+        """The VM's host address follows it: only `to`'s bridge port forwards."""
+        for side in self.sides:
+            if side is not to:
+                _ip("-n", self.bridge, "link", "set", side.bridge_port, "down")
+        _ip("-n", self.bridge, "link", "set", to.bridge_port, "up")
 
     def migrate(self, source: Vm, target: Vm, bandwidth: int) -> None:
         for vm in (source, target):
@@ -192,7 +217,7 @@ class Soak:
             self.spawn(side)
         here, there = self.sides
         vm = self.vm(here, incoming=False)
-        streams = Streams.start(self.lab, vm, here.port, duration)
+        streams = Streams.start(self.lab, vm, FORWARD_PORT, duration)
         for n, kind in enumerate(plan):
             moved = streams.moved()
             if kind:
@@ -207,6 +232,7 @@ class Soak:
             outcome = self.wait_end(vm)
             if outcome != "completed":
                 raise AssertionError(f"migration {n + 1}: {outcome}\n{self.lab.logs()}")
+            self.move_address(there)
             vm.close()  # as libvirt does: the source commits and can serve again
             there.tether.wait_log("migration: guest resumed here, resumed 2 of 2 TCP "
                                   "connections", count=resumed + 1)
@@ -305,11 +331,13 @@ def _progress(path: Path) -> int:
 def soak(work: Path, guest: GuestImage, tstream: Path, *, migrations: int, seed: int,
          faults: Sequence[str] = FAULTS, fault_rate: float = 0.5,
          progress: Callable[[str], None] = lambda _line: None) -> Report:
-    with host_namespace("tsoak") as ns:
-        lab = Lab(work, ns, tstream, guest)
+    with two_hosts("tsk") as hosts:
+        lab = Lab(work, hosts.source, tstream, guest, peer_ns=hosts.peer, service=PEER_ADDR,
+                  forward=HOST_ADDR)
+        sides = (Side("a", hosts.source, "port-src"), Side("b", hosts.target, "port-dst"))
         try:
-            return Soak(lab, random.Random(seed)).run(migrations, faults, fault_rate,
-                                                      progress)
+            return Soak(lab, random.Random(seed), hosts.bridge, sides).run(
+                migrations, faults, fault_rate, progress)
         finally:
             lab.close()
 
