@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from tether.transport.vhost_user import protocol as p
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -31,6 +33,8 @@ class Daemon:
     """`tether --vhost-user --socket PATH -f` under `unshare -n`."""
 
     def __init__(self, workdir: Path, *extra: str) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("needs root: the daemon runs in a network namespace of its own")
         self.socket = workdir / "tether.sock"
         self.log_path = workdir / "tether.log"
         self._log = self.log_path.open("wb")
