@@ -225,6 +225,7 @@ def stream_bytes(data: st.DataObject) -> bytes:
 def test_the_device_state_channel(data: st.DataObject) -> None:
     RUNS["state transfers"] += 1
     fds_before = open_fds()
+    rss_before = rss()
     saved_grace = device_module.CHECK_GRACE
     device_module.CHECK_GRACE = 0.05
     rig = StateRig()
@@ -274,6 +275,7 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
         device_module.CHECK_GRACE = saved_grace
     # At most: objects of earlier tests (subprocess pipes) may be collected meanwhile.
     assert open_fds() <= fds_before, "the device leaked file descriptors"
+    assert rss() < rss_before + MEMORY_SLACK
 
 
 def test_fuzz_counts() -> None:
