@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import resource
 import signal
 import socket
@@ -13,18 +15,27 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from tether import __version__, summary
 from tether.config import Config, ConfigError, build_parser, from_args
 from tether.frames import FrameSink, GuestPort
 from tether.handover.device_state import Handover
+from tether.handover.format import FORMATS
 from tether.loop import READ, Loop
 from tether.net.icmp import ping_sockets_allowed
 from tether.net.stack import Stack
 from tether.pcap import CapturingPort, CapturingSink, PcapWriter
+from tether.repair import caps
 from tether.repair.client import RepairHelper
 from tether.spawn import Child
 from tether.transport.stream import StreamTransport
 from tether.transport.tap import TapTransport, configure_ipv4, create_tap
-from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
+from tether.transport.vhost_user.device import (
+    DeviceStateHandler,
+    StateSink,
+    VhostUserNetDevice,
+    VhostUserServer,
+)
+from tether.transport.vhost_user.protocol import PASST_FEATURES
 
 log = logging.getLogger("tether")
 
@@ -41,19 +52,117 @@ def _setup_logging(config: Config) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s tether: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    root.setLevel(logging.DEBUG if config.debug else
+                  logging.WARNING if config.quiet else logging.INFO)
 
 
-def _daemonise() -> None:
+def _daemonise() -> int:
+    """Fork into the background; the calling process exits only once the daemon
+    reports ready (or dies), so whoever started tether (libvirt) finds the socket
+    listening and the pid file written.  Returns the fd to report readiness on."""
+    ready_r, ready_w = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(ready_w)
+        ok = os.read(ready_r, 1) == b"1"  # b"" if the daemon died before it was ready
+        os._exit(0 if ok else 1)
+    os.close(ready_r)
     os.setsid()
     if os.fork():
         os._exit(0)
+    return ready_w
+
+
+def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def _user(spec: str) -> tuple[int, int]:
+    """passt's --runas: UID, UID:GID, LOGIN or LOGIN:GROUP -> (uid, gid)."""
+    who, _, group = spec.partition(":")
+    try:
+        if who.isdigit():
+            uid = int(who)
+            gid = pwd.getpwuid(uid).pw_gid if not group else -1
+        else:
+            entry = pwd.getpwnam(who)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if group:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"--runas: no such user or group: {spec!r}") from None
+    return uid, gid
+
+
+def _drop_privileges(runas: str | None) -> None:
+    """As root, become an unprivileged user (default nobody), as passt does; as
+    anyone, end with no capabilities: tether needs none once its sockets exist."""
+    if os.geteuid() == 0:
+        uid, gid = _user(runas or "nobody")
+        if uid == 0:
+            log.info("staying root, as --runas asks")
+            return
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)  # from root to non-root: every capability set is cleared
+        log.info("running as uid %d, gid %d", uid, gid)
+    elif runas is not None and _user(runas)[0] != os.getuid():
+        raise ConfigError("--runas: changing user needs root")
+    if _capabilities():
+        caps.keep_only(set())
+
+
+def _capabilities() -> int:
+    # Read as bytes: after setuid, the interpreter may not reach codec modules that
+    # were not imported yet (a Python installed in a directory only root can read).
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+class _OneOff:
+    """A DeviceStateHandler around the handover that ends the loop when the
+    front-end goes away (--one-off), except after a completed migration as
+    source, as passt(1) says; with --migrate-exit, exactly then."""
+
+    def __init__(self, inner: DeviceStateHandler, loop: Loop, one_off: bool,
+                 migrate_exit: bool) -> None:
+        self.inner = inner
+        self.loop = loop
+        self.one_off = one_off
+        self.migrate_exit = migrate_exit
+        self._saved = False
+
+    def save_state(self) -> bytes:
+        data = self.inner.save_state()
+        self._saved = True
+        return data
+
+    def begin_load(self) -> StateSink:
+        return self.inner.begin_load()
+
+    def rings_started(self) -> None:
+        self._saved = False  # on a source: QEMU resumed us, the migration failed
+        self.inner.rings_started()
+
+    def rings_stopped(self) -> None:
+        self.inner.rings_stopped()
+
+    def front_end_gone(self) -> None:
+        migrated, self._saved = self._saved, False
+        self.inner.front_end_gone()
+        if migrated and self.migrate_exit:
+            log.info("migration complete, exiting (--migrate-exit)")
+            self.loop.stop()
+        elif migrated and self.one_off:
+            log.info("migration complete: staying, as --one-off does after a migration")
+        elif self.one_off:
+            log.info("front-end gone, exiting (--one-off)")
+            self.loop.stop()
 
 
 class _Port:
@@ -90,23 +199,36 @@ def run(config: Config) -> int:
     port = _Port()
     sink: FrameSink
     server: VhostUserServer | None = None
+    stream: StreamTransport | None = None
     child: Child | None = None
     helper: RepairHelper | None = None
     netns = config.netns
-    if netns is None and config.socket_path is None:
+    inherited = socket.socket(fileno=config.fd) if config.fd is not None else None
+    # Opened now, written once the daemon's pid is known: the directory may be
+    # writable only by the user tether was started as.
+    pid_out = open(config.pid_file, "w") if config.pid_file is not None else None  # noqa: SIM115
+    qemu_facing = netns is None and (config.socket_path is not None or inherited is not None)
+    if qemu_facing:
+        # As passt: before any socket exists, so the sockets belong to the user
+        # tether runs as; a tap in a namespace needs the privileges until it exists.
+        _drop_privileges(config.runas)
+    if netns is None and not qemu_facing:
         child = Child(config.command or [os.environ.get("SHELL", "/bin/sh")])
         netns = child.netns
     try:
         if config.vhost_user:
-            assert config.socket_path is not None
             if config.repair_path is not None:
                 helper = RepairHelper(config.repair_path)
                 helper.attach(loop)
                 log.info("tether-repair can connect on %s", config.repair_path)
             handover = Handover(stack, helper, require_repair=config.require_repair,
                                 linger=config.linger, max_size=config.max_state,
-                                listeners=stack.listening_sockets)
-            device = VhostUserNetDevice(loop, port, state=handover)
+                                listeners=stack.listening_sockets,
+                                save_format=FORMATS[config.migrate_format])
+            state = _OneOff(handover, loop, config.one_off, config.migrate_exit)
+            device = VhostUserNetDevice(loop, port, state=state)
+            if config.migrate_format == "passt":
+                device.offered_features = PASST_FEATURES
 
             def checksum_offload(guest_takes_partial: bool) -> bool:
                 # The guest completes TCP/UDP checksums: the stack leaves the
@@ -115,9 +237,14 @@ def run(config: Config) -> int:
                 return guest_takes_partial
 
             device.on_checksum_offload = checksum_offload
-            server = VhostUserServer(loop, config.socket_path, device)
+            if inherited is not None:
+                device.attach(inherited)
+                log.info("serving QEMU on inherited fd %d (vhost-user)", config.fd)
+            else:
+                assert config.socket_path is not None
+                server = VhostUserServer(loop, config.socket_path, device)
+                log.info("waiting for QEMU on %s (vhost-user)", config.socket_path)
             sink = device
-            log.info("waiting for QEMU on %s (vhost-user)", config.socket_path)
         elif netns is not None:
             fd = create_tap(netns, config.ifname, config.net.mtu)
             if config.config_net or child is not None:
@@ -126,9 +253,14 @@ def run(config: Config) -> int:
             sink = TapTransport(loop, fd, port, mtu=config.net.mtu)
             log.info("tap %s up in namespace %s", config.ifname, netns)
         else:
-            assert config.socket_path is not None
-            sink = StreamTransport(loop, config.socket_path, port)
-            log.info("waiting for QEMU on %s (-netdev stream)", config.socket_path)
+            stream = StreamTransport(loop, config.socket_path, port, conn=inherited)
+            if config.one_off:
+                stream.on_client_gone = loop.stop
+            sink = stream
+            if inherited is not None:
+                log.info("serving QEMU on inherited fd %d (-netdev stream)", config.fd)
+            else:
+                log.info("waiting for QEMU on %s (-netdev stream)", config.socket_path)
     except BaseException:
         if child is not None:
             child.abandon()
@@ -150,16 +282,16 @@ def run(config: Config) -> int:
     allowed, why = ping_sockets_allowed()
     if not allowed:
         log.warning("%s", why)
+    for line in summary.lines(config.net):
+        log.info("%s", line)
+    ready: int | None = None
     if child is not None:
         # tether lives as long as the command: its exit ends the loop.
         pidfd = os.pidfd_open(child.pid)
         loop.add(pidfd, READ, lambda _ev: loop.stop())
         child.release()
     elif not config.foreground:
-        _daemonise()
-    if config.pid_file is not None:
-        with open(config.pid_file, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        ready = _daemonise()
     # The wakeup fd makes a signal end epoll_wait, which Python would otherwise retry.
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -168,8 +300,19 @@ def run(config: Config) -> int:
     loop.add(wake_r.fileno(), READ, lambda _ev: _drain(wake_r))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
-    log.info("running")
     try:
+        if pid_out is not None:
+            pid_out.write(f"{os.getpid()}\n")
+            pid_out.close()
+        if not qemu_facing and config.runas is not None:
+            # pasta's part (a tap in a namespace, COMMAND) keeps its user unless asked:
+            # it is started by whoever owns the namespace.
+            _drop_privileges(config.runas)
+        if ready is not None:
+            _detach_stdio()
+            os.write(ready, b"1")
+            os.close(ready)
+        log.info("running")
         loop.run()
         if child is not None:
             return child.exit_status()
@@ -181,6 +324,8 @@ def run(config: Config) -> int:
         stack.close()
         if server is not None:
             server.close()
+        if stream is not None:
+            stream.close()
         if helper is not None:
             helper.close()
         if config.pid_file is not None:
@@ -193,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.__class__ = _Parser
     ns = parser.parse_args(argv)
+    if ns.version:
+        print(f"tether {__version__} (passt-compatible command line)")
+        return 0
     if ns.print_capabilities:
         print('{"type": "net"}')  # vhost-user.rst "Back-end program conventions"
         return 0

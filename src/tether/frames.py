@@ -30,7 +30,11 @@ class FrameSink(Protocol):
         ...
 
     def flush(self) -> None:
-        """End of a batch: make queued frames visible and notify the guest once."""
+        """Make queued frames visible and notify the guest once.
+
+        The stack calls it at the end of every loop pass in which it queued
+        a frame (`Stack.send`), so a frame never waits for an unrelated event.
+        """
         ...
 
 

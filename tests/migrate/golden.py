@@ -98,8 +98,8 @@ def streams() -> dict[str, bytes]:
         "corrupt-payload.invalid.bin": bytes(corrupt),
         "multicast-mac.invalid.bin": multicast,
         "incompatible-version.invalid.bin": _stream(INCOMPATIBLE_FORMAT, SEEN),
-        "passt-v2-header.invalid.bin": struct.pack(">QII", 0xB1BB1D1B0BB1D1B0, 2, 2)
-        + bytes(46),
+        # passt's stream with nothing seen and no flow: read by its magic.
+        "passt-v2-empty.valid.bin": struct.pack(">QII", 0xB1BB1D1B0BB1D1B0, 2, 2) + bytes(46),
     }
 
 
@@ -109,7 +109,6 @@ EXPECTED_ERRORS = {
     "corrupt-payload.invalid.bin": ("EBADMSG", "guest addresses", 20),
     "multicast-mac.invalid.bin": ("EINVAL", "guest addresses", 32),
     "incompatible-version.invalid.bin": ("ENOTSUP", "header", 8),
-    "passt-v2-header.invalid.bin": ("EINVAL", "header", 0),
 }
 
 

@@ -24,7 +24,7 @@ def tether_state(*args: str, stdin: bytes | None = None) -> subprocess.Completed
 def test_check_valid_file() -> None:
     result = tether_state("check", str(DIRECTORY / "guest-addresses.valid.bin"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("valid: version 1")
+    assert result.stdout.startswith("valid: tether stream, version 1")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from tests.migrate.golden import DIRECTORY, SEEN, streams
-from tether.handover.format import TETHER_FORMAT
+from tether.handover.format import FORMATS, TETHER_FORMAT
 from tether.migrate.errors import MigrationError
-from tether.migrate.stream import parse
+from tether.migrate.stream import Loaded, parse
+from tether.migrate.unframed import FormatReader
 
 EXPECTED = json.loads((DIRECTORY / "expected.json").read_text())
 
@@ -28,10 +29,18 @@ def test_every_file_on_disk_is_covered() -> None:
     assert {n for n in on_disk if n.endswith(".invalid.bin")} == set(EXPECTED)
 
 
+def read_as_a_target_does(data: bytes) -> tuple[str, Loaded]:
+    reader = FormatReader(tuple(FORMATS.values()))
+    reader.feed(data)
+    loaded = reader.finish()
+    assert reader.format is not None
+    return reader.format.name, loaded
+
+
 @pytest.mark.parametrize("name", sorted(n for n in streams() if n.endswith(".valid.bin")))
 def test_valid_files_parse(name: str) -> None:
-    loaded = parse(TETHER_FORMAT, (DIRECTORY / name).read_bytes())
-    assert loaded.chosen == 1
+    fmt, loaded = read_as_a_target_does((DIRECTORY / name).read_bytes())
+    assert (fmt, loaded.chosen) == (("passt", 2) if name.startswith("passt") else ("tether", 1))
 
 
 def test_golden_addresses_decode_to_what_was_encoded() -> None:
@@ -42,7 +51,7 @@ def test_golden_addresses_decode_to_what_was_encoded() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_invalid_files_fail_as_recorded(name: str) -> None:
     with pytest.raises(MigrationError) as info:
-        parse(TETHER_FORMAT, (DIRECTORY / name).read_bytes())
+        read_as_a_target_does((DIRECTORY / name).read_bytes())
     want = EXPECTED[name]
     assert (errno.errorcode[info.value.errno], info.value.stage, info.value.offset) == \
         (want["errno"], want["stage"], want["offset"])

@@ -187,6 +187,7 @@ def test_stream_accept_out_of_fds_backs_off_and_serves_later(tmp_path: Path) -> 
         resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
         loop.run_once(0)  # accept fails with EMFILE: backs off, does not raise
         assert transport.conn is None
+        assert transport.listener is not None
         assert not loop.watching(transport.listener.fileno())
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert loop.run(until=lambda: transport.conn is not None, timeout=5)

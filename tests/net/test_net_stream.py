@@ -75,9 +75,11 @@ class Relay(threading.Thread):
 def stream_tether(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     path = str(tmp_path / "tether.sock")
     log = tmp_path / "tether.log"
+    # --runas root: the socket lives in root's own test directory, which the nobody
+    # tether would otherwise become cannot write.
     proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "-f", "-l", str(log),
-                             "--socket", path, "-a", GUEST, "-n", "24", "-g", GATEWAY],
-                            text=True)
+                             "--runas", "root", "--socket", path, "-a", GUEST, "-n", "24",
+                             "-g", GATEWAY], text=True)
     wait_for(lambda: log.exists() and "running" in log.read_text(), "tether to start")
     yield proc, path, log
     proc.terminate()

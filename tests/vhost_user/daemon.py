@@ -39,9 +39,12 @@ class Daemon:
         self.log_path = workdir / "tether.log"
         self._log = self.log_path.open("wb")
         env = dict(os.environ, PYTHONPATH=str(SRC))
+        # --runas root: the socket lives in root's own test directory, which the
+        # nobody tether would otherwise switch to cannot enter.
         self.proc = subprocess.Popen(
             ["unshare", "-n", sys.executable, "-m", "tether.cli", "--vhost-user", "--socket",
-             str(self.socket), "-f", "--repair-path", "none", "-a", "10.0.2.15", "-n", "24",
+             str(self.socket), "-f", "--runas", "root", "--repair-path", "none",
+             "-a", "10.0.2.15", "-n", "24",
              "-g", "10.0.2.2", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,

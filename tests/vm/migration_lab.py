@@ -19,7 +19,8 @@ from pathlib import Path
 from . import pattern
 from .guest import DHCP_ARG, GuestImage
 from .harness import Vm, wait_for
-from .tetherlab import Helper, Peer, Tether
+from .reference import Passt, PasstRepair
+from .tetherlab import Helper, Peer, Process, Tether
 
 STREAM_SECONDS = 12
 RATE = "512K"  # per stream: slow enough to outlast the migration under TCG
@@ -39,7 +40,7 @@ class Lab:
     ns: str
     tstream: Path
     guest: GuestImage
-    processes: list[Tether | Helper | Peer] = field(default_factory=list)
+    processes: list[Process] = field(default_factory=list)
     vms: list[Vm] = field(default_factory=list)
 
     peer_ns: str | None = None
@@ -59,7 +60,23 @@ class Lab:
             t.wait_log("repair helper pid \\d+ connected")
         return t
 
-    def vm(self, name: str, tether: Tether, incoming: bool = False) -> Vm:
+    def passt(self, name: str, *extra: str, helper: str | None = "passt-repair",
+              ns: str | None = None) -> Passt:
+        """passt in vhost-user mode; helper "passt-repair", "tether-repair" or None."""
+        p = Passt(self.work, name, ns or self.ns, *extra)
+        self.processes.append(p)
+        if helper is not None:
+            self.processes.append(self.helper(f"{name}-helper", p.repair_path, helper))
+        return p
+
+    def helper(self, name: str, repair_path: Path, kind: str) -> Process:
+        if kind == "passt-repair":
+            return PasstRepair(self.work, name, repair_path)
+        if kind == "tether-repair":
+            return Helper(self.work, name, _Path(repair_path))
+        raise ValueError(f"unknown helper {kind!r}")
+
+    def vm(self, name: str, tether: Tether | Passt, incoming: bool = False) -> Vm:
         vm = Vm(self.work, name, tether.socket, self.guest, kernel_args=[DHCP_ARG],
                 incoming=f"unix:{self.work}/{name}.migrate" if incoming else None)
         self.vms.append(vm)
@@ -89,10 +106,15 @@ class Lab:
     def logs(self) -> str:
         out = []
         for p in self.processes:
-            if isinstance(p, Tether):
+            if isinstance(p, Tether | Passt):
                 lines = [line for line in p.text().splitlines() if "flags=" not in line]
                 out.append(f"--- {p.log_path.name}\n" + "\n".join(lines[-40:]))
         return "\n".join(out)
+
+
+@dataclass
+class _Path:
+    repair_path: Path
 
 
 @dataclass
@@ -159,7 +181,7 @@ def stream_results(streams: Streams, vm: Vm) -> StreamResults:
                          pattern.parse_result(run_ok(vm, "cat /tmp/down.out")))
 
 
-def check_streams(lab: Lab, streams: Streams, vm: Vm) -> None:
+def check_streams(lab: Lab, streams: Streams, vm: Vm) -> StreamResults:
     """Both ends of both streams saw every byte, once, in order, and no reset."""
     r = stream_results(streams, vm)
     up, guest_up, down, guest_down = r.up, r.guest_up, r.down, r.guest_down
@@ -169,6 +191,7 @@ def check_streams(lab: Lab, streams: Streams, vm: Vm) -> None:
     assert down["result"] == "sent" and guest_down["result"] == "ok", context
     assert down["bytes"] == guest_down["bytes"], context
     assert int(up["bytes"]) > 1 << 20 and int(down["bytes"]) > 1 << 20, context
+    return r
 
 
 def migrate(lab: Lab, source: Vm, target: Vm) -> dict[str, object]:
@@ -185,3 +208,65 @@ def migrate(lab: Lab, source: Vm, target: Vm) -> dict[str, object]:
     return info
 
 
+
+
+HALF_CLOSED_DELAY = "10"  # seconds the late readers wait: longer than the migration
+FIN_IN_PORT, FIN_OUT_PORT = 6010, 6011
+FIN_OUT_BYTES = 100 << 10
+
+
+@dataclass
+class HalfClosed:
+    """Connections that are half-closed while the VM moves.
+
+    fin_out: the guest sends 100 KiB and its FIN; the host peer reads only
+             after HALF_CLOSED_DELAY, so the back-end's socket has sent its
+             FIN (FIN_WAIT1/2) with the data in the peer's queues.
+    fin_in:  the host peer sends `fin_in_bytes` and its FIN at once; the guest
+             reads only after the delay, so the back-end's socket is in
+             CLOSE_WAIT, with in its receive queue what the guest's window
+             did not take (100 KiB leave about a third there; 8 KiB, none).
+    """
+
+    fin_out: Peer
+    fin_in: Peer | None
+    fin_in_bytes: int
+
+
+def start_half_closed(lab: Lab, vm: Vm, fin_in_bytes: int | None = 100 << 10) -> HalfClosed:
+    """Call it on a booted guest (after start_streams); fin_in_bytes None: no fin_in."""
+    fin_out = lab.peer("fin-out", "-w", HALF_CLOSED_DELAY, "-t", "60", "serve",
+                       str(FIN_OUT_PORT), "recv", "22")
+    fin_out.wait_log("TSTREAM listening")
+    run_ok(vm, f"tstream -t 60 send {lab.service} {FIN_OUT_PORT} {FIN_OUT_BYTES} 22 "
+               ">/tmp/fin-out.out 2>&1 & true")
+    if fin_in_bytes is None:
+        return HalfClosed(fin_out, None, 0)
+    progress = lab.work / "fin-in.progress"
+    fin_in = lab.peer("fin-in", "-t", "60", "-p", str(progress), "serve", str(FIN_IN_PORT),
+                      "send", str(fin_in_bytes), "21")
+    fin_in.wait_log("TSTREAM listening")
+    run_ok(vm, f"tstream -w {HALF_CLOSED_DELAY} -t 60 recv {lab.service} {FIN_IN_PORT} 21 "
+               ">/tmp/fin-in.out 2>&1 & true")
+    # Half-closed before anything else happens: the host peer has written
+    # everything, and shut its side down right after.
+    wait_for(lambda: _progress(progress) == fin_in_bytes, 30, "the host peer to send all")
+    return HalfClosed(fin_out, fin_in, fin_in_bytes)
+
+
+def check_half_closed(lab: Lab, half: HalfClosed, vm: Vm) -> None:
+    """Every byte arrived after the move, and each end saw the other's FIN."""
+    fin_out = half.fin_out.result(120)
+    run_ok(vm, "wait; true", 120)
+    guest_out = pattern.parse_result(run_ok(vm, "cat /tmp/fin-out.out"))
+    context = f"\nfin-out {fin_out} / {guest_out}\n"
+    if half.fin_in is not None:
+        fin_in = half.fin_in.result(120)
+        guest_in = pattern.parse_result(run_ok(vm, "cat /tmp/fin-in.out"))
+        context += f"fin-in {fin_in} / {guest_in}\n"
+        assert fin_in == {"result": "sent", "bytes": str(half.fin_in_bytes)}, \
+            context + lab.logs()
+        assert guest_in == {"result": "ok", "bytes": str(half.fin_in_bytes)}, \
+            context + lab.logs()
+    assert fin_out == {"result": "ok", "bytes": str(FIN_OUT_BYTES)}, context + lab.logs()
+    assert guest_out == {"result": "sent", "bytes": str(FIN_OUT_BYTES)}, context + lab.logs()

@@ -130,7 +130,7 @@ class Source:
         return data
 
 
-_RESULT = re.compile(r"TSTREAM (sent|ok|bad|error|listening|progress)\b(.*)")
+_RESULT = re.compile(r"TSTREAM (sent|ok|bad|error|listening|progress|rr|echoed)\b(.*)")
 
 
 def parse_result(text: str) -> dict[str, str]:

@@ -156,7 +156,7 @@ def test_udp_flow_keeps_its_port_across_the_migration(lab: Lab) -> None:
     vm1.wait_booted()
     server = Process(in_ns(lab.ns, "iperf3", "-s", "-1", "-J", "-B", "127.0.0.1"),
                      lab.work / "iperf3.log")
-    lab.processes.append(server)  # type: ignore[arg-type]
+    lab.processes.append(server)
     wait_for(lambda: "5201" in subprocess.run(in_ns(lab.ns, "ss", "-ltn"), capture_output=True,
                                               text=True, check=False).stdout,
              20, "iperf3 to listen")
@@ -190,7 +190,7 @@ def test_three_hundred_connections_move_together(lab: Lab) -> None:
     vm1.wait_booted()
     server = Process(in_ns(lab.ns, sys.executable, "-m", "tests.vm.manyconns", "6100", str(MANY),
                            "7"), lab.work / "many.log", cwd=ROOT)
-    lab.processes.append(server)  # type: ignore[arg-type]
+    lab.processes.append(server)
     server.wait_log("MANY listening")
     run_ok(vm1, f"i=0; while [ $i -lt {MANY} ]; do tstream -r 2K -d 16 -t 12 send 10.200.0.1 "
                 "6100 0 7 >/tmp/m$i.out 2>&1 & i=$((i+1)); done; true", 120)

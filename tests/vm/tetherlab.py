@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from . import pattern
 from .harness import wait_for
@@ -91,6 +92,14 @@ class Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """The process's user + system CPU time so far, from /proc/PID/stat.
+
+        `ip netns exec` execs the command in place, so the pid is the process's own."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, signum: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
@@ -113,22 +122,16 @@ class Tether(Process):
         self.socket = workdir / f"{name}.sock"
         self.repair_path = Path(f"{self.socket}.repair")
         mode = ["--vhost-user"] if vhost_user else []
+        # --runas root: the lab's sockets live in root's own test directories, which
+        # the nobody tether would otherwise become cannot write.
         cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
-                    str(self.socket), "-f", *(["-d"] if debug else []), *extra)
+                    str(self.socket), "-f", "--runas", "root", *(["-d"] if debug else []),
+                    *extra)
         super().__init__(cmd, workdir / f"{name}.log", src=src)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"tether {name} exited:\n{self.text()}")
-
-
-    def cpu_seconds(self) -> float:
-        """tether's user + system CPU time so far, from /proc/PID/stat.
-
-        `ip netns exec` execs the command in place, so the pid is tether's."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def namespace_nameservers4(ns: str) -> list[str]:
@@ -145,11 +148,16 @@ def namespace_nameservers4(ns: str) -> list[str]:
 
 
 class Helper(Process):
-    """tether-repair, privileged, connected to a tether's repair socket."""
+    """tether-repair, privileged, connected to a back-end's repair socket (tether's
+    or passt's: the protocol is the same)."""
 
-    def __init__(self, workdir: Path, name: str, tether: Tether) -> None:
-        super().__init__([sys.executable, "-m", "tether.repair.helper", str(tether.repair_path)],
-                         workdir / f"{name}.log")
+    def __init__(self, workdir: Path, name: str, backend: Tether | HasRepairPath) -> None:
+        super().__init__([sys.executable, "-m", "tether.repair.helper",
+                          str(backend.repair_path)], workdir / f"{name}.log")
+
+
+class HasRepairPath(Protocol):
+    repair_path: Path
 
 
 class Peer(Process):

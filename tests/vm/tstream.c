@@ -11,12 +11,19 @@
  * mod 256 differ at byte 0; any shift of the stream changes some byte of
  * every word, so the first mismatch is within 8 bytes of where it went wrong.
  *
- * Usage: tstream [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...
+ * Usage: tstream [-g] [-w SECONDS] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...
  *     send HOST PORT BYTES [SEED]     connect, send, shut down writing, wait for close
  *     recv HOST PORT [SEED]           connect, read to EOF, verify
  *     serve PORT send BYTES [SEED]    listen (PORT 0: any), accept one, then as send
  *     serve PORT recv [SEED]          listen, accept one, then as recv
+ *     rr HOST PORT CONNS EXCHANGES    CONNS connections one after another, each
+ *                                     EXCHANGES 1-byte requests, each echoed
+ *     serve PORT echo [CONNS]         accept CONNS connections (0: forever) one
+ *                                     after another, echo each until EOF
  * BYTES takes a K/M/G suffix (powers of 1024); 0 means no limit (needs -d).
+ * -w waits SECONDS before recv's first read (data queues up, a FIN with it).
+ * -g adds "gap_max_us=U" to recv's ok line: the longest wait for data, from
+ * the start (connected or accepted) to the first byte and between reads.
  * -r limits the rate (either direction), -d stops sending after SECONDS,
  * -t fails when nothing moves for IDLE_SECONDS, -p rewrites FILE every second
  * with "TSTREAM progress bytes=N seconds=S".  HOST is a numeric IPv4/IPv6
@@ -27,6 +34,12 @@
  *     TSTREAM ok bytes=N                                 exit 0
  *     TSTREAM bad offset=K expected=0xXX found=0xYY      exit 1
  *     TSTREAM error KIND after=N                         exit 3 (detail on stderr)
+ *     TSTREAM rr conns=C exchanges=E seconds=S connect_max_us=U first_median_us=U
+ *         first_max_us=U rtt_median_us=U rtt_seconds=S   exit 0
+ * rr's "first" is time to first byte: from connect() until the first echo is
+ * back, i.e. the handshake plus one round trip; "rtt" covers the exchanges
+ * after the first on each connection (rtt_seconds: their total time).  serve echo prints "TSTREAM echoed
+ * conns=C bytes=N".
  * where KIND is reset, connect, idle, io, listen.  serve prints
  * "TSTREAM listening port=P" on stderr once it accepts connections.
  */
@@ -36,6 +49,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -55,6 +69,8 @@ static uint64_t rate;      /* bytes per second, 0: unlimited */
 static double duration;    /* seconds of sending, 0: none */
 static double idle_limit;  /* seconds without progress before failing, 0: none */
 static const char *progress_path;
+static int report_gap;     /* -g */
+static double read_delay;  /* -w: seconds before the first read */
 static uint64_t done;      /* bytes sent, or received and verified */
 static double t_start, t_progress, t_activity;
 
@@ -222,10 +238,27 @@ static void do_send(int fd, uint64_t total)
 static int do_recv(int fd)
 {
 	static uint8_t buf[CHUNK], expected[CHUNK];
+	double last, gap_max = 0;
+
+	while (read_delay > 0 && now_s() - t_start < read_delay) {
+		struct timespec ts = { .tv_nsec = TICK_MS * 1000000L };
+
+		nanosleep(&ts, NULL);
+		t_activity = now_s(); /* waiting on purpose is not idleness */
+		tick();
+	}
+	last = now_s();
 
 	for (;;) {
 		ssize_t n = recv(fd, buf, throttle(CHUNK), MSG_DONTWAIT);
 
+		if (n >= 0) {
+			double now = now_s();
+
+			if (now - last > gap_max)
+				gap_max = now - last;
+			last = now;
+		}
 		if (n == 0)
 			break;
 		if (n < 0) {
@@ -254,7 +287,10 @@ static int do_recv(int fd)
 	}
 	if (progress_path)
 		write_progress(now_s());
-	printf("TSTREAM ok bytes=%" PRIu64 "\n", done);
+	if (report_gap)
+		printf("TSTREAM ok bytes=%" PRIu64 " gap_max_us=%.0f\n", done, gap_max * 1e6);
+	else
+		printf("TSTREAM ok bytes=%" PRIu64 "\n", done);
 	return 0;
 }
 
@@ -303,7 +339,7 @@ static int serve(const char *port_s)
 	struct sockaddr_in a4 = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_ANY) };
 	struct sockaddr_storage bound;
 	socklen_t blen = sizeof(bound);
-	int one = 1, zero = 0, lfd, fd;
+	int one = 1, zero = 0, lfd;
 	uint16_t port = (uint16_t)atoi(port_s);
 
 	/* Dual-stack where the kernel has IPv6, IPv4 only otherwise. */
@@ -323,19 +359,150 @@ static int serve(const char *port_s)
 		if (bind(lfd, (struct sockaddr *)&a4, sizeof(a4)) < 0)
 			fail("listen", "bind", errno);
 	}
-	if (listen(lfd, 1) < 0 || getsockname(lfd, (struct sockaddr *)&bound, &blen) < 0)
+	if (listen(lfd, 16) < 0 || getsockname(lfd, (struct sockaddr *)&bound, &blen) < 0)
 		fail("listen", "listen", errno);
 	port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
 						 : ((struct sockaddr_in *)&bound)->sin_port);
 	fprintf(stderr, "TSTREAM listening port=%u\n", port);
 	fflush(stderr);
+	return lfd;
+}
+
+static int accept_one(int lfd)
+{
+	int fd;
+
 	do
 		fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 	while (fd < 0 && errno == EINTR);
 	if (fd < 0)
 		fail("listen", "accept", errno);
-	close(lfd);
 	return fd;
+}
+
+static double now_us(void)
+{
+	return now_s() * 1e6;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+static double median(double *v, size_t n)
+{
+	if (!n)
+		return 0;
+	qsort(v, n, sizeof(*v), cmp_double);
+	return v[n / 2];
+}
+
+static double max_of(const double *v, size_t n)
+{
+	double m = 0;
+
+	for (size_t i = 0; i < n; i++)
+		if (v[i] > m)
+			m = v[i];
+	return m;
+}
+
+/* One byte there and back: blocking calls, as a request/response client does. */
+static void exchange(int fd)
+{
+	char c = 'x';
+	ssize_t n;
+
+	do
+		n = send(fd, &c, 1, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n != 1)
+		fail_io("rr send", n < 0 ? errno : 0);
+	do
+		n = recv(fd, &c, 1, 0);
+	while (n < 0 && errno == EINTR);
+	if (n == 0)
+		fail("reset", "rr: the peer closed", 0);
+	if (n < 0)
+		fail_io("rr recv", errno);
+	done++;
+}
+
+static int do_rr(const char *host, const char *port, uint64_t conns, uint64_t exchanges)
+{
+	double *connect_us = calloc(conns, sizeof(double));
+	double *first_us = calloc(conns, sizeof(double));
+	double *rtt_us = calloc(conns * (exchanges - 1) + 1, sizeof(double));
+	size_t nrtt = 0;
+	double rtt_total = 0;
+	int one = 1;
+
+	if (!connect_us || !first_us || !rtt_us)
+		fail("io", "out of memory", 0);
+	for (uint64_t c = 0; c < conns; c++) {
+		double t0 = now_us(), t1;
+		int fd = connect_to(host, port);
+
+		connect_us[c] = now_us() - t0;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		exchange(fd);
+		first_us[c] = now_us() - t0;
+		for (uint64_t e = 1; e < exchanges; e++) {
+			t1 = now_us();
+			exchange(fd);
+			rtt_us[nrtt++] = now_us() - t1;
+		}
+		close(fd);
+	}
+	for (size_t i = 0; i < nrtt; i++)
+		rtt_total += rtt_us[i];
+	printf("TSTREAM rr conns=%" PRIu64 " exchanges=%" PRIu64 " seconds=%.6f"
+	       " connect_max_us=%.0f first_median_us=%.0f first_max_us=%.0f rtt_median_us=%.0f"
+	       " rtt_seconds=%.6f\n",
+	       conns, exchanges, now_s() - t_start, max_of(connect_us, conns),
+	       median(first_us, conns), max_of(first_us, conns), median(rtt_us, nrtt),
+	       rtt_total / 1e6);
+	return 0;
+}
+
+static int do_echo(int lfd, uint64_t conns)
+{
+	static char buf[CHUNK];
+	uint64_t served = 0;
+	int one = 1;
+
+	while (!conns || served < conns) {
+		int fd = accept_one(lfd);
+
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		for (;;) {
+			ssize_t n = recv(fd, buf, sizeof(buf), 0), off = 0;
+
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0)
+				fail_io("echo recv", errno);
+			if (n == 0)
+				break;
+			while (off < n) {
+				ssize_t w = send(fd, buf + off, (size_t)(n - off), MSG_NOSIGNAL);
+
+				if (w < 0 && errno == EINTR)
+					continue;
+				if (w < 0)
+					fail_io("echo send", errno);
+				off += w;
+			}
+			done += (uint64_t)n;
+		}
+		close(fd);
+		served++;
+	}
+	printf("TSTREAM echoed conns=%" PRIu64 " bytes=%" PRIu64 "\n", served, done);
+	return 0;
 }
 
 static uint64_t parse_size(const char *s)
@@ -362,11 +529,13 @@ bad:
 static void __attribute__((noreturn)) usage(void)
 {
 	fprintf(stderr,
-		"usage: tstream [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...\n"
+		"usage: tstream [-g] [-w SECONDS] [-r BYTES_PER_SEC] [-d SECONDS] [-t IDLE_SECONDS] [-p FILE] MODE ...\n"
 		"  send HOST PORT BYTES [SEED]\n"
 		"  recv HOST PORT [SEED]\n"
 		"  serve PORT send BYTES [SEED]\n"
-		"  serve PORT recv [SEED]\n");
+		"  serve PORT recv [SEED]\n"
+		"  rr HOST PORT CONNS EXCHANGES\n"
+		"  serve PORT echo [CONNS]\n");
 	exit(2);
 }
 
@@ -377,12 +546,14 @@ int main(int argc, char **argv)
 	int opt, fd, nargs;
 	char **args;
 
-	while ((opt = getopt(argc, argv, "+r:d:t:p:")) != -1) {
+	while ((opt = getopt(argc, argv, "+r:d:t:p:gw:")) != -1) {
 		switch (opt) {
 		case 'r': rate = parse_size(optarg); break;
 		case 'd': duration = atof(optarg); break;
 		case 't': idle_limit = atof(optarg); break;
 		case 'p': progress_path = optarg; break;
+		case 'g': report_gap = 1; break;
+		case 'w': read_delay = atof(optarg); break;
 		default: usage();
 		}
 	}
@@ -421,6 +592,18 @@ int main(int argc, char **argv)
 			usage();
 		if (nargs == 2)
 			seed = parse_size(args[1]);
+	} else if (!strcmp(mode, "rr")) {
+		if (!host || nargs != 3)
+			usage();
+		total = parse_size(args[1]);
+		seed = parse_size(args[2]); /* exchanges per connection */
+		if (!total || !seed)
+			usage();
+	} else if (!strcmp(mode, "echo")) {
+		if (host || nargs > 2)
+			usage();
+		if (nargs == 2)
+			total = parse_size(args[1]);
 	} else {
 		usage();
 	}
@@ -428,7 +611,20 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 
-	fd = host ? connect_to(host, port) : serve(port);
+	if (!strcmp(mode, "rr")) {
+		t_start = now_s();
+		return do_rr(host, port, total, seed);
+	}
+	if (!strcmp(mode, "echo"))
+		return do_echo(serve(port), total);
+	if (host) {
+		fd = connect_to(host, port);
+	} else {
+		int lfd = serve(port);
+
+		fd = accept_one(lfd);
+		close(lfd);
+	}
 	t_start = t_activity = t_progress = now_s();
 	if (progress_path)
 		write_progress(t_start);

@@ -31,18 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.handover.format import TETHER_FORMAT
+from tether.handover.format import FORMATS, TETHER_FORMAT
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
+    Format,
     Loaded,
     Saved,
     Side,
-    StreamParser,
     apply_loaded,
     save,
 )
+from tether.migrate.unframed import FormatReader
 from tether.net.addresses import RECORD as ADDRESS_RECORD
 from tether.net.flows import TableFull
 from tether.net.stack import Stack
@@ -59,6 +60,20 @@ log = logging.getLogger(__name__)
 
 HELPER_WAIT = 1.0
 """How long a migration waits for tether-repair to connect when it is not yet there."""
+
+
+# Each format's stages by the role they play here: passt's three stages do what
+# tether's first three do, under their own names; passt has no UDP stage.
+_ROLES: dict[str, dict[str, str]] = {
+    "tether": {"guest addresses": "addresses", "freeze tcp": "freeze", "tcp flows": "tcp",
+               "udp flows": "udp"},
+    "passt": {"observed addresses": "addresses", "prepare flows": "freeze",
+              "transfer flows": "tcp"},
+}
+
+
+def _bind(fmt: Format, by_role: dict[str, Side[Any]]) -> dict[str, Side[Any]]:
+    return {stage: by_role[role] for stage, role in _ROLES[fmt.name].items() if role in by_role}
 
 
 def _addresses_from_stack(stack: Stack) -> GuestAddresses:
@@ -96,16 +111,16 @@ class _Incoming:
 
 
 class _StreamSink:
-    """The device's StateSink: bytes into the stream parser as they arrive, so
+    """The device's StateSink: bytes into the format reader as they arrive, so
     --max-state, a bad magic or bad framing ends the transfer at once."""
 
-    def __init__(self, handover: Handover, parser: StreamParser) -> None:
+    def __init__(self, handover: Handover, reader: FormatReader) -> None:
         self._handover = handover
-        self._parser = parser
+        self._reader = reader
 
     def feed(self, data: bytes) -> None:
         try:
-            self._parser.feed(data)
+            self._reader.feed(data)
         except MigrationError as exc:
             limited(log, logging.ERROR,
                     "migration: refusing incoming state, nothing applied: %s", exc)
@@ -113,12 +128,13 @@ class _StreamSink:
 
     def finish(self) -> None:
         try:
-            loaded = self._parser.finish()
+            loaded = self._reader.finish()
         except MigrationError as exc:
             limited(log, logging.ERROR,
                     "migration: refusing incoming state, nothing applied: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
-        self._handover._load(loaded)
+        assert self._reader.format is not None
+        self._handover._load(loaded, self._reader.format)
 
 
 class Handover:
@@ -127,8 +143,10 @@ class Handover:
     def __init__(self, stack: Stack, helper: RepairHelper | None, *,
                  require_repair: bool = False, linger: bool = True,
                  max_size: int = DEFAULT_MAX_SIZE, helper_wait: float = HELPER_WAIT,
-                 listeners: Callable[[], list[socket.socket]] | None = None) -> None:
+                 listeners: Callable[[], list[socket.socket]] | None = None,
+                 save_format: Format = TETHER_FORMAT) -> None:
         self.stack = stack
+        self.save_format = save_format
         self.helper = helper
         self.require_repair = require_repair
         self.linger = linger
@@ -147,14 +165,21 @@ class Handover:
             self._rollback("a new save started before the last one was settled")
         outgoing = _Outgoing()
         sides: dict[str, Side[Any]] = {
-            "guest addresses": Side(save=lambda: _addresses_from_stack(self.stack)),
-            "freeze tcp": Side(save=lambda: self._freeze(outgoing),
-                               undo=lambda: self._unfreeze(outgoing)),
-            "tcp flows": Side(save=lambda: self._dump(outgoing)),
-            "udp flows": Side(save=self.stack.dump_udp_flows),
+            "addresses": Side(save=lambda: _addresses_from_stack(self.stack)),
+            "freeze": Side(save=lambda: self._freeze(outgoing),
+                           undo=lambda: self._unfreeze(outgoing)),
+            "tcp": Side(save=lambda: self._dump(outgoing)),
+            "udp": Side(save=self.stack.dump_udp_flows),
         }
+        fmt = self.save_format
+        if "udp" not in _ROLES[fmt.name].values():
+            udp = len(self.stack.dump_udp_flows())
+            if udp:
+                limited(log, logging.INFO,
+                        "migration: the %s format has no place for UDP flows: %d left out, "
+                        "the guest's next datagram opens each again", fmt.name, udp)
         try:
-            saved = save(TETHER_FORMAT, sides)
+            saved = save(fmt, _bind(fmt, sides))
         except MigrationError as exc:
             limited(log, logging.ERROR, "migration: saving state failed, source unchanged: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
@@ -331,7 +356,7 @@ class Handover:
     def begin_load(self) -> _StreamSink:
         """A SET_DEVICE_STATE_FD(LOAD): the stream is parsed as its bytes arrive."""
         self._discard_incoming("a new state arrived")
-        return _StreamSink(self, StreamParser(TETHER_FORMAT, self.max_size))
+        return _StreamSink(self, FormatReader(tuple(FORMATS.values()), self.max_size))
 
     def load_state(self, data: bytes) -> None:
         """A whole stream at once (benchmarks, tests): as begin_load, fed once."""
@@ -339,25 +364,24 @@ class Handover:
         sink.feed(data)
         sink.finish()
 
-    def _load(self, loaded: Loaded) -> None:
+    def _load(self, loaded: Loaded, fmt: Format) -> None:
         incoming = _Incoming()
         try:
             previous = _addresses_from_stack(self.stack)
             sides: dict[str, Side[Any]] = {
-                "guest addresses": Side(apply=lambda seen: self._apply_addresses(seen,
-                                                                                 previous)),
-                "tcp flows": Side(apply=lambda flows: self._restore(flows, incoming)),
-                "udp flows": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
+                "addresses": Side(apply=lambda seen: self._apply_addresses(seen, previous)),
+                "tcp": Side(apply=lambda flows: self._restore(flows, incoming)),
+                "udp": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
             }
-            apply_loaded(TETHER_FORMAT, loaded, sides)
+            apply_loaded(fmt, loaded, _bind(fmt, sides))
         except MigrationError as exc:
             limited(log, logging.ERROR,
                     "migration: refusing incoming state, nothing applied: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
         self._incoming = incoming
         limited(log, logging.INFO,
-                "migration: state loaded, %d bytes, %d TCP connections restored in repair "
-                "mode", loaded.size, len(incoming.flows))
+                "migration: %s state loaded, %d bytes, %d TCP connections restored in repair "
+                "mode", fmt.name, loaded.size, len(incoming.flows))
 
     def _apply_addresses(self, seen: GuestAddresses | None,
                          previous: GuestAddresses) -> Callable[[], None]:
@@ -432,8 +456,9 @@ class Handover:
 
     def _discard_incoming(self, why: str) -> None:
         if self._incoming is not None and self._incoming.flows:
-            limited(log, logging.WARNING, "migration: discarding %d restored connections: %s",
-                        len(self._incoming.flows), why)
+            limited(log, logging.WARNING,
+                    "migration: discarding %d restored connections: %s",
+                    len(self._incoming.flows), why)
             self._close_incoming(self._incoming)
         self._incoming = None
 

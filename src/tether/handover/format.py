@@ -7,6 +7,7 @@ must be bumped), and add golden streams for the new version.
 
 from __future__ import annotations
 
+from tether.handover.passt_format import PASST_FORMAT
 from tether.handover.records import GuestAddressesCodec, TcpFlowsCodec, UdpFlowsCodec
 from tether.migrate.stream import Format, Stage
 
@@ -22,3 +23,7 @@ TETHER_FORMAT = Format(
     current=1,
     compat=1,
 )
+
+
+FORMATS: dict[str, Format] = {"tether": TETHER_FORMAT, "passt": PASST_FORMAT}
+"""Every format a target reads (picked by the stream's magic); --migrate-format names one."""

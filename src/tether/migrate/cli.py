@@ -20,20 +20,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tether.handover.format import TETHER_FORMAT
+from tether.handover.format import FORMATS
 from tether.migrate.errors import MigrationError
 from tether.migrate.fdio import read_stream
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
     FLAG_OPTIONAL,
     HEADER,
-    MAGIC,
     RECORD,
     Format,
     Loaded,
     Record,
-    StreamParser,
 )
+from tether.migrate.unframed import FormatReader
 
 EXIT_VALID = 0
 EXIT_INVALID = 1
@@ -76,7 +75,7 @@ def _open(path: str) -> int:
     return fd
 
 
-def _read(path: str, parser: StreamParser) -> Loaded:
+def _read(path: str, parser: FormatReader) -> Loaded:
     fd = _open(path)
     try:
         return read_stream(fd, parser)
@@ -85,13 +84,13 @@ def _read(path: str, parser: StreamParser) -> Loaded:
             os.close(fd)
 
 
-def _record_json(record: Record) -> dict[str, Any]:
+def _record_json(record: Record, framing: int) -> dict[str, Any]:
     return {
         "offset": record.offset,
         "id": record.id,
         "stage": record.stage.name if record.stage else None,
         "optional": bool(record.flags & FLAG_OPTIONAL),
-        "header_size": RECORD.size,
+        "header_size": framing,
         "payload_size": record.length,
         "fields": jsonable(record.value) if record.stage else None,
     }
@@ -102,43 +101,51 @@ def _error_json(error: MigrationError) -> dict[str, Any]:
             "offset": error.offset, "message": error.message}
 
 
-def inspect(path: str, as_json: bool, max_size: int, fmt: Format = TETHER_FORMAT) -> int:
+def inspect(path: str, as_json: bool, max_size: int,
+            formats: Sequence[Format] = tuple(FORMATS.values())) -> int:
     error: MigrationError | None = None
-    parser = StreamParser(fmt, max_size)
+    parser = FormatReader(formats, max_size)
     try:
         loaded = _read(path, parser)
     except MigrationError as exc:
         error = exc
     header = parser.header
     records = parser.records
+    fmt = parser.format
+    framing = RECORD.size if fmt is None or fmt.framed else 0
     if as_json:
         doc: dict[str, Any] = {
             "valid": error is None,
-            "magic": f"{MAGIC:#018x}",
+            "format": fmt.name if fmt else None,
+            "magic": f"{fmt.magic:#018x}" if fmt else None,
             "version": header[0] if header else None,
             "compat_version": header[1] if header else None,
             "read_as_version": header[2] if header else None,
-            "records": [_record_json(r) for r in records],
+            "records": [_record_json(r, framing) for r in records],
             "size": None if error else loaded.size,
             "error": _error_json(error) if error else None,
         }
         print(json.dumps(doc, indent=2))
     else:
-        if header:
-            print(f"header     offset 0, {HEADER.size} bytes: magic {MAGIC:#018x}, "
-                  f"version {header[0]}, compat_version {header[1]}; "
+        if header and fmt:
+            print(f"header     offset 0, {HEADER.size} bytes: {fmt.name} stream, magic "
+                  f"{fmt.magic:#018x}, version {header[0]}, compat_version {header[1]}; "
                   f"read as version {header[2]}")
         for r in records:
             name = r.stage.name if r.stage else "unknown, skipped"
             optional = ", optional" if r.flags & FLAG_OPTIONAL else ""
-            print(f"stage {r.id:<4} offset {r.offset}, {RECORD.size}+{r.length} bytes: "
-                  f"{name}{optional}")
+            size = f"{framing}+{r.length}" if framing else f"{r.length}"
+            print(f"stage {r.id:<4} offset {r.offset}, {size} bytes: {name}{optional}")
             if r.stage is not None:
                 for key, value in _flatten(jsonable(r.value)):
                     print(f"    {key}: {value}")
         if error is None:
-            print(f"end        offset {loaded.size - RECORD.size}, {RECORD.size} bytes; "
-                  f"stream is {loaded.size} bytes, valid")
+            if framing:
+                print(f"end        offset {loaded.size - framing}, {framing} bytes; "
+                      f"stream is {loaded.size} bytes, valid")
+            else:
+                print(f"end        offset {loaded.size} (end of file); stream is "
+                      f"{loaded.size} bytes, valid")
     if error is not None:
         print(f"tether-state: invalid: {error}", file=sys.stderr)
         return EXIT_INVALID
@@ -159,22 +166,26 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix or "value", value)]
 
 
-def check(path: str, max_size: int, fmt: Format = TETHER_FORMAT) -> int:
+def check(path: str, max_size: int,
+          formats: Sequence[Format] = tuple(FORMATS.values())) -> int:
+    parser = FormatReader(formats, max_size)
     try:
-        loaded = _read(path, StreamParser(fmt, max_size))
+        loaded = _read(path, parser)
     except MigrationError as exc:
         print(f"tether-state: invalid: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    print(f"valid: version {loaded.version} (read as {loaded.chosen}), "
-          f"{len(loaded.records)} record(s), {loaded.size} bytes")
+    assert parser.format is not None
+    print(f"valid: {parser.format.name} stream, version {loaded.version} (read as "
+          f"{loaded.chosen}), {len(loaded.records)} record(s), {loaded.size} bytes")
     return EXIT_VALID
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether-state",
-        description="Inspect or check a tether migration stream (the device state "
-                    "tether hands to QEMU). FILE may be - for standard input.")
+        description="Inspect or check a migration stream (the device state tether "
+                    "or passt hands to QEMU), told apart by its magic. FILE may be - "
+                    "for standard input.")
     parser.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE, metavar="BYTES",
                         help="refuse streams larger than this (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -14,9 +14,10 @@ import os
 import select
 import time
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from tether.migrate.errors import MigrationError
-from tether.migrate.stream import Buffer, Loaded, StreamParser
+from tether.migrate.stream import Buffer, Loaded
 
 READ_CHUNK = 1 << 18
 DEFAULT_TIMEOUT = 60.0
@@ -68,7 +69,18 @@ def write_stream(fd: int, chunks: Sequence[Buffer], timeout: float = DEFAULT_TIM
     return written
 
 
-def read_stream(fd: int, parser: StreamParser, timeout: float = DEFAULT_TIMEOUT) -> Loaded:
+class Parser(Protocol):
+    """What read_stream feeds: stream.StreamParser, unframed.FormatReader."""
+
+    @property
+    def offset(self) -> int: ...
+
+    def feed(self, data: Buffer) -> None: ...
+
+    def finish(self) -> Loaded: ...
+
+
+def read_stream(fd: int, parser: Parser, timeout: float = DEFAULT_TIMEOUT) -> Loaded:
     """Read to end of file, validating as the bytes arrive."""
     deadline = time.monotonic() + timeout
     buffer = bytearray(READ_CHUNK)

@@ -59,6 +59,25 @@ class Codec(Protocol[T]):
     def decode(self, payload: memoryview) -> T: ...
 
 
+class Delimiter(Protocol):
+    """Finds where an unframed payload ends, from its first bytes, incrementally."""
+
+    def need(self, prefix: memoryview) -> int:
+        """The payload's whole length if prefix shows it (a value <= len(prefix)),
+        else how many bytes must have arrived before it is worth asking again.
+
+        Called with ever longer prefixes of the same payload; validates what
+        it reads (counts, lengths) and raises MigrationError, offsets relative
+        to the payload, so a bad length fails before its bytes are awaited."""
+        ...
+
+
+class DelimitedCodec(Codec[T], Protocol[T]):
+    """A codec for a format without framing: its payload says its own length."""
+
+    def delimiter(self) -> Delimiter: ...
+
+
 @dataclass(frozen=True)
 class Stage(Generic[T]):
     """One step of the format: its identity and what it carries (if anything)."""
@@ -95,6 +114,14 @@ class Format:
     """The version this release writes."""
     compat: int
     """The oldest version able to read what this release writes."""
+    magic: int = MAGIC
+    """What the header starts with: a reader picks the format by it."""
+    framed: bool = True
+    """Records with id, crc and length, and an end marker (tether's own streams).
+    False: stage payloads follow each other bare and the stream ends at EOF, as
+    in passt's; every codec is then a `DelimitedCodec`, whose bytes say where
+    its payload ends (migrate/unframed.py reads such streams)."""
+    name: str = "tether"
 
     def __post_init__(self) -> None:
         if self.current not in self.versions:
@@ -110,6 +137,11 @@ class Format:
                 raise ValueError(f"version {version}: stage ids and names must be unique")
             if any(not 1 <= i <= MAX_STAGE_ID for i in ids):
                 raise ValueError(f"version {version}: stage ids must be in [1, {MAX_STAGE_ID}]")
+            if not self.framed:
+                for stage in stages:
+                    if stage.codec is not None and not hasattr(stage.codec, "delimiter"):
+                        raise ValueError(f"version {version}: stage {stage.name!r} needs a "
+                                         "delimiting codec in an unframed format")
 
     def choose(self, version: int, compat: int) -> int | None:
         """The newest version we know in [compat, version], if any (section 3.1)."""
@@ -163,7 +195,7 @@ def save(fmt: Format, sides: Mapping[str, Side[Any]]) -> Saved:
     is raised as a MigrationError naming the stage.
     """
     stages = fmt.versions[fmt.current]
-    saved = Saved([HEADER.pack(MAGIC, fmt.current, fmt.compat)])
+    saved = Saved([HEADER.pack(fmt.magic, fmt.current, fmt.compat)])
     offset = HEADER.size
     for stage in stages:
         side = sides.get(stage.name, Side())
@@ -193,11 +225,14 @@ def save(fmt: Format, sides: Mapping[str, Side[Any]]) -> Saved:
             view = memoryview(chunk)
             length += view.nbytes
             crc = zlib.crc32(view, crc)
-        flags = FLAG_OPTIONAL if stage.optional else 0
-        saved.chunks.append(RECORD.pack(stage.id, flags, crc, length))
+        if fmt.framed:
+            flags = FLAG_OPTIONAL if stage.optional else 0
+            saved.chunks.append(RECORD.pack(stage.id, flags, crc, length))
+            offset += RECORD.size
         saved.chunks.extend(payload)
-        offset += RECORD.size + length
-    saved.chunks.append(END_MARKER)
+        offset += length
+    if fmt.framed:
+        saved.chunks.append(END_MARKER)
     return saved
 
 

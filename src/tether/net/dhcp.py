@@ -35,8 +35,13 @@ def reply(params: NetParams, request: dhcp.Message) -> bytes | None:
         (dhcp.OPT_LEASE_TIME, struct.pack("!I", params.lease_time)),
         (dhcp.OPT_SUBNET_MASK, params.netmask4),
         (dhcp.OPT_ROUTER, params.gateway4),
-        (dhcp.OPT_MTU, struct.pack("!H", min(params.mtu, 0xFFFF))),
     ]
+    if params.announce_mtu:
+        options.append((dhcp.OPT_MTU, struct.pack("!H", min(params.mtu, 0xFFFF))))
+    if params.hostname is not None:
+        options.append((dhcp.OPT_HOSTNAME, params.hostname.encode()))
+    if params.fqdn is not None:
+        options.append((dhcp.OPT_CLIENT_FQDN, dhcp.client_fqdn(params.fqdn)))
     if params.dns4:
         options.append((dhcp.OPT_DNS, b"".join(params.dns4)))
     if params.search:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tether.net.params import NetParams
 from tether.wire import dhcpv6, ipv6, udp
+from tether.wire.dhcp import encode_search_list
 
 MAX_DUID = 130  # RFC 8415 section 11.1: "no more than 130 octets (including the type code)"
 
@@ -36,6 +37,9 @@ def reply(params: NetParams, msg: dhcpv6.Message) -> bytes | None:
         out += dhcpv6.option(dhcpv6.OPT_RAPID_COMMIT, b"")
     if params.dns6:
         out += dhcpv6.option(dhcpv6.OPT_DNS_SERVERS, b"".join(params.dns6))
+    if params.fqdn is not None:
+        # RFC 4704 section 4: flags 0 (the server does the updates, if any), then the name.
+        out += dhcpv6.option(dhcpv6.OPT_CLIENT_FQDN, b"\0" + encode_search_list([params.fqdn]))
     if len(out) > params.mtu - ipv6.HLEN - udp.HLEN:
         return None  # only a configuration with thousands of DNS servers gets here
     return bytes(out)

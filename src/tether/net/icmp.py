@@ -88,9 +88,11 @@ class IcmpTranslator:
         try:
             self.stack.flows.check_room()
             if len(key[1]) == 4:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                sock = self.stack.outbound_socket(socket.AF_INET, socket.SOCK_DGRAM,
+                                                  socket.IPPROTO_ICMP)
             else:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+                sock = self.stack.outbound_socket(socket.AF_INET6, socket.SOCK_DGRAM,
+                                                  socket.IPPROTO_ICMPV6)
         except TableFull as exc:
             limited(log, logging.WARNING, "dropping ping: %s", exc)
             return None
@@ -126,4 +128,3 @@ class IcmpTranslator:
             out = self.stack.output
             self.stack.send(out.icmp(frame, n, remote, guest_addr) if off == L2L3 else
                             out.icmp6(frame, n, remote, guest_addr))
-        self.stack.sink_flush()

@@ -16,6 +16,13 @@ class PortRange:
     first: int
     last: int
     guest_first: int
+    # passt's "ADDR%IFNAME/" prefix: listen on this address only (and then only in
+    # its family), bound to this interface.
+    address: str | None = None
+    ifname: str | None = None
+    # 'all' and exclusion-only specs: ports that cannot be bound are skipped, as
+    # passt does, instead of failing the start.
+    best_effort: bool = False
 
     def guest_port(self, host_port: int) -> int:
         return self.guest_first + (host_port - self.first)
@@ -44,6 +51,30 @@ class NetParams:
     gateway6: bytes | None = None
     dns6: tuple[bytes, ...] = ()
     map_host_loopback6: bytes | None = None
+    # --map-guest-addr: guest traffic to this address goes to the host's own
+    # address, the one the guest was given (and so shadows).
+    map_guest_addr4: bytes | None = None
+    map_guest_addr6: bytes | None = None
+    # -o / --outbound, --outbound-if4/6: where outbound host sockets are bound.
+    outbound4: str | None = None
+    outbound6: str | None = None
+    outbound_if4: str | None = None
+    outbound_if6: str | None = None
+    hostname: str | None = None  # DHCP option 12
+    fqdn: str | None = None  # DHCP option 81, DHCPv6 option 39
+    announce_mtu: bool = True  # -m 0: no DHCP option 26, no RA MTU option
+    freebind: bool = False
+    # Protocol handlers (passt's --no-tcp, --no-udp, ...): off means guest
+    # frames of that kind are dropped and nothing is offered.
+    ipv4: bool = True
+    ipv6: bool = True
+    tcp: bool = True
+    udp: bool = True
+    icmp: bool = True
+    dhcp: bool = True
+    dhcpv6: bool = True
+    ndp: bool = True
+    ra: bool = True
     tcp_forward: tuple[PortRange, ...] = ()
     udp_forward: tuple[PortRange, ...] = ()
     max_flows: int = 4096

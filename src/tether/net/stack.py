@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import socket
 from collections.abc import Sequence
 
@@ -24,13 +25,17 @@ from tether.net.addresses import GuestAddresses
 from tether.net.flows import FlowTable
 from tether.net.icmp import IcmpTranslator
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
-from tether.net.params import NetParams
+from tether.net.params import NetParams, PortRange
 from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
 from tether.net.udp import UdpFlowRecord, UdpTranslator
 from tether.ratelimit import limited
 from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
 
 log = logging.getLogger(__name__)
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # RFC 4291 section 2.5.5.2
+_IP_FREEBIND = 15  # linux/in.h
+_IPV6_FREEBIND = 78  # linux/in6.h
 
 
 class Stack:
@@ -48,6 +53,7 @@ class Stack:
         self.bad_frames = 0
         self.internal_errors = 0
         self._sink: FrameSink | None = None
+        self._flush_due = False
         self._waiting: dict[int, TcpConn] = {}
         self._listeners: list[socket.socket] = []
 
@@ -57,22 +63,50 @@ class Stack:
         self._sink = sink
 
     def start(self) -> None:
-        """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken."""
+        """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken
+        (ports of an 'all' spec that cannot be bound are skipped, as in passt)."""
+        p = self.params
+        # 'all' could take every descriptor: half of them stay for the flows.
+        budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
+        skipped = 0
+        work: tuple[tuple[int, tuple[PortRange, ...], bool], ...] = (
+            (socket.SOCK_STREAM, p.tcp_forward, p.tcp), (socket.SOCK_DGRAM, p.udp_forward, p.udp))
+        for kind, ranges, enabled in work:
+            if not enabled:
+                continue
+            for rng in ranges:
+                for family in self._forward_families(rng):
+                    for port in range(rng.first, rng.last + 1):
+                        if rng.best_effort and len(self._listeners) >= budget:
+                            skipped += 1
+                            continue
+                        try:
+                            s = self._listen(family, kind, port, rng)
+                        except OSError:
+                            if rng.best_effort:
+                                continue
+                            raise
+                        gport = rng.guest_port(port)
+                        if kind == socket.SOCK_STREAM:
+                            s.listen(128)
+                            self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
+                        else:
+                            self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
+        if skipped:
+            log.warning("'all' forwarding: %d ports not bound, to keep file descriptors "
+                        "for connections (RLIMIT_NOFILE %d)", skipped, budget * 2)
+
+    def _forward_families(self, rng: PortRange) -> list[int]:
         # Like passt: both families when the guest has IPv6, each socket v6-only so
-        # an IPv4 peer stays IPv4 all the way to the guest.
-        families = [socket.AF_INET] + ([socket.AF_INET6] if self.params.addr6 else [])
-        for family in families:
-            for rng in self.params.tcp_forward:
-                for port in range(rng.first, rng.last + 1):
-                    s = self._listen(family, socket.SOCK_STREAM, port)
-                    s.listen(128)
-                    gport = rng.guest_port(port)
-                    self.loop.add(s.fileno(), evloop.READ, self._acceptor(s, gport))
-            for rng in self.params.udp_forward:
-                for port in range(rng.first, rng.last + 1):
-                    s = self._listen(family, socket.SOCK_DGRAM, port)
-                    gport = rng.guest_port(port)
-                    self.loop.add(s.fileno(), evloop.READ, self._receiver(s, gport))
+        # an IPv4 peer stays IPv4 all the way to the guest; one listening address
+        # means that address's family only.
+        if rng.address is not None:
+            return [socket.AF_INET6 if ":" in rng.address else socket.AF_INET]
+        p = self.params
+        families: list[int] = [socket.AF_INET] if p.ipv4 else []
+        if p.addr6 and p.ipv6:
+            families.append(socket.AF_INET6)
+        return families
 
     def _acceptor(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
         return lambda _events: self._accept(s, guest_port)
@@ -80,20 +114,43 @@ class Stack:
     def _receiver(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
         return lambda _events: self.udp.inbound(s, guest_port)
 
-    def _listen(self, family: int, kind: int, port: int) -> socket.socket:
+    def _listen(self, family: int, kind: int, port: int, rng: PortRange) -> socket.socket:
         s = socket.socket(family, kind)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setblocking(False)
         try:
+            if rng.ifname is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, rng.ifname.encode())
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(("::", port))
+                if self.params.freebind:
+                    s.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+                s.bind((rng.address or "::", port))
             else:
-                s.bind((self.params.forward_bind4, port))
+                if self.params.freebind:
+                    s.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+                s.bind((rng.address or self.params.forward_bind4, port))
         except OSError:
             s.close()
             raise
         self._listeners.append(s)
+        return s
+
+    def outbound_socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
+        """A host socket for a guest-initiated flow, bound as -o / --outbound-if* say."""
+        p = self.params
+        v6 = family == socket.AF_INET6
+        s = socket.socket(family, kind, proto)
+        try:
+            ifname = p.outbound_if6 if v6 else p.outbound_if4
+            if ifname is not None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            address = p.outbound6 if v6 else p.outbound4
+            if address is not None:
+                s.bind((address, 0))
+        except OSError:
+            s.close()
+            raise
         return s
 
     def close(self) -> None:
@@ -119,25 +176,38 @@ class Stack:
                 limited(log, logging.ERROR, "internal error handling a guest frame",
                         exc_info=True)
         self.tcp.end_of_batch()
-        self.sink_flush()
 
     def guest_room_available(self) -> None:
         waiting, self._waiting = self._waiting, {}
         for conn in waiting.values():
             self.tcp.room_available(conn)
-        self.sink_flush()
 
     # -- used by the translators -------------------------------------------
 
     def send(self, frame: bytes | bytearray | memoryview) -> bool:
-        return self._sink.send_frame(frame) if self._sink is not None else False
+        """Queue a frame for the guest; it is flushed before the loop sleeps again.
+
+        Why here and not at each caller: a vhost-user or stream transport makes
+        queued frames visible (and notifies the guest) only at flush(), and every
+        path that forgot to flush (a connect completing, a timer) left its frame
+        waiting for the next unrelated event, often the guest's own retransmission
+        a second later.  Flushing once per loop pass in which anything was queued
+        keeps a burst in one notification and leaves nothing to remember.
+        """
+        if self._sink is None:
+            return False
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+        return self._sink.send_frame(frame)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._sink is not None:
+            self._sink.flush()
 
     def has_room(self) -> bool:
         return self._sink is not None and self._sink.has_room()
-
-    def sink_flush(self) -> None:
-        if self._sink is not None:
-            self._sink.flush()
 
     def wait_for_room(self, conn: TcpConn) -> None:
         self._waiting[conn.fd] = conn
@@ -150,15 +220,29 @@ class Stack:
         """The host address a guest destination maps to, None for nowhere."""
         p = self.params
         if len(dst) == 16:
-            if dst in (p.map_host_loopback6, p.router6) and p.map_host_loopback6 is not None:
+            if dst[:12] == _V4_MAPPED:
+                # An IPv6 socket reaches ::ffff:a.b.c.d as IPv4's a.b.c.d: the same
+                # rules, or the mapped form would reach what they keep from the guest.
+                target4 = self._host_target4(dst[12:], port)
+                return None if target4 is None else f"::ffff:{target4}"
+            if p.map_host_loopback6 is not None and dst in (p.map_host_loopback6, p.router6):
                 return "::1"
+            if p.map_guest_addr6 is not None and dst == p.map_guest_addr6 and \
+                    p.addr6 is not None:
+                return str(ipaddress.IPv6Address(p.addr6))
             addr6 = ipaddress.IPv6Address(dst)
             if addr6.is_multicast or addr6.is_unspecified or addr6.is_loopback or \
                     addr6.is_link_local:
                 return None
             return str(addr6)
+        return self._host_target4(dst, port)
+
+    def _host_target4(self, dst: bytes, port: int) -> str | None:
+        p = self.params
         if p.map_host_loopback4 is not None and dst == p.map_host_loopback4:
             return "127.0.0.1"
+        if p.map_guest_addr4 is not None and dst == p.map_guest_addr4:
+            return socket.inet_ntoa(p.addr4)
         if p.dns_match4 is not None and p.dns_host4 is not None and dst == p.dns_match4 \
                 and port == 53:
             return socket.inet_ntoa(p.dns_host4)
@@ -191,6 +275,8 @@ class Stack:
             return raw6
         raw = socket.inet_aton(host_addr)
         mapped = self.params.map_host_loopback4 or self.params.gateway4
+        if raw == self.guest_addr4() and self.params.map_guest_addr4 is not None:
+            return self.params.map_guest_addr4
         if raw[0] == 127 or raw == self.guest_addr4():
             return mapped
         return raw
@@ -203,11 +289,11 @@ class Stack:
             self.addrs.mac = src_mac
             self.output.guest_mac = src_mac
         payload = frame[ethernet.HLEN:]
-        if ethertype == ethernet.TYPE_ARP:
+        if ethertype == ethernet.TYPE_ARP and self.params.ipv4:
             self._arp(payload)
-        elif ethertype == ethernet.TYPE_IPV4:
+        elif ethertype == ethernet.TYPE_IPV4 and self.params.ipv4:
             self._ipv4(payload)
-        elif ethertype == ethernet.TYPE_IPV6:
+        elif ethertype == ethernet.TYPE_IPV6 and self.params.ipv6:
             self._ipv6(payload)
 
     def _arp(self, payload: memoryview) -> None:
@@ -230,19 +316,21 @@ class Stack:
         if hdr.src != bytes(4) and hdr.src != self.addrs.addr4 and hdr.src[0] != 127 \
                 and hdr.src[0] < 224:
             self.addrs.addr4 = hdr.src
+        p = self.params
         if hdr.proto == ipv4.PROTO_UDP:
             __sport, dport, length = udp.parse(body)
             if dport == dhcp.SERVER_PORT:
-                self._dhcp(body[udp.HLEN:length])
+                if p.dhcp:
+                    self._dhcp(body[udp.HLEN:length])
                 return
-            if hdr.src == bytes(4):
+            if hdr.src == bytes(4) or not p.udp:
                 return
             self.udp.from_guest(hdr.src, hdr.dst, body)
         elif hdr.src == bytes(4):
             return
-        elif hdr.proto == ipv4.PROTO_TCP:
+        elif hdr.proto == ipv4.PROTO_TCP and p.tcp:
             self.tcp.from_guest(hdr.src, hdr.dst, body)
-        elif hdr.proto == ipv4.PROTO_ICMP:
+        elif hdr.proto == ipv4.PROTO_ICMP and p.icmp:
             self.icmp.from_guest(hdr.src, hdr.dst, body)
 
     def _ipv6(self, packet: memoryview) -> None:
@@ -254,22 +342,25 @@ class Stack:
         elif src != ipv6.UNSPECIFIED and src[0] != 0xFF:
             self.addrs.addr6 = src
         nxt = hdr.next_header
+        p = self.params
         if nxt == ipv6.PROTO_ICMPV6:
             if len(body) >= 1 and body[0] in (ndp.ROUTER_SOLICITATION,
                                               ndp.NEIGHBOR_SOLICITATION):
-                if hdr.hop_limit == ndp.HOP_LIMIT:
+                wanted = p.ra if body[0] == ndp.ROUTER_SOLICITATION else p.ndp
+                if hdr.hop_limit == ndp.HOP_LIMIT and wanted:
                     self._ndp(src, body)
-            elif src != ipv6.UNSPECIFIED:
+            elif src != ipv6.UNSPECIFIED and p.icmp:
                 self.icmp.from_guest(src, hdr.dst, body)
         elif src == ipv6.UNSPECIFIED or src[0] == 0xFF:
             return
         elif nxt == ipv4.PROTO_UDP:
             _sport, dport, length = udp.parse(body)
             if dport == dhcpv6.SERVER_PORT:
-                self._dhcpv6(src, body[udp.HLEN:length])
-            else:
+                if p.dhcpv6:
+                    self._dhcpv6(src, body[udp.HLEN:length])
+            elif p.udp:
                 self.udp.from_guest(src, hdr.dst, body)
-        elif nxt == ipv4.PROTO_TCP:
+        elif nxt == ipv4.PROTO_TCP and p.tcp:
             self.tcp.from_guest(src, hdr.dst, body)
         # Extension headers and other protocols: dropped.
 
@@ -281,7 +372,8 @@ class Stack:
                 return
             prefix = (int.from_bytes(p.addr6, "big") >> (128 - p.prefix6) <<
                       (128 - p.prefix6)).to_bytes(16, "big")
-            answer = ndp.build_ra(p.our_mac, prefix, p.prefix6, p.mtu, p.dns6)
+            answer = ndp.build_ra(p.our_mac, prefix, p.prefix6, p.mtu if p.announce_mtu else 0,
+                                  p.dns6)
             dst = src if src != ipv6.UNSPECIFIED else ipv6.ALL_NODES
         else:
             own = (self.addrs.addr6, self.addrs.addr6_ll)

@@ -80,6 +80,18 @@ _OUTQ = bytearray(4)
 _ACK_FIELDS = struct.Struct("!IIBBH")
 
 
+def _unscaled_syn_window(window: int, shift: int) -> int:
+    """A SYN's window in the units of the connection's later segments.
+
+    RFC 7323 section 2.2: the window of a SYN or SYN|ACK is never scaled.
+    Stored as it came and shifted later, a 64 KiB window became 8 MiB; the
+    guest dropped what lay beyond its real window, and the connection
+    waited a whole retransmission timeout for its first data.  Rounding
+    down keeps us inside what the guest offered.
+    """
+    return window >> shift
+
+
 def _seq_diff(a: int, b: int) -> int:
     """a - b in sequence space, as a signed 32-bit value (RFC 9293 section 3.4)."""
     return ((a - b + 0x80000000) & 0xFFFFFFFF) - 0x80000000
@@ -322,7 +334,7 @@ class TcpTranslator:
             self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = stack.outbound_socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         err = sock.connect_ex((target, key[4]))
         if err not in (0, errno.EINPROGRESS):
@@ -333,11 +345,11 @@ class TcpTranslator:
         conn.events = TAP_SYN_RCVD
         conn.seq_init_from_tap = hdr.seq
         conn.seq_from_tap = conn.seq_ack_to_tap = (hdr.seq + 1) & 0xFFFFFFFF
-        conn.wnd_from_tap = hdr.window
         conn.tap_mss = opts.mss or DEFAULT_GUEST_MSS
         if opts.wscale is not None:
             conn.ws_from_tap = opts.wscale
             conn.ws_to_tap = WS_TO_GUEST
+        conn.wnd_from_tap = _unscaled_syn_window(hdr.window, conn.ws_from_tap)
         stack.flows.add(conn)
         self.conns[conn.fd] = conn
         stack.loop.add(conn.fd, evloop.WRITE | evloop.HANGUP, lambda ev: self._connected(conn))
@@ -412,7 +424,7 @@ class TcpTranslator:
             if opts.wscale is not None:
                 conn.ws_from_tap = opts.wscale
                 conn.ws_to_tap = WS_TO_GUEST
-            conn.wnd_from_tap = hdr.window
+            conn.wnd_from_tap = _unscaled_syn_window(hdr.window, conn.ws_from_tap)
             conn.events = SOCK_ACCEPTED | ESTABLISHED
             self._disarm(conn)
             self._control(conn, wtcp.ACK)
@@ -599,7 +611,6 @@ class TcpTranslator:
             return  # gone, or an ACK (or data) went out meanwhile
         self.delayed_acks += 1
         self._control(conn, wtcp.ACK)
-        self.stack.sink_flush()
 
     def end_of_batch(self) -> None:
         due, self._ack_due = self._ack_due, []
@@ -674,8 +685,6 @@ class TcpTranslator:
                 return
         if events & (evloop.READ | evloop.HANGUP):
             self._push(conn)
-        if conn.sock.fileno() >= 0:
-            self.stack.sink_flush()
 
     def _push(self, conn: TcpConn) -> None:
         """Send what the socket holds and the guest's window admits, peeking, not reading."""
@@ -759,11 +768,9 @@ class TcpTranslator:
                 self._send_syn(conn, wtcp.SYN)
             elif conn.events & TAP_SYN_ACK_SENT:
                 self._send_syn(conn, wtcp.SYN | wtcp.ACK)
-            self.stack.sink_flush()
             return
         if conn.seq_to_tap != conn.seq_ack_from_tap:
             self._rewind(conn)
-            self.stack.sink_flush()
 
     def _rewind(self, conn: TcpConn) -> None:
         """Go back to the guest's last ACK and send from there again."""
@@ -816,7 +823,6 @@ class TcpTranslator:
         self.stack.loop.add(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE,
                             lambda ev: self._sock_event(conn, ev))
         self._send_syn(conn, wtcp.SYN)
-        self.stack.sink_flush()
 
     # -- ending ------------------------------------------------------------
 
@@ -828,7 +834,6 @@ class TcpTranslator:
         if conn.events & (ESTABLISHED | TAP_SYN_ACK_SENT | SOCK_ACCEPTED | TAP_SYN_RCVD):
             self._control(conn, wtcp.RST | wtcp.ACK)
         self.remove(conn)
-        self.stack.sink_flush()
 
     def remove(self, conn: TcpConn) -> None:
         self.conns.pop(conn.fd, None)

@@ -100,7 +100,11 @@ class UdpTranslator:
             limited(log, logging.WARNING, "dropping UDP datagram: %s", exc)
             return None
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = stack.outbound_socket(family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.debug("udp socket: %s", exc)
+            return None
         sock.setblocking(False)
         try:
             sock.connect((target, key[4]))
@@ -129,7 +133,6 @@ class UdpTranslator:
             # is read, or the level-triggered socket would wake the loop without end.
             if self.stack.has_room():
                 self._to_guest(flow, frame, n)
-        self.stack.sink_flush()
 
     def _to_guest(self, flow: UdpFlow, frame: bytearray, n: int) -> None:
         _, guest_addr, guest_port, remote_addr, remote_port = flow.key
@@ -171,7 +174,6 @@ class UdpTranslator:
                 self._schedule_expiry(flow)
             assert isinstance(flow, UdpFlow)
             self._to_guest(flow, frame, n)
-        stack.sink_flush()
 
     # -- migration -----------------------------------------------------------
 

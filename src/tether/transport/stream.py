@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from tether import loop as evloop
 from tether.frames import GuestPort
@@ -30,23 +31,32 @@ _SNDBUF = 8 << 20
 class StreamTransport:
     """Implements frames.FrameSink; feeds a GuestPort."""
 
-    def __init__(self, loop: evloop.Loop, path: str, port: GuestPort) -> None:
+    def __init__(self, loop: evloop.Loop, path: str | None, port: GuestPort,
+                 conn: socket.socket | None = None) -> None:
+        """Listen on path, or (path None) serve conn, an inherited connected socket."""
         self.loop = loop
         self.port = port
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(1)
-        self.listener.setblocking(False)
         self.conn: socket.socket | None = None
         self._inbuf = bytearray()
         self._outbuf = bytearray()
         self.bad_lengths = 0
-        loop.add(self.listener.fileno(), evloop.READ, self._accept)
+        self.on_client_gone: Callable[[], None] | None = None
+        """Called once the client's connection is closed (passt's --one-off)."""
+        self.listener: socket.socket | None = None
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.listener.listen(1)
+            self.listener.setblocking(False)
+            loop.add(self.listener.fileno(), evloop.READ, self._accept)
+        if conn is not None:
+            self._adopt(conn)
 
     def _accept(self, _events: int) -> None:
+        assert self.listener is not None
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:
@@ -63,6 +73,9 @@ class StreamTransport:
         if self.conn is not None:
             conn.close()  # one guest per tether, as passt
             return
+        self._adopt(conn)
+
+    def _adopt(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         self.conn = conn
@@ -71,7 +84,8 @@ class StreamTransport:
         self.loop.add(conn.fileno(), evloop.READ | evloop.HANGUP, self._on_event)
 
     def _listen_again(self, fd: int) -> None:
-        if self.listener.fileno() == fd and not self.loop.watching(fd):
+        if self.listener is not None and self.listener.fileno() == fd \
+                and not self.loop.watching(fd):
             self.loop.add(fd, evloop.READ, self._accept)
 
     def _drop_client(self) -> None:
@@ -79,6 +93,8 @@ class StreamTransport:
             self.loop.remove(self.conn.fileno())
             self.conn.close()
             self.conn = None
+            if self.on_client_gone is not None:
+                self.on_client_gone()
 
     def _on_event(self, events: int) -> None:
         if self.conn is None:
@@ -159,8 +175,12 @@ class StreamTransport:
         del self._outbuf[:sent]
 
     def close(self) -> None:
+        self.on_client_gone = None
         self._drop_client()
-        self.loop.remove(self.listener.fileno())
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.listener is not None:
+            self.loop.remove(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)

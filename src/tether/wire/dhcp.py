@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# The "idna" codec is found by a lazy import at its first use; tether may have
+# dropped privileges by then, and a Python installed where only root can read
+# would no longer find it.  Import it while tether can.
+import encodings.idna  # noqa: F401
 import struct
 from typing import NamedTuple
 
@@ -22,6 +26,7 @@ OPT_DNS = 6
 OPT_HOSTNAME = 12
 OPT_DOMAIN_NAME = 15
 OPT_MTU = 26
+OPT_CLIENT_FQDN = 81  # RFC 4702
 OPT_REQUESTED_IP = 50
 OPT_LEASE_TIME = 51
 OPT_MESSAGE_TYPE = 53
@@ -114,3 +119,8 @@ def encode_search_list(domains: list[str]) -> bytes:
                 out += bytes([len(raw)]) + raw
         out.append(0)
     return bytes(out)
+
+
+def client_fqdn(name: str) -> bytes:
+    """Option 81 from a server (RFC 4702 section 2): E (wire-format name), RCODEs 255."""
+    return bytes([0x04, 0xFF, 0xFF]) + encode_search_list([name])

@@ -76,7 +76,8 @@ def build_ra(our_mac: bytes, prefix: bytes, prefix_len: int, mtu: int,  # noqa: 
     flags = 0x40 if other_config else 0  # O: DHCPv6 has more (DNS), no addresses (M)
     out = struct.pack("!BBHBBHII", ROUTER_ADVERTISEMENT, 0, 0, 64, flags, lifetime, 0, 0)
     out += struct.pack("!BB6s", OPT_SOURCE_LL, 1, our_mac)
-    out += struct.pack("!BBHI", OPT_MTU, 1, 0, mtu)
+    if mtu:  # 0: announce none (passt's -m 0)
+        out += struct.pack("!BBHI", OPT_MTU, 1, 0, mtu)
     out += struct.pack("!BBBBIII16s", OPT_PREFIX, 4, prefix_len, 0xC0, 0xFFFFFFFF,
                        0xFFFFFFFF, 0, prefix)
     # RDNSS counts its length in 8-byte units in one byte (at most 127 servers),
