@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tether import ratelimit
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -21,3 +23,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_limits() -> None:
+    """Each test sees the first line of every rate-limited kind (tether.ratelimit)."""
+    ratelimit.reset()

@@ -31,6 +31,7 @@ from tether.transport.stream import StreamTransport
 from tether.transport.tap import TapTransport, configure_ipv4, create_tap
 from tether.transport.vhost_user.device import (
     DeviceStateHandler,
+    StateSink,
     VhostUserNetDevice,
     VhostUserServer,
 )
@@ -141,8 +142,8 @@ class _OneOff:
         self._saved = True
         return data
 
-    def load_state(self, data: bytes) -> None:
-        self.inner.load_state(data)
+    def begin_load(self) -> StateSink:
+        return self.inner.begin_load()
 
     def rings_started(self) -> None:
         self._saved = False  # on a source: QEMU resumed us, the migration failed

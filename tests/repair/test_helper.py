@@ -29,8 +29,8 @@ from tests.repair.conftest import (
     wait_for,
 )
 from tether.loop import Loop
+from tether.repair import helper, tcp
 from tether.repair import kernel as k
-from tether.repair import tcp
 from tether.repair.client import RepairHelper, RepairHelperError
 from tether.repair.protocol import ANCBUF_SIZE, SCM_MAX_FD
 
@@ -209,6 +209,58 @@ def test_helper_rejects_a_non_tcp_descriptor(
     assert "not TCP" in real_helper.stderr.read()
     assert repair_flag(a) == 0  # checked all before switching any
     udp.close()
+
+
+def test_helper_checks_every_socket_before_changing_any(
+    ns: Netns, backend: RepairHelper, real_helper: subprocess.Popen[str]
+) -> None:
+    fresh = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    with pytest.raises(RepairHelperError) as info:
+        backend.set_repair([fresh, listening], k.REPAIR_ON)
+    assert info.value.switched == 0
+    assert real_helper.wait(5) == 1
+    assert real_helper.stderr is not None
+    assert "LISTEN" in real_helper.stderr.read()
+    assert repair_flag(fresh) == 0  # the kernel would take it: it was still left alone
+    fresh.close()
+    listening.close()
+
+
+class FailingAt:
+    """The kernel refusing TCP_REPAIR on the n-th socket after the checks passed,
+    which real sockets cannot be made to do on cue; every other call is real."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __call__(self, s: socket.socket, value: int) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        s.setsockopt(k.SOL_TCP, k.TCP_REPAIR, value)
+
+
+@pytest.mark.parametrize("command", [k.REPAIR_ON, k.REPAIR_OFF, k.REPAIR_OFF_NO_WP])
+def test_a_midway_kernel_failure_puts_back_what_was_switched(ns: Netns, command: int) -> None:
+    pairs = tcp_pairs(4)
+    ours = [a for a, _ in pairs]
+    before = 0 if command == k.REPAIR_ON else 1
+    for s in ours:
+        s.setsockopt(k.SOL_TCP, k.TCP_REPAIR, before or k.REPAIR_OFF_NO_WP)
+    with pytest.raises(helper.HelperError, match="3 already switched were put back"):
+        helper.apply(command, ours, FailingAt(4))
+    assert [repair_flag(s) for s in ours] == [before] * 4
+    helper.apply(command, ours)  # the real kernel, no failure: all switched
+    assert [repair_flag(s) for s in ours] == [1 if command == k.REPAIR_ON else 0] * 4
+    for s in ours:
+        s.setsockopt(k.SOL_TCP, k.TCP_REPAIR, k.REPAIR_OFF_NO_WP)
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 # -- scripted helpers for replies the real one never gives -------------------

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 
 from tether.loop import Loop
 from tether.transport.vhost_user import protocol as p
-from tether.transport.vhost_user.device import DeviceStateError, VhostUserNetDevice
+from tether.transport.vhost_user.device import (
+    BufferedSink,
+    DeviceStateError,
+    VhostUserNetDevice,
+)
 
 MEM_SIZE = 1 << 20
 QVA_BASE = 0x7F00_0000_0000  # the front-end's (made-up) address of guest memory
@@ -56,6 +60,9 @@ class RecordingState:
     def save_state(self) -> bytes:
         return self.blob
 
+    def begin_load(self) -> BufferedSink:
+        return BufferedSink(self.load_state, 1 << 20)
+
     def load_state(self, data: bytes) -> None:
         if self.reject:
             raise DeviceStateError(71, "rejected by test")
@@ -74,11 +81,12 @@ class RecordingState:
 class Guest:
     """The guest's view: memory and the split rings of queue 0 (RX) and 1 (TX)."""
 
-    def __init__(self, qsize: int = QSIZE, mem_size: int = MEM_SIZE) -> None:
+    def __init__(self, qsize: int = QSIZE, mem_size: int = MEM_SIZE,
+                 memfd_flags: int = 0) -> None:
         assert qsize <= 256
         self.qsize = qsize
         self.mem_size = mem_size
-        self.fd = os.memfd_create("tether-test-guest")
+        self.fd = os.memfd_create("tether-test-guest", os.MFD_CLOEXEC | memfd_flags)
         os.ftruncate(self.fd, mem_size)
         self.mem = mmap.mmap(self.fd, mem_size)
         self.avail_idx = [0, 0]

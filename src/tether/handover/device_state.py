@@ -37,6 +37,7 @@ from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
     Format,
+    Loaded,
     Saved,
     Side,
     apply_loaded,
@@ -48,6 +49,7 @@ from tether.net.flows import TableFull
 from tether.net.stack import Stack
 from tether.net.tcp import TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
+from tether.ratelimit import limited
 from tether.repair import kernel as repair_kernel
 from tether.repair import tcp as repair
 from tether.repair.client import RepairHelper
@@ -108,6 +110,33 @@ class _Incoming:
     """Re-created when the rings start: a UDP socket takes no repair mode to stay quiet."""
 
 
+class _StreamSink:
+    """The device's StateSink: bytes into the format reader as they arrive, so
+    --max-state, a bad magic or bad framing ends the transfer at once."""
+
+    def __init__(self, handover: Handover, reader: FormatReader) -> None:
+        self._handover = handover
+        self._reader = reader
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._reader.feed(data)
+        except MigrationError as exc:
+            limited(log, logging.ERROR,
+                    "migration: refusing incoming state, nothing applied: %s", exc)
+            raise DeviceStateError(exc.errno, str(exc)) from exc
+
+    def finish(self) -> None:
+        try:
+            loaded = self._reader.finish()
+        except MigrationError as exc:
+            limited(log, logging.ERROR,
+                    "migration: refusing incoming state, nothing applied: %s", exc)
+            raise DeviceStateError(exc.errno, str(exc)) from exc
+        assert self._reader.format is not None
+        self._handover._load(loaded, self._reader.format)
+
+
 class Handover:
     """The DeviceStateHandler that tether's vhost-user device calls."""
 
@@ -146,19 +175,21 @@ class Handover:
         if "udp" not in _ROLES[fmt.name].values():
             udp = len(self.stack.dump_udp_flows())
             if udp:
-                log.info("migration: the %s format has no place for UDP flows: %d left out, "
-                         "the guest's next datagram opens each again", fmt.name, udp)
+                limited(log, logging.INFO,
+                        "migration: the %s format has no place for UDP flows: %d left out, "
+                        "the guest's next datagram opens each again", fmt.name, udp)
         try:
             saved = save(fmt, _bind(fmt, sides))
         except MigrationError as exc:
-            log.error("migration: saving state failed, source unchanged: %s", exc)
+            limited(log, logging.ERROR, "migration: saving state failed, source unchanged: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
         self._saved, self._outgoing = saved, outgoing
         data = saved.to_bytes()
         if not self.linger:
             self._release(outgoing)
-        log.info("migration: state saved, %d bytes, %d TCP connections frozen", len(data),
-                 len(outgoing.states))
+        limited(log, logging.INFO,
+                "migration: state saved, %d bytes, %d TCP connections frozen", len(data),
+                len(outgoing.states))
         return data
 
     def _helper_ready(self) -> bool:
@@ -168,7 +199,7 @@ class Handover:
             try:
                 self.helper.wait(self.helper_wait)
             except OSError as exc:
-                log.warning("migration: tether-repair not available: %s", exc)
+                limited(log, logging.WARNING, "migration: tether-repair not available: %s", exc)
         return self.helper.connected
 
     def _freeze(self, outgoing: _Outgoing) -> None:
@@ -180,8 +211,9 @@ class Handover:
                 raise MigrationError(errno.ENOTCONN, f"{len(flows)} TCP connection(s) to move "
                                      "and no tether-repair helper connected "
                                      "(--require-repair)")
-            log.warning("migration: no tether-repair helper: %d TCP connection(s) will not "
-                        "move and will be reset", len(flows))
+            limited(log, logging.WARNING,
+                    "migration: no tether-repair helper: %d TCP connection(s) will not "
+                    "move and will be reset", len(flows))
             outgoing.left_behind = len(flows)
             return
         assert self.helper is not None
@@ -231,7 +263,8 @@ class Handover:
             try:
                 self.stack.restore_tcp_flow(record, sock)
             except (ValueError, TableFull) as exc:
-                log.error("migration rollback: connection %s lost: %s", record.sides, exc)
+                limited(log, logging.ERROR,
+                        "migration rollback: connection %s lost: %s", record.sides, exc)
                 sock.close()
 
     def _thaw_sockets(self, socks: list[socket.socket]) -> None:
@@ -239,7 +272,7 @@ class Handover:
         try:
             repair.unfreeze(socks, self.helper)
         except OSError as exc:
-            log.error("migration rollback: leaving repair mode failed: %s", exc)
+            limited(log, logging.ERROR, "migration rollback: leaving repair mode failed: %s", exc)
 
     def _restore_released(self, outgoing: _Outgoing) -> list[socket.socket | None]:
         """Same-host rollback: the sockets were closed, re-create them from the dump."""
@@ -256,7 +289,7 @@ class Handover:
             if isinstance(s, socket.socket) and next(errors) is None:
                 out.append(s)
             else:
-                log.error("migration rollback: connection lost: %s", s)
+                limited(log, logging.ERROR, "migration rollback: connection lost: %s", s)
                 out.append(None)
         return out
 
@@ -276,8 +309,9 @@ class Handover:
                 try:
                     outgoing.holders.append(repair.hold_address(state))
                 except OSError as exc:
-                    log.warning("migration: cannot hold %s while the connection moves: %s",
-                                local, exc)
+                    limited(log, logging.WARNING,
+                            "migration: cannot hold %s while the connection moves: %s",
+                            local, exc)
             sock.close()
         outgoing.released = True
         # The target re-creates the UDP flows on the same ports: let go of them.
@@ -299,46 +333,55 @@ class Handover:
             for sock in self.stack.forget_tcp_flows():
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
-            log.warning("migration: reset %d TCP connection(s) that could not move",
-                        outgoing.left_behind)
+            limited(log, logging.WARNING,
+                    "migration: reset %d TCP connection(s) that could not move",
+                    outgoing.left_behind)
         self.last_result = f"migrated {len(outgoing.states)} TCP connections"
-        log.info("migration complete: %s", self.last_result)
+        limited(log, logging.INFO, "migration complete: %s", self.last_result)
 
     def _rollback(self, why: str) -> None:
         saved = self._saved
         self._saved = self._outgoing = None
         if saved is None:
             return
-        log.warning("migration failed (%s): resuming on this side", why)
+        limited(log, logging.WARNING, "migration failed (%s): resuming on this side", why)
         try:
             saved.rollback()
         except MigrationError as exc:
-            log.error("migration rollback incomplete: %s", exc)
+            limited(log, logging.ERROR, "migration rollback incomplete: %s", exc)
         self.last_result = "rolled back"
 
     # -- target -----------------------------------------------------------------
 
-    def load_state(self, data: bytes) -> None:
+    def begin_load(self) -> _StreamSink:
+        """A SET_DEVICE_STATE_FD(LOAD): the stream is parsed as its bytes arrive."""
         self._discard_incoming("a new state arrived")
+        return _StreamSink(self, FormatReader(tuple(FORMATS.values()), self.max_size))
+
+    def load_state(self, data: bytes) -> None:
+        """A whole stream at once (benchmarks, tests): as begin_load, fed once."""
+        sink = self.begin_load()
+        sink.feed(data)
+        sink.finish()
+
+    def _load(self, loaded: Loaded, fmt: Format) -> None:
         incoming = _Incoming()
         try:
-            parser = FormatReader(tuple(FORMATS.values()), self.max_size)
-            parser.feed(data)
-            loaded = parser.finish()
-            assert parser.format is not None
             previous = _addresses_from_stack(self.stack)
             sides: dict[str, Side[Any]] = {
                 "addresses": Side(apply=lambda seen: self._apply_addresses(seen, previous)),
                 "tcp": Side(apply=lambda flows: self._restore(flows, incoming)),
                 "udp": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
             }
-            apply_loaded(parser.format, loaded, _bind(parser.format, sides))
+            apply_loaded(fmt, loaded, _bind(fmt, sides))
         except MigrationError as exc:
-            log.error("migration: refusing incoming state, nothing applied: %s", exc)
+            limited(log, logging.ERROR,
+                    "migration: refusing incoming state, nothing applied: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
         self._incoming = incoming
-        log.info("migration: %s state loaded, %d bytes, %d TCP connections restored in repair "
-                 "mode", parser.format.name, len(data), len(incoming.flows))
+        limited(log, logging.INFO,
+                "migration: %s state loaded, %d bytes, %d TCP connections restored in repair "
+                "mode", fmt.name, loaded.size, len(incoming.flows))
 
     def _apply_addresses(self, seen: GuestAddresses | None,
                          previous: GuestAddresses) -> Callable[[], None]:
@@ -361,8 +404,9 @@ class Handover:
             if self.require_repair:
                 raise MigrationError(errno.ENOTCONN, f"{len(flows)} TCP connection(s) to "
                                      "restore and no tether-repair helper connected")
-            log.warning("migration: no tether-repair helper: %d TCP connection(s) cannot be "
-                        "restored; the guest will see them reset", len(flows))
+            limited(log, logging.WARNING,
+                    "migration: no tether-repair helper: %d TCP connection(s) cannot be "
+                    "restored; the guest will see them reset", len(flows))
             return undo
         assert self.helper is not None
         try:
@@ -399,8 +443,9 @@ class Handover:
             except (OSError, ValueError, TableFull) as exc:
                 # UDP may lose datagrams: the flow re-forms, from another port, on the
                 # guest's next datagram.
-                log.warning("migration: UDP flow %s -> %s not re-created: %s", record.local,
-                            record.peer, exc)
+                limited(log, logging.WARNING,
+                        "migration: UDP flow %s -> %s not re-created: %s", record.local,
+                        record.peer, exc)
         return restored
 
     @staticmethod
@@ -411,8 +456,9 @@ class Handover:
 
     def _discard_incoming(self, why: str) -> None:
         if self._incoming is not None and self._incoming.flows:
-            log.warning("migration: discarding %d restored connections: %s",
-                        len(self._incoming.flows), why)
+            limited(log, logging.WARNING,
+                    "migration: discarding %d restored connections: %s",
+                    len(self._incoming.flows), why)
             self._close_incoming(self._incoming)
         self._incoming = None
 
@@ -423,10 +469,12 @@ class Handover:
             return
         udp = self._restore_udp(incoming.udp)
         if udp or incoming.udp:
-            log.info("migration: %d of %d UDP flows re-created", udp, len(incoming.udp))
+            limited(log, logging.INFO,
+                    "migration: %d of %d UDP flows re-created", udp, len(incoming.udp))
         if not incoming.flows:
             self.last_result = "resumed with no TCP connections"
-            log.info("migration: guest resumed here, no TCP connections to resume")
+            limited(log, logging.INFO,
+                    "migration: guest resumed here, no TCP connections to resume")
             return
         assert self.helper is not None
         errors = repair.thaw_many([(sock, state) for _, sock, state in incoming.flows],
@@ -441,10 +489,11 @@ class Handover:
                     continue
                 except (ValueError, TableFull) as exc:
                     problem = exc
-            log.error("migration: connection %s could not resume: %s", record.sides, problem)
+            limited(log, logging.ERROR,
+                    "migration: connection %s could not resume: %s", record.sides, problem)
             sock.close()
         self.last_result = f"resumed {resumed} of {len(incoming.flows)} TCP connections"
-        log.info("migration: guest resumed here, %s", self.last_result)
+        limited(log, logging.INFO, "migration: guest resumed here, %s", self.last_result)
 
     # -- events from the device ----------------------------------------------------
 

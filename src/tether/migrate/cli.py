@@ -206,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"tether-state: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError:
+        # Buffers grow only with bytes actually read, so this takes a stream
+        # of real data larger than the memory this process may use.
+        print(f"tether-state: {args.file}: out of memory (lower --max-size or raise the "
+              "memory limit)", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_USAGE
 

@@ -293,7 +293,10 @@ class StreamParser:
         self._max_size = max_size
         self._offset = 0
         self._item = bytearray(HEADER.size)
+        self._need = HEADER.size
         self._filled = 0
+        self._skipping = False  # an optional record this reader does not know: CRC only
+        self._crc = 0
         self._item_start = 0
         self._state = "header"
         self._version = 0
@@ -332,12 +335,20 @@ class StreamParser:
                     errno.EINVAL,
                     f"expected end of stream after the end marker, found {view.nbytes} "
                     "more byte(s)", stage="end", offset=self._offset)
-            take = min(len(self._item) - self._filled, view.nbytes)
-            self._item[self._filled:self._filled + take] = view[:take]
+            take = min(self._need - self._filled, view.nbytes)
+            if self._state != "payload":
+                self._item[self._filled:self._filled + take] = view[:take]
+            elif self._skipping:
+                self._crc = zlib.crc32(view[:take], self._crc)
+            else:
+                # A payload buffer grows with the bytes that came, never with
+                # what the record header declares: a 32-byte stream claiming a
+                # 2 GiB record costs 32 bytes.
+                self._item += view[:take]
             self._filled += take
             self._offset += take
             view = view[take:]
-            if self._filled == len(self._item):
+            if self._filled == self._need:
                 self._complete_item()
 
     def finish(self) -> Loaded:
@@ -345,7 +356,7 @@ class StreamParser:
             raise MigrationError(
                 errno.ENODATA,
                 f"stream ends inside the {self._what_is_open()}: expected "
-                f"{len(self._item) - self._filled} more byte(s)",
+                f"{self._need - self._filled} more byte(s)",
                 stage=self._open_stage(), offset=self._offset)
         return Loaded(self._version, self._compat, self._chosen, tuple(self._records),
                       self._offset)
@@ -370,7 +381,8 @@ class StreamParser:
         return known[1].name if known else f"unknown stage {record_id}"
 
     def _expect(self, size: int, state: str) -> None:
-        self._item = bytearray(size)
+        self._item = bytearray() if state == "payload" else bytearray(size)
+        self._need = size
         self._filled = 0
         self._item_start = self._offset
         self._state = state
@@ -420,7 +432,7 @@ class StreamParser:
             self._check_complete(start)
             self._state = "done"
             self._item = bytearray()
-            self._filled = 0
+            self._need = self._filled = 0
             return
         known = self._by_id.get(record_id)
         name = known[1].name if known else f"unknown stage {record_id}"
@@ -452,6 +464,8 @@ class StreamParser:
                                  stage=name, offset=start + 8)
         self._pending = (record_id, flags, crc, start)
         self._expect(length, "payload")
+        self._skipping = known is None
+        self._crc = 0
         if length == 0:
             self._read_payload()
 
@@ -461,7 +475,7 @@ class StreamParser:
         payload = memoryview(self._item)
         known = self._by_id.get(record_id)
         name = known[1].name if known else f"unknown stage {record_id}"
-        found = zlib.crc32(payload)
+        found = self._crc if self._skipping else zlib.crc32(payload)
         if found != crc:
             raise MigrationError(errno.EBADMSG,
                                  f"expected payload crc32 {crc:#010x}, found {found:#010x}",
@@ -481,8 +495,9 @@ class StreamParser:
                 raise MigrationError(errno.EINVAL, f"malformed payload: {exc}",
                                      stage=stage.name, offset=payload_start) from exc
             self._last_name = stage.name
-        self._records.append(Record(start, record_id, flags, payload.nbytes, stage, value))
+        self._records.append(Record(start, record_id, flags, self._need, stage, value))
         self._pending = None
+        self._skipping = False
         self._expect(RECORD.size, "record")
 
     def _check_complete(self, end_offset: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 from tether.net.params import NetParams
-from tether.wire import dhcp
+from tether.wire import dhcp, ipv4, udp
 
 
 def reply(params: NetParams, request: dhcp.Message) -> bytes | None:
@@ -47,4 +47,11 @@ def reply(params: NetParams, request: dhcp.Message) -> bytes | None:
     if params.search:
         options.append((dhcp.OPT_DOMAIN_SEARCH, dhcp.encode_search_list(list(params.search))))
     yiaddr = bytes(4) if kind == dhcp.INFORM else params.addr4
-    return dhcp.build_reply(request, yiaddr, params.gateway4, options)
+    out = dhcp.build_reply(request, yiaddr, params.gateway4, options)
+    room = min(params.mtu, 0xFFFF) - ipv4.HLEN - udp.HLEN
+    while len(out) > room and len(options) > 5:
+        # Too many DNS servers or search domains for the link: leave the least
+        # needed options out rather than send a frame the link cannot carry.
+        options.pop()
+        out = dhcp.build_reply(request, yiaddr, params.gateway4, options)
+    return out if len(out) <= room else None

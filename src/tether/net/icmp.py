@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull, expire_when_idle
 from tether.net.output import L2L3, l4_offset
-from tether.wire import icmp, ipv4, ipv6
+from tether.ratelimit import limited
+from tether.wire import ethernet, icmp, ipv4, ipv6
 
 if TYPE_CHECKING:
     from tether.net.stack import Stack
@@ -60,7 +61,6 @@ class EchoFlow:
 class IcmpTranslator:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.refused = False
 
     def from_guest(self, src: bytes, dst: bytes, message: memoryview) -> None:
         echo = icmp.parse_echo(message)
@@ -94,12 +94,11 @@ class IcmpTranslator:
                 sock = self.stack.outbound_socket(socket.AF_INET6, socket.SOCK_DGRAM,
                                                   socket.IPPROTO_ICMPV6)
         except TableFull as exc:
-            log.warning("dropping ping: %s", exc)
+            limited(log, logging.WARNING, "dropping ping: %s", exc)
             return None
         except OSError as exc:
-            if not self.refused:
-                self.refused = True
-                log.warning("cannot open a ping socket (%s): guest pings go unanswered", exc)
+            limited(log, logging.WARNING,
+                    "cannot open a ping socket (%s): guest pings go unanswered", exc)
             return None
         sock.setblocking(False)
         flow = EchoFlow(self, key, sock)
@@ -119,7 +118,8 @@ class IcmpTranslator:
                 break
             except OSError:
                 continue
-            if n < icmp.HLEN or not self.stack.has_room():
+            if n < icmp.HLEN or n > self.stack.params.mtu - (off - ethernet.HLEN) \
+                    or not self.stack.has_room():
                 continue  # dropped, but read: see UdpTranslator._readable
             # The kernel put the socket's own identifier in; the guest expects its own.
             struct.pack_into("!H", frame, off + 4, ident)

@@ -28,6 +28,7 @@ from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams, PortRange
 from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
 from tether.net.udp import UdpFlowRecord, UdpTranslator
+from tether.ratelimit import limited
 from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ class Stack:
                 # A bug, not bad input: say so loudly, but one frame must not take
                 # every other connection down with the daemon.
                 self.internal_errors += 1
-                log.exception("internal error handling a guest frame")
+                limited(log, logging.ERROR, "internal error handling a guest frame",
+                        exc_info=True)
         self.tcp.end_of_batch()
 
     def guest_room_available(self) -> None:
@@ -416,7 +418,7 @@ class Stack:
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("accept: %s", exc)
+                limited(log, logging.WARNING, "accept: %s", exc)
                 return
             remote = self.guest_view_of(peer[0])
             guest = self.guest_addr_for(listener.family, remote)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
 from tether.net.output import l4_offset
+from tether.ratelimit import limited
 from tether.wire import ipv4
 from tether.wire import tcp as wtcp
 
@@ -61,6 +62,7 @@ DELAYED_ACK = 0.001
 _SEGMENT_OPTIONS = 40
 SNDBUF_REFRESH = 64  # windows computed between two reads of SO_SNDBUF
 SYN_TIMEOUT = 3.0
+CONNECT_TIMEOUT = 10.0  # a host-side connect with no answer gives its flow back (passt: 10 s)
 MAX_RETRIES = 6
 WS_TO_GUEST = 8
 DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
@@ -339,7 +341,7 @@ class TcpTranslator:
         try:
             stack.flows.check_room()
         except TableFull as exc:
-            log.warning("refusing TCP connection: %s", exc)
+            limited(log, logging.WARNING, "refusing TCP connection: %s", exc)
             self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
@@ -362,6 +364,16 @@ class TcpTranslator:
         stack.flows.add(conn)
         self.conns[conn.fd] = conn
         stack.loop.add(conn.fd, evloop.WRITE | evloop.HANGUP, lambda ev: self._connected(conn))
+        # A peer that never answers (a blackholed address) would hold the flow
+        # for the kernel's whole SYN retry time (~2 min); _send_syn re-arms.
+        conn.timer = stack.loop.call_later(CONNECT_TIMEOUT, lambda: self._connect_timeout(conn))
+
+    def _connect_timeout(self, conn: TcpConn) -> None:
+        conn.timer = None
+        if conn.sock.fileno() >= 0 and not conn.events & TAP_SYN_ACK_SENT:
+            log.debug("connect to port %d: no answer in %g s", conn.remote_port,
+                      CONNECT_TIMEOUT)
+            self._reset_guest(conn)
 
     def _connected(self, conn: TcpConn) -> None:
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -810,7 +822,7 @@ class TcpTranslator:
         try:
             self.stack.flows.check_room()
         except TableFull as exc:
-            log.warning("refusing inbound TCP connection: %s", exc)
+            limited(log, logging.WARNING, "refusing inbound TCP connection: %s", exc)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             return

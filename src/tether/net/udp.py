@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull, expire_when_idle
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, l4_offset
+from tether.ratelimit import limited
 from tether.wire import ipv4, udp
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class UdpTranslator:
         try:
             stack.flows.check_room()
         except TableFull as exc:
-            log.warning("dropping UDP datagram: %s", exc)
+            limited(log, logging.WARNING, "dropping UDP datagram: %s", exc)
             return None
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
         try:

@@ -20,12 +20,14 @@ import time
 from collections.abc import Sequence
 
 from tether.loop import READ, Loop
+from tether.ratelimit import limited
 from tether.repair.kernel import REPAIR_OFF_NO_WP
 from tether.repair.protocol import SCM_MAX_FD, encode_command, rights
 
 log = logging.getLogger(__name__)
 
 _PEERCRED = struct.Struct("=iII")
+ACCEPT_BACKOFF = 0.5  # s without accepting after EMFILE and the like
 
 
 class RepairHelperError(OSError):
@@ -66,6 +68,19 @@ class RepairHelper:
         self._loop = loop
         loop.add(self._listener.fileno(), READ, lambda _mask: self.accept_pending())
 
+    def _pause_accepting(self) -> None:
+        loop = self._loop
+        fd = self._listener.fileno()
+        if loop is None or not loop.watching(fd):
+            return
+        loop.remove(fd)
+
+        def again() -> None:
+            if self._listener.fileno() == fd and not loop.watching(fd):
+                loop.add(fd, READ, lambda _mask: self.accept_pending())
+
+        loop.call_later(ACCEPT_BACKOFF, again)
+
     def accept_pending(self) -> None:
         """Accept what is waiting: the first helper stays, others are turned away."""
         while True:
@@ -73,9 +88,17 @@ class RepairHelper:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of fds: listen again later rather than spin on (or die of) it.
+                limited(log, logging.ERROR, "cannot accept a repair helper: %s", e.strerror)
+                self._pause_accepting()
+                return
             pid = _peer_pid(conn)
             if self._conn is not None:
-                log.warning("repair helper pid %s turned away: one is already connected", pid)
+                limited(log, logging.WARNING,
+                        "repair helper pid %s turned away: one is already connected", pid)
                 conn.close()
                 continue
             log.info("repair helper pid %s connected on %s", pid, self.path)

@@ -15,10 +15,19 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tether.repair import caps
-from tether.repair.kernel import SOL_TCP, TCP_REPAIR
+from tether.repair.kernel import (
+    MIGRATABLE,
+    REPAIR_OFF_NO_WP,
+    REPAIR_ON,
+    SOL_TCP,
+    TCP_INFO,
+    TCP_INFO_LEN,
+    TCP_REPAIR,
+    TcpState,
+)
 from tether.repair.protocol import (
     ANCBUF_SIZE,
     ProtocolError,
@@ -173,11 +182,7 @@ def serve(conn: socket.socket) -> int:
             # Check them all before touching any.
             for fd in fds:
                 socks.append(_tcp_socket(fd))
-            for s in socks:
-                try:
-                    s.setsockopt(SOL_TCP, TCP_REPAIR, command)
-                except OSError as e:
-                    raise HelperError(f"TCP_REPAIR {command} on a socket: {e.strerror}") from e
+            apply(command, socks)
         except ProtocolError as e:
             raise HelperError(f"bad request: {e}") from e
         finally:
@@ -191,6 +196,51 @@ def serve(conn: socket.socket) -> int:
             if e.errno in (errno.EPIPE, errno.ECONNRESET):
                 return EXIT_OK
             raise HelperError(f"sending a reply: {e.strerror}") from e
+
+
+Setter = Callable[[socket.socket, int], None]
+
+
+def _set_repair(s: socket.socket, value: int) -> None:
+    s.setsockopt(SOL_TCP, TCP_REPAIR, value)
+
+
+def apply(command: int, socks: Sequence[socket.socket], set_repair: Setter = _set_repair) -> None:
+    """TCP_REPAIR `command` on every socket, or on none.
+
+    The checks (_tcp_socket) leave only sockets the kernel accepts repair on,
+    but it may still refuse one midway (its state changed since, a limit):
+    then each socket already switched gets its previous mode back, off
+    without a window probe so the peer sees nothing, and the request fails
+    without a reply, which is how passt-repair's protocol reports failure.
+    """
+    before = [s.getsockopt(SOL_TCP, TCP_REPAIR) for s in socks]
+    for i, s in enumerate(socks):
+        try:
+            set_repair(s, command)
+        except OSError as e:
+            undone = _put_back(socks[:i], before[:i], set_repair)
+            raise HelperError(f"TCP_REPAIR {command} on socket {i + 1} of {len(socks)}: "
+                              f"{e.strerror}; {undone}") from e
+
+
+def _put_back(socks: Sequence[socket.socket], before: Sequence[int], set_repair: Setter) -> str:
+    failed = 0
+    for s, was in zip(socks, before, strict=True):
+        try:
+            set_repair(s, REPAIR_ON if was else REPAIR_OFF_NO_WP)
+        except OSError:
+            failed += 1
+    if failed:
+        return f"{failed} of the {len(socks)} already switched could not be put back"
+    return f"the {len(socks)} already switched were put back"
+
+
+# States TCP_REPAIR can be switched in, for a socket tether hands over: a
+# fresh one (CLOSE, before a repair-mode connect) or a connected one.  A
+# listening or half-open socket is refused by the kernel (EPERM) or has no
+# state worth repairing.
+REPAIRABLE = frozenset({TcpState.CLOSE, *MIGRATABLE})
 
 
 def _tcp_socket(fd: int) -> socket.socket:
@@ -207,6 +257,20 @@ def _tcp_socket(fd: int) -> socket.socket:
     if not ok:
         s.detach()
         raise ProtocolError(f"descriptor is a socket of family {s.family} type {s.type}, not TCP")
+    try:
+        state = s.getsockopt(SOL_TCP, TCP_INFO, TCP_INFO_LEN)[0]
+        listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        s.detach()
+        raise ProtocolError(f"cannot read the TCP socket's state ({e.strerror})") from e
+    if listening or state not in REPAIRABLE:
+        s.detach()
+        try:
+            name = TcpState(state).name
+        except ValueError:
+            name = str(state)
+        raise ProtocolError(f"TCP socket in state {name}: repair mode needs a fresh or "
+                            "connected socket")
     return s
 
 

@@ -8,6 +8,7 @@ when QEMU disconnects, tether waits for the next one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -16,8 +17,11 @@ from collections.abc import Callable
 
 from tether import loop as evloop
 from tether.frames import GuestPort
+from tether.ratelimit import limited
 
 log = logging.getLogger(__name__)
+
+ACCEPT_BACKOFF = 0.5  # s without accepting after EMFILE and the like
 
 FRAME_MAX = 65536 + 14
 _LEN = struct.Struct("!I")
@@ -57,6 +61,15 @@ class StreamTransport:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            # Out of fds: stop listening for a while rather than spin or exit.
+            limited(log, logging.ERROR, "cannot accept a stream client: %s", exc.strerror)
+            fd = self.listener.fileno()
+            self.loop.remove(fd)
+            self.loop.call_later(ACCEPT_BACKOFF, lambda: self._listen_again(fd))
+            return
         if self.conn is not None:
             conn.close()  # one guest per tether, as passt
             return
@@ -69,6 +82,11 @@ class StreamTransport:
         self._inbuf.clear()
         self._outbuf.clear()
         self.loop.add(conn.fileno(), evloop.READ | evloop.HANGUP, self._on_event)
+
+    def _listen_again(self, fd: int) -> None:
+        if self.listener is not None and self.listener.fileno() == fd \
+                and not self.loop.watching(fd):
+            self.loop.add(fd, evloop.READ, self._accept)
 
     def _drop_client(self) -> None:
         if self.conn is not None:
@@ -96,11 +114,11 @@ class StreamTransport:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.info("stream client: %s", exc)
+            limited(log, logging.INFO, "stream client: %s", exc)
             self._drop_client()
             return
         if not data:
-            log.info("stream client disconnected")
+            limited(log, logging.INFO, "stream client disconnected")
             self._drop_client()
             return
         buf = self._inbuf
@@ -113,7 +131,8 @@ class StreamTransport:
             if length == 0 or length > FRAME_MAX:
                 # The framing is lost: nothing after this can be trusted.
                 self.bad_lengths += 1
-                log.warning("stream client sent a frame length of %d: disconnecting", length)
+                limited(log, logging.WARNING,
+                        "stream client sent a frame length of %d: disconnecting", length)
                 self.port.frames_from_guest(frames)
                 self._drop_client()
                 return
@@ -150,7 +169,7 @@ class StreamTransport:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.info("stream client: %s", exc)
+            limited(log, logging.INFO, "stream client: %s", exc)
             self._drop_client()
             return
         del self._outbuf[:sent]

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from tether import loop as evloop
 from tether.frames import GuestPort
+from tether.ratelimit import limited
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class TapTransport:
             except OSError as exc:
                 if exc.errno == errno.EINTR:
                     continue
-                log.warning("tap read: %s", exc)
+                limited(log, logging.WARNING, "tap read: %s", exc)
                 break
             if not n:  # None: EAGAIN
                 break

@@ -80,6 +80,9 @@ def build_ra(our_mac: bytes, prefix: bytes, prefix_len: int, mtu: int,  # noqa: 
         out += struct.pack("!BBHI", OPT_MTU, 1, 0, mtu)
     out += struct.pack("!BBBBIII16s", OPT_PREFIX, 4, prefix_len, 0xC0, 0xFFFFFFFF,
                        0xFFFFFFFF, 0, prefix)
+    # RDNSS counts its length in 8-byte units in one byte (at most 127 servers),
+    # and the whole RA fits the IPv6 minimum MTU (RFC 8200 section 5).
+    dns = dns[:min(127, (1280 - 40 - len(out) - 8) // 16)]
     if dns:
         out += struct.pack("!BBHI", OPT_RDNSS, 1 + 2 * len(dns), 0, 0xFFFFFFFF) + b"".join(dns)
     return out

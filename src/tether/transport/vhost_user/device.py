@@ -28,6 +28,8 @@ from typing import ClassVar, Protocol
 
 from ...frames import GuestPort
 from ...loop import EDGE, HANGUP, READ, WRITE, Loop, Timer
+from ...ratelimit import limited
+from . import fds as fdkind
 from . import protocol as p
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
 from .virtqueue import MAX_QUEUE_SIZE, ChainError, Segment, VirtQueue
@@ -57,7 +59,9 @@ TX_POLL_BYTES = 32 << 10  # data in a batch that makes it bulk
 TX_SLOT = MAX_FRAME + 12  # a gathered frame with its virtio-net header
 TX_ARENA_FRAMES = 16  # gathered frames per pass that need no allocation
 STATE_TRANSFER_TIMEOUT = 60.0
+CHECK_GRACE = 5.0  # after CHECK_DEVICE_STATE, the rest of a load must come this fast
 STATE_CHUNK = 1 << 16
+STATE_PASS = 1 << 20  # device-state bytes read per loop pass: other fds get their turn
 
 
 class DeviceStateError(Exception):
@@ -68,6 +72,20 @@ class DeviceStateError(Exception):
         self.errno = code
 
 
+class StateSink(Protocol):
+    """Target: where the bytes of one incoming device state go, as they arrive."""
+
+    def feed(self, data: bytes) -> None:
+        """More bytes; raise DeviceStateError to stop the transfer at once
+        (a bad magic, bad framing, over the size limit)."""
+        ...
+
+    def finish(self) -> None:
+        """End of file: validate and keep the state (guest memory is not mapped
+        yet).  Raise DeviceStateError to fail the migration; nothing may be applied."""
+        ...
+
+
 class DeviceStateHandler(Protocol):
     """What the device needs from the migration stream (wired by the integrator)."""
 
@@ -75,11 +93,8 @@ class DeviceStateHandler(Protocol):
         """Source: the state to send, called once the rings are stopped."""
         ...
 
-    def load_state(self, data: bytes) -> None:
-        """Target: validate and keep `data` (guest memory is not mapped yet).
-
-        Raise DeviceStateError to fail the migration; nothing may be applied.
-        """
+    def begin_load(self) -> StateSink:
+        """Target: a SET_DEVICE_STATE_FD(LOAD) arrived; the sink takes its bytes."""
         ...
 
     def rings_started(self) -> None:
@@ -96,14 +111,34 @@ class DeviceStateHandler(Protocol):
         ...
 
 
+class BufferedSink:
+    """A StateSink for small states: collects up to `limit` bytes, then hands
+    them whole to `load` (which raises DeviceStateError to refuse them)."""
+
+    def __init__(self, load: Callable[[bytes], None], limit: int) -> None:
+        self._load = load
+        self._limit = limit
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if len(self._data) + len(data) > self._limit:
+            raise DeviceStateError(errno.EFBIG, f"device state over {self._limit} bytes")
+        self._data += data
+
+    def finish(self) -> None:
+        self._load(bytes(self._data))
+
+
 class _Transfer:
     """One SET_DEVICE_STATE_FD transfer in progress."""
 
-    def __init__(self, fd: int, direction: int, data: bytes) -> None:
+    def __init__(self, fd: int, direction: int, data: bytes,
+                 sink: StateSink | None = None) -> None:
         self.fd = fd
         self.direction = direction
-        self.data = bytearray() if direction == p.TRANSFER_LOAD else bytearray(data)
-        self.pos = 0
+        self.data = data  # save: what is being written
+        self.sink = sink  # load: where the bytes go
+        self.pos = 0  # bytes written (save) or read (load)
         self.timer: Timer | None = None
 
 
@@ -112,8 +147,12 @@ class VhostUserNetDevice:
 
     def __init__(self, loop: Loop, port: GuestPort,
                  state: DeviceStateHandler | None = None,
-                 on_rarp: Callable[[bytes], None] | None = None) -> None:
+                 on_rarp: Callable[[bytes], None] | None = None,
+                 allow_unpinned_memory: bool = True) -> None:
         self.loop = loop
+        self.allow_unpinned_memory = allow_unpinned_memory
+        """Map guest memory in files that cannot be sealed against shrinking
+        (QEMU's memory-backend-file): see memory.py for what that risks."""
         self.port = port
         self.state = state
         self.on_rarp = on_rarp
@@ -184,6 +223,7 @@ class VhostUserNetDevice:
         self._scan_room = 0
         self._transfer: _Transfer | None = None
         self._transfer_result = 0
+        self._check_waiting = False  # a CHECK_DEVICE_STATE waits for the load to end
         self._both_started = False
 
     def _teardown(self) -> None:
@@ -216,12 +256,12 @@ class VhostUserNetDevice:
         self._reader = p.MessageReader()
         self.connections += 1
         self.loop.add(sock.fileno(), READ, self._on_socket)
-        log.info("front-end connected")
+        limited(log, logging.INFO, "front-end connected")
 
     def disconnect(self, reason: str) -> None:
         if self._sock is None:
             return
-        log.info("front-end disconnected: %s", reason)
+        limited(log, logging.INFO, "front-end disconnected: %s", reason)
         self.loop.remove(self._sock.fileno())
         self._sock.close()
         self._sock = None
@@ -235,7 +275,7 @@ class VhostUserNetDevice:
 
     def _on_socket(self, events: int) -> None:
         sock = self._sock
-        while sock is not None and self._sock is sock:
+        while sock is not None and self._sock is sock and not self._check_waiting:
             try:
                 data, ancdata, msg_flags, _ = sock.recvmsg(
                     self._reader.wanted(), socket.CMSG_SPACE(p.MAX_FDS * 4))
@@ -259,8 +299,15 @@ class VhostUserNetDevice:
                 if message is not None:
                     self._dispatch(message)
             except p.ProtocolError as e:
-                log.error("vhost-user protocol error: %s", e)
+                limited(log, logging.ERROR, "vhost-user protocol error: %s", e)
                 self.disconnect(f"protocol error: {e}")
+                return
+            except Exception as e:
+                # A path the checks above missed: still the front-end's doing,
+                # so it costs the front-end its connection, not tether its life.
+                limited(log, logging.ERROR, "vhost-user message handling failed: %r", e)
+                log.debug("traceback", exc_info=True)
+                self.disconnect(f"internal error: {e!r}")
                 return
 
     def _send(self, data: bytes) -> None:
@@ -284,8 +331,13 @@ class VhostUserNetDevice:
         except p.ProtocolError:
             message.close_fds()
             raise
+        except (OSError, fdkind.FdKindError) as e:
+            # An fd that is not what its message says (or fails on first use):
+            # the front-end broke the protocol, not the daemon.
+            message.close_fds()
+            raise p.ProtocolError(f"{message.name}: {e}") from e
         except _RequestFailedError as e:
-            log.error("%s failed: %s", message.name, e)
+            limited(log, logging.ERROR, "%s failed: %s", message.name, e)
             message.close_fds()
             reply = None
             ok = False
@@ -296,6 +348,8 @@ class VhostUserNetDevice:
             raise p.ProtocolError(f"{message.name}: unexpected fds attached")
         if reply is not None:
             self._send(p.encode_reply(message.request, reply))
+        elif self._check_waiting:
+            return  # CHECK_DEVICE_STATE answers when the load ends
         elif message.need_reply and self.protocol_features & (1 << p.PF_REPLY_ACK):
             self._send(p.encode_u64_reply(message.request, 0 if ok else 1))
 
@@ -307,11 +361,26 @@ class VhostUserNetDevice:
                                   f"(this device has {NUM_QUEUES})")
         return self.queues[index]
 
-    def _vring_fd(self, m: p.Message) -> tuple[VirtQueue, int | None]:
-        """The queue and fd of SET_VRING_KICK/CALL/ERR; the fd is ours from here on."""
+    def _vring_fd(self, m: p.Message,
+                  check: Callable[[int], None]) -> tuple[VirtQueue, int | None]:
+        """The queue and fd of SET_VRING_KICK/CALL/ERR; the fd is ours from here on.
+
+        `check` makes sure the fd is of a kind its role can use (fds.py) and
+        non-blocking; any other fd is closed and the message refused.
+        """
         index, fd = p.parse_vring_fd(m)
-        if index >= NUM_QUEUES and fd is not None:
-            os.close(fd)
+        if fd is not None:
+            try:
+                if index >= NUM_QUEUES:
+                    raise p.ProtocolError(f"{m.name}: queue {index} does not exist "
+                                          f"(this device has {NUM_QUEUES})")
+                check(fd)
+            except (fdkind.FdKindError, OSError) as e:
+                os.close(fd)
+                raise p.ProtocolError(f"{m.name}: {e}") from e
+            except BaseException:
+                os.close(fd)
+                raise
         return self._queue(index, m), fd
 
     def _get_features(self, m: p.Message) -> bytes:
@@ -333,7 +402,8 @@ class VhostUserNetDevice:
             # are enabled as soon as they start.
             for vq in self.queues:
                 vq.enabled = True
-        log.info("features %#x (logging %s)", features, "on" if self.logging else "off")
+        limited(log, logging.INFO, "features %#x (logging %s)", features,
+                "on" if self.logging else "off")
 
     def _nothing(self, m: p.Message) -> None:
         if m.payload:
@@ -352,14 +422,15 @@ class VhostUserNetDevice:
         self._scan_valid = False  # ring positions or buffers may change
         regions = p.parse_mem_table(m)
         fds, m.fds = m.fds, []
-        memory = MemoryTable(regions, fds)  # closes the fds
+        memory = MemoryTable(regions, fds, self.allow_unpinned_memory)  # closes the fds
         if self.memory is not None:
             for vq in self.queues:
                 vq.unmap_rings()
             self.memory.close()
         self.memory = memory
         self._rx_buf_size = 0
-        log.info("memory table: %s", ", ".join(f"{g:#x}+{s:#x}" for g, s in memory.regions))
+        limited(log, logging.INFO, "memory table: %s",
+                ", ".join(f"{g:#x}+{s:#x}" for g, s in memory.regions))
         failed = []
         for vq in self.queues:
             try:
@@ -376,12 +447,12 @@ class VhostUserNetDevice:
     def _set_log_base(self, m: p.Message) -> bytes:
         size, offset = p.parse_log_params(m)
         fd = m.take_fd()
-        new = DirtyLog(fd, size, offset)  # closes fd
+        new = DirtyLog(fd, size, offset, self.allow_unpinned_memory)  # closes fd
         if self.dirty_log is not None:
             self.logged_pages += self.dirty_log.marked
             self.dirty_log.close()
         self.dirty_log = new
-        log.info("dirty log: %d pages", new.pages)
+        limited(log, logging.INFO, "dirty log: %d pages", new.pages)
         # With LOG_SHMFD QEMU always reads a reply; u64 0 as libvhost-user.
         return p.U64.pack(0)
 
@@ -440,7 +511,7 @@ class VhostUserNetDevice:
         # published, and logged, before QEMU's final log harvest.  A receive
         # reservation held across passes (a caller's bug) is rewound.
         if index == RX and self._rx_views is not None:
-            log.error("receive buffers reserved while the ring stops: rewound")
+            limited(log, logging.ERROR, "receive buffers reserved while the ring stops: rewound")
             self.rx_abort()
         if vq.ready:
             vq.publish_and_notify(self._log())
@@ -450,25 +521,30 @@ class VhostUserNetDevice:
             vq.kick_fd = None
         vq.started = False
         self._both_started = False
-        log.info("queue %d stopped at avail %d, used %d", index, vq.last_avail, vq.used_idx)
+        limited(log, logging.INFO, "queue %d stopped at avail %d, used %d", index,
+                vq.last_avail, vq.used_idx, kind=f"stopped {index}")
         if self.state is not None and not any(q.started for q in self.queues):
             self.state.rings_stopped()
         return p.VRING_STATE.pack(index, vq.last_avail)
 
     def _set_vring_kick(self, m: p.Message) -> None:
-        vq, fd = self._vring_fd(m)
+        vq, fd = self._vring_fd(m, fdkind.check_kick)
         index = vq.index
         if fd is None:
             raise p.ProtocolError("SET_VRING_KICK: polling mode (no fd) is not supported")
         if vq.kick_fd is not None:
             self.loop.remove(vq.kick_fd)
             os.close(vq.kick_fd)
-        os.set_blocking(fd, False)
-        vq.kick_fd = fd
+            vq.kick_fd = None
         # Edge-triggered, and never read: every kick (an eventfd write) is an
         # event of its own, and a read per kick would be a system call per frame.
         # The counter cannot overflow: 2**64 - 1 kicks.
-        self.loop.add(fd, READ | EDGE, self._rx_kick if index == RX else self._tx_kick)
+        try:
+            self.loop.add(fd, READ | EDGE, self._rx_kick if index == RX else self._tx_kick)
+        except OSError as e:
+            os.close(fd)
+            raise p.ProtocolError(f"SET_VRING_KICK: cannot watch the fd: {e}") from e
+        vq.kick_fd = fd
         # Like passt and libvhost-user, the kick fd is the start signal.
         vq.started = True
         if self.memory is not None and vq.addr_set:
@@ -477,7 +553,8 @@ class VhostUserNetDevice:
             except GuestMemoryError as e:
                 vq.broken = True
                 raise _RequestFailedError(f"queue {index}: {e}") from e
-        log.info("queue %d started at avail %d, used %d", index, vq.last_avail, vq.used_idx)
+        limited(log, logging.INFO, "queue %d started at avail %d, used %d", index,
+                vq.last_avail, vq.used_idx, kind=f"started {index}")
         if index == TX:
             self._schedule_tx()
         else:
@@ -488,13 +565,13 @@ class VhostUserNetDevice:
                 self.state.rings_started()
 
     def _set_vring_call(self, m: p.Message) -> None:
-        vq, fd = self._vring_fd(m)
+        vq, fd = self._vring_fd(m, fdkind.check_call)
         if vq.call_fd is not None:
             os.close(vq.call_fd)
         vq.call_fd = fd
 
     def _set_vring_err(self, m: p.Message) -> None:
-        _, fd = self._vring_fd(m)
+        _, fd = self._vring_fd(m, lambda fd: fdkind.check_call(fd, "err"))
         if fd is not None:
             os.close(fd)  # we never report ring errors this way
 
@@ -522,7 +599,7 @@ class VhostUserNetDevice:
 
     def _send_rarp(self, m: p.Message) -> None:
         mac = p.U64.pack(p.parse_u64(m))[:6]
-        log.info("front-end asks to announce %s", mac.hex(":"))
+        limited(log, logging.INFO, "front-end asks to announce %s", mac.hex(":"))
         if self.on_rarp is not None:
             self.on_rarp(mac)
 
@@ -540,72 +617,90 @@ class VhostUserNetDevice:
         self._abort_transfer(errno.ECANCELED)
         if direction not in (p.TRANSFER_SAVE, p.TRANSFER_LOAD) or phase != p.PHASE_STOPPED:
             os.close(fd)
-            log.error("SET_DEVICE_STATE_FD: direction %d phase %d not supported",
+            limited(log, logging.ERROR, "SET_DEVICE_STATE_FD: direction %d phase %d not supported",
                       direction, phase)
             self._transfer_result = errno.EINVAL
             return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
+        saving = direction == p.TRANSFER_SAVE
+        try:
+            fdkind.check_state(fd, saving=saving)
+        except (fdkind.FdKindError, OSError) as e:
+            os.close(fd)
+            limited(log, logging.ERROR, "SET_DEVICE_STATE_FD refused: %s", e)
+            self._transfer_result = errno.EBADF
+            return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
         data = b""
-        if direction == p.TRANSFER_SAVE:
-            try:
+        sink: StateSink | None = None
+        try:
+            if saving:
                 data = self.state.save_state()
-            except DeviceStateError as e:
-                os.close(fd)
-                log.error("saving device state failed: %s", e)
-                self._transfer_result = e.errno or errno.EIO
-                return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
-        os.set_blocking(fd, False)
-        transfer = _Transfer(fd, direction, data)
+            else:
+                sink = self.state.begin_load()
+        except DeviceStateError as e:
+            os.close(fd)
+            limited(log, logging.ERROR, "%s device state failed: %s",
+                    "saving" if saving else "loading", e)
+            self._transfer_result = e.errno or errno.EIO
+            return p.U64.pack(p.DEVICE_STATE_NO_FD | 1)
+        transfer = _Transfer(fd, direction, data, sink)
         self._transfer = transfer
         self._transfer_result = errno.EINPROGRESS
         # The reply goes out when this handler returns, before the loop polls
         # again, so the pipe is only touched after QEMU has its reply.
-        if direction == p.TRANSFER_SAVE:
+        if saving:
             self.loop.add(fd, WRITE, self._on_state_writable)
         else:
             self.loop.add(fd, READ, self._on_state_readable)
         transfer.timer = self.loop.call_later(
             STATE_TRANSFER_TIMEOUT, lambda: self._abort_transfer(errno.ETIMEDOUT))
-        log.info("device state %s started (%d bytes)",
-                 "save" if direction == p.TRANSFER_SAVE else "load", len(data))
+        limited(log, logging.INFO, "device state %s started (%d bytes)",
+                 "save" if saving else "load", len(data))
         return p.U64.pack(p.DEVICE_STATE_NO_FD)
 
     def _on_state_writable(self, events: int) -> None:
         t = self._transfer
         assert t is not None
+        view = memoryview(t.data)
         try:
             while t.pos < len(t.data):
-                t.pos += os.write(t.fd, memoryview(t.data)[t.pos:t.pos + STATE_CHUNK])
+                t.pos += os.write(t.fd, view[t.pos:t.pos + STATE_CHUNK])
         except BlockingIOError:
             return
         except OSError as e:
-            log.error("writing device state failed: %s", e)
+            limited(log, logging.ERROR, "writing device state failed: %s", e)
             self._finish_transfer(e.errno or errno.EIO)
             return
         self._finish_transfer(0)
 
     def _on_state_readable(self, events: int) -> None:
+        """Read what is there, at most STATE_PASS bytes a pass, into the sink.
+
+        The sink validates as bytes arrive, so a bad stream or one over the
+        size limit ends the transfer at its first bad byte, not at EOF.
+        """
         t = self._transfer
-        assert t is not None
+        assert t is not None and t.sink is not None
+        budget = STATE_PASS
         try:
-            while chunk := os.read(t.fd, STATE_CHUNK):
-                t.data += chunk
+            while budget > 0:
+                chunk = os.read(t.fd, STATE_CHUNK)
+                if not chunk:
+                    t.sink.finish()
+                    limited(log, logging.INFO, "device state loaded (%d bytes)", t.pos)
+                    self._finish_transfer(0)
+                    return
+                t.pos += len(chunk)
+                budget -= len(chunk)
+                t.sink.feed(chunk)
         except BlockingIOError:
             return
-        except OSError as e:
-            log.error("reading device state failed: %s", e)
-            self._finish_transfer(e.errno or errno.EIO)
-            return
-        self._finish_transfer(self._load(bytes(t.data)))
-
-    def _load(self, data: bytes) -> int:
-        assert self.state is not None
-        try:
-            self.state.load_state(data)
         except DeviceStateError as e:
-            log.error("loading device state (%d bytes) failed: %s", len(data), e)
-            return e.errno or errno.EINVAL
-        log.info("device state loaded (%d bytes)", len(data))
-        return 0
+            limited(log, logging.ERROR, "loading device state failed after %d bytes: %s",
+                    t.pos, e)
+            self._finish_transfer(e.errno or errno.EINVAL)
+        except OSError as e:
+            limited(log, logging.ERROR, "reading device state failed: %s", e)
+            self._finish_transfer(e.errno or errno.EIO)
 
     def _finish_transfer(self, result: int) -> None:
         t = self._transfer
@@ -617,24 +712,65 @@ class VhostUserNetDevice:
         if t.timer is not None:
             t.timer.cancel()
         self._transfer_result = result
+        if self._check_waiting:
+            self._answer_check()
 
     def _abort_transfer(self, code: int) -> None:
         if getattr(self, "_transfer", None) is not None:
-            log.error("device state transfer aborted: %s", os.strerror(code))
+            limited(log, logging.ERROR, "device state transfer aborted: %s", os.strerror(code))
             self._finish_transfer(code)
 
-    def _check_device_state(self, m: p.Message) -> bytes:
+    def _check_device_state(self, m: p.Message) -> bytes | None:
         t = self._transfer
         if t is not None and t.direction == p.TRANSFER_LOAD:
-            # QEMU sends CHECK only after closing its write end, so whatever
-            # is left in the pipe can be read to EOF without waiting.
-            os.set_blocking(t.fd, True)
+            # QEMU sends CHECK after closing its write end, so what is left
+            # is normally in the pipe now.  If someone still holds a write
+            # end, the answer waits for EOF (or CHECK_GRACE) without blocking
+            # the loop; the socket is not read meanwhile, as messages are
+            # handled in order.
             self._on_state_readable(0)
+            if self._transfer is t:
+                self._check_waiting = True
+                self._pause_socket()
+                if t.timer is not None:
+                    t.timer.cancel()
+                t.timer = self.loop.call_later(
+                    CHECK_GRACE, lambda: self._abort_transfer(errno.ETIMEDOUT))
+                return None
         elif t is not None:
             self._finish_transfer(errno.EIO)  # QEMU saw EOF before we closed: impossible
         result = self._transfer_result
-        log.info("CHECK_DEVICE_STATE: %s", os.strerror(result) if result else "success")
+        limited(log, logging.INFO, "CHECK_DEVICE_STATE: %s",
+                os.strerror(result) if result else "success")
         return p.U64.pack(result)
+
+    def _answer_check(self) -> None:
+        """The deferred reply to CHECK_DEVICE_STATE, then back to reading the socket."""
+        self._check_waiting = False
+        result = self._transfer_result
+        limited(log, logging.INFO, "CHECK_DEVICE_STATE: %s",
+                os.strerror(result) if result else "success")
+        if self._sock is None:
+            return
+        try:
+            self._send(p.encode_u64_reply(p.Request.CHECK_DEVICE_STATE, result))
+        except p.ProtocolError as e:
+            reason = str(e)
+            self.loop.call_soon(lambda: self.disconnect(reason))
+            return
+        self._resume_socket()
+
+    def _pause_socket(self) -> None:
+        if self._sock is not None:
+            self.loop.remove(self._sock.fileno())
+
+    def _resume_socket(self) -> None:
+        sock = self._sock
+        if sock is not None and not self.loop.watching(sock.fileno()):
+            self.loop.add(sock.fileno(), READ, self._on_socket)
+            # Messages that came meanwhile are already readable: no new edge
+            # is needed, but handle them from the loop, not from inside a handler.
+            self.loop.call_soon(lambda: self._on_socket(READ) if self._sock is sock else None)
 
     _handlers: ClassVar[dict[int, Callable[[VhostUserNetDevice, p.Message], bytes | None]]] = {
         p.Request.GET_FEATURES: _get_features,
@@ -704,7 +840,7 @@ class VhostUserNetDevice:
                     raise ChainError(f"chain {head}: {total} bytes is no frame")
             except (ChainError, GuestMemoryError) as e:
                 vq.bad_chains += 1
-                log.warning("queue %d: dropped chain: %s", vq.index, e)
+                limited(log, logging.WARNING, "queue %d: dropped chain: %s", vq.index, e)
                 vq.push_used(head, 0, dirty)
                 continue
             heads.append(head)
@@ -736,7 +872,7 @@ class VhostUserNetDevice:
             try:
                 frame.release()
             except BufferError:
-                log.error("guest port kept a frame view beyond the call")
+                limited(log, logging.ERROR, "guest port kept a frame view beyond the call")
         for head in heads:
             vq.push_used(head, 0, dirty)
         vq.publish_and_notify(dirty)
@@ -850,7 +986,7 @@ class VhostUserNetDevice:
                 size = vq.walk(head, memory, segs, writable=True)
             except (ChainError, GuestMemoryError) as e:
                 vq.bad_chains += 1
-                log.warning("queue %d: dropped chain: %s", vq.index, e)
+                limited(log, logging.WARNING, "queue %d: dropped chain: %s", vq.index, e)
                 # Return everything taken so far unused, so no head is used twice.
                 dirty = self._log()
                 for taken, _ in heads:
@@ -1072,7 +1208,8 @@ class VhostUserNetDevice:
             try:
                 view.release()
             except BufferError:
-                log.error("a receive buffer view was kept beyond rx_commit()")
+                limited(log, logging.ERROR,
+                        "a receive buffer view was kept beyond rx_commit()")
         return views
 
     def flush(self) -> None:
@@ -1110,6 +1247,10 @@ def _fds_from(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.5
+
+
 class VhostUserServer:
     """Listens on a UNIX socket and hands one front-end at a time to the device."""
 
@@ -1133,11 +1274,26 @@ class VhostUserServer:
             conn, _ = self._sock.accept()
         except BlockingIOError:
             return
+        except OSError as e:
+            if e.errno not in ACCEPT_RETRY:
+                raise
+            # Out of fds or memory: stop listening for a while instead of
+            # spinning on a ready socket (or dying); pending clients wait.
+            limited(log, logging.ERROR, "cannot accept a front-end: %s; retrying in %.1f s",
+                    e.strerror, ACCEPT_BACKOFF)
+            self.loop.remove(self._sock.fileno())
+            self.loop.call_later(ACCEPT_BACKOFF, self._listen_again)
+            return
         if self.device.connected:
-            log.warning("refusing a second front-end: one is already connected")
+            limited(log, logging.WARNING,
+                    "refusing a second front-end: one is already connected")
             conn.close()
             return
         self.device.attach(conn)
+
+    def _listen_again(self) -> None:
+        if self._sock.fileno() >= 0 and not self.loop.watching(self._sock.fileno()):
+            self.loop.add(self._sock.fileno(), READ | HANGUP, self._accept)
 
     def close(self) -> None:
         self.loop.remove(self._sock.fileno())

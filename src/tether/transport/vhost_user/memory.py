@@ -9,16 +9,30 @@ we map each whole file range `[0, mmap_offset + size)` and translate:
 Every address and length here comes from the guest or the front-end, so
 every translation is bounds-checked and a failure raises `GuestMemoryError`
 (a value the caller counts and drops, never an IndexError from deep inside).
+
+Memory that shrinks under a mapping raises SIGBUS at the next access, which
+no Python code can survive.  So each fd must be a regular file (a memfd is
+one) holding the whole region, and is pinned against shrinking first
+(`fds.pin_size`: QEMU's memfd backends arrive sealed with F_SEAL_SHRINK; an
+unsealed memfd that allows sealing gets the seal from us).  A file that
+cannot be sealed (QEMU's memory-backend-file, a memfd with seal=off) is the
+front-end's promise alone: mapped when `allow_unpinned`, the default, since
+QEMU needs its own RAM file intact as much as we do; refused otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 from collections.abc import Sequence
 
+from ... import ratelimit
+from .fds import FdKindError, check_mappable, pin_size
 from .protocol import MemRegion, ProtocolError
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096  # VHOST_LOG_PAGE: one log bit per 4 KiB guest-physical page
 
@@ -47,9 +61,11 @@ class _Mapped:
 class MemoryTable:
     """Mapped regions; `view` is one memoryview per region, `offset` into it."""
 
-    def __init__(self, regions: Sequence[MemRegion], fds: Sequence[int]) -> None:
+    def __init__(self, regions: Sequence[MemRegion], fds: Sequence[int],
+                 allow_unpinned: bool = True) -> None:
         """Map every region; the fds are always closed (mapping keeps the memory)."""
         self._regions: list[_Mapped] = []
+        self.unpinned = 0  # regions whose file could still shrink (see module doc)
         try:
             for region in regions:
                 if region.size == 0 or region.size % PAGE_SIZE:
@@ -62,6 +78,15 @@ class MemoryTable:
                     if region.gpa < other.end and other.gpa < region.gpa + region.size:
                         raise ProtocolError(f"memory region {region} overlaps another")
             for region, fd in zip(regions, fds, strict=True):
+                if not pin_size(fd):
+                    if not allow_unpinned:
+                        raise ProtocolError(f"memory region {region}: its file is not "
+                                            "sealed against shrinking and cannot be sealed")
+                    self.unpinned += 1
+                try:
+                    check_mappable(fd, "memory region", region.mmap_offset + region.size)
+                except (FdKindError, OSError) as e:
+                    raise ProtocolError(f"memory region {region}: {e}") from e
                 try:
                     self._regions.append(_Mapped(region, fd))
                 except (OSError, ValueError, OverflowError) as e:
@@ -73,6 +98,11 @@ class MemoryTable:
             for fd in fds:
                 os.close(fd)
         self._last = self._regions[0] if self._regions else None
+        if self.unpinned:
+            ratelimit.limited(log, logging.WARNING,
+                              "%d memory region(s) in files that cannot be sealed: a "
+                              "front-end that shrinks them ends this process (SIGBUS)",
+                              self.unpinned)
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -118,10 +148,16 @@ class DirtyLog:
     (one page resent), never lose one of ours.
     """
 
-    def __init__(self, fd: int, size: int, offset: int) -> None:
+    def __init__(self, fd: int, size: int, offset: int, allow_unpinned: bool = True) -> None:
         try:
             if size == 0 or size > 1 << 40:
                 raise ProtocolError(f"log size {size:#x} is out of range")
+            if not pin_size(fd) and not allow_unpinned:
+                raise ProtocolError("dirty log file is not sealed against shrinking")
+            try:
+                check_mappable(fd, "dirty log", offset + size)
+            except (FdKindError, OSError) as e:
+                raise ProtocolError(str(e)) from e
             try:
                 self._map = mmap.mmap(fd, size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)

@@ -196,8 +196,18 @@ class MessageReader:
         return self._header[2] - len(self._buf)
 
     def feed(self, data: bytes, fds: list[int]) -> Message | None:
-        """Add received bytes and fds; return a message once one is complete."""
-        self._fds.extend(fds)
+        """Add received bytes and fds; return a message once one is complete.
+
+        fds are counted as they come: a front-end that attaches fds to every
+        byte of a payload would otherwise fill the fd table before the
+        message ends.  Beyond MAX_FDS they are closed at once.
+        """
+        room = MAX_FDS - len(self._fds)
+        self._fds.extend(fds[:max(room, 0)])
+        if len(fds) > room:
+            for fd in fds[max(room, 0):]:
+                os.close(fd)
+            raise ProtocolError(f"more than {MAX_FDS} fds attached to one message")
         if len(data) > self.wanted():
             raise ProtocolError("reader fed more bytes than it asked for")
         self._buf += data
@@ -215,8 +225,6 @@ class MessageReader:
                 raise ProtocolError(
                     f"{request_name(request)}: payload size {size} exceeds {MAX_PAYLOAD}"
                 )
-            if len(self._fds) > MAX_FDS:
-                raise ProtocolError(f"{request_name(request)}: {len(self._fds)} fds attached")
             self._header = (request, flags, size)
             self._buf.clear()
         if len(self._buf) < self._header[2]:

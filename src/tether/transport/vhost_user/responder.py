@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from ...frames import FrameSink
 from ...loop import Loop
-from .device import DeviceStateError
+from .device import BufferedSink, DeviceStateError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ class Responder:
         ip = self.guest_ip or bytes(4)
         log.info("responder: saving state: guest MAC %s", mac.hex(":"))
         return STATE.pack(STATE_MAGIC, 1, mac, ip)
+
+    def begin_load(self) -> BufferedSink:
+        return BufferedSink(self.load_state, STATE.size)
 
     def load_state(self, data: bytes) -> None:
         if self.reject_state:

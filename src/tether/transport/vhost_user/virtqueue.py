@@ -33,13 +33,13 @@ same way.  EVENT_IDX is not offered: measured, it saved no tether CPU here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
 import sys
 import threading
 
+from ...ratelimit import limited
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ class VirtQueue:
         if count > self.num:
             self.broken = True
             self.bad_chains += 1
-            log.error("queue %d: avail idx %d is %d ahead of %d (size %d): ring stopped",
-                      self.index, idx, count, self.last_avail, self.num)
+            limited(log, logging.ERROR,
+                    "queue %d: avail idx %d is %d ahead of %d (size %d): ring stopped",
+                    self.index, idx, count, self.last_avail, self.num)
             return 0
         return count
 
@@ -393,9 +394,15 @@ class VirtQueue:
 
     def notify(self) -> None:
         if self.call_fd is not None:
-            # A saturated counter means a notification is pending anyway.
-            with contextlib.suppress(BlockingIOError):
+            try:
                 os.eventfd_write(self.call_fd, 1)
+            except BlockingIOError:
+                pass  # a saturated counter (or a full pipe): a notification is pending anyway
+            except OSError as e:
+                # A call fd that passed its check and still fails (a socket whose
+                # peer went away): the guest misses interrupts, tether carries on.
+                limited(log, logging.WARNING,
+                                  "queue %d: notifying the guest failed: %s", self.index, e)
 
     def publish_and_notify(self, dirty: DirtyLog | None) -> None:
         if self.publish(dirty):
