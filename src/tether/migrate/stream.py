@@ -280,7 +280,61 @@ class Loaded:
         raise KeyError(name)
 
 
-class StreamParser:
+def check_header(fmt: Format, magic: int, version: int, compat: int) -> int:
+    """The version to read a stream of fmt as (section 3.1), or MigrationError."""
+    if magic != fmt.magic:
+        raise MigrationError(errno.EINVAL,
+                             f"expected magic {fmt.magic:#018x}, found {magic:#018x}",
+                             stage="header", offset=0)
+    if version == 0 or compat == 0:
+        raise MigrationError(errno.EINVAL,
+                             f"expected non-zero versions, found version {version} "
+                             f"compat_version {compat}", stage="header", offset=8)
+    if compat > version:
+        raise MigrationError(errno.EINVAL,
+                             f"expected compat_version <= version, found compat_version "
+                             f"{compat} > version {version}", stage="header", offset=12)
+    chosen = fmt.choose(version, compat)
+    if chosen is None:
+        known = ", ".join(str(v) for v in sorted(fmt.versions))
+        raise MigrationError(errno.ENOTSUP,
+                             f"{fmt.name} stream needs a reader of a version in [{compat}, "
+                             f"{version}], this reader knows {known}", stage="header",
+                             offset=8)
+    return chosen
+
+
+class ParserProgress:
+    """What a sans-IO reader tells while it reads: shared by the framed and
+    unframed readers (unframed.py)."""
+
+    _offset: int
+    _state: str
+    _version: int
+    _compat: int
+    _chosen: int
+    _records: list[Record]
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    @property
+    def header(self) -> tuple[int, int, int] | None:
+        """(version, compat_version, chosen version) once a valid header was read."""
+        return (self._version, self._compat, self._chosen) if self._chosen else None
+
+    @property
+    def records(self) -> tuple[Record, ...]:
+        """The complete, valid records read so far."""
+        return tuple(self._records)
+
+
+class StreamParser(ParserProgress):
     """Sans-IO reader: feed() bytes as they arrive, finish() at end of file.
 
     Everything is validated as soon as its bytes are in: a bad header fails
@@ -308,24 +362,6 @@ class StreamParser:
         self._pending: tuple[int, int, int, int] | None = None
         self._records: list[Record] = []
         self._last_name = "header"
-
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-    @property
-    def header(self) -> tuple[int, int, int] | None:
-        """(version, compat_version, chosen version) once a valid header was read."""
-        return (self._version, self._compat, self._chosen) if self._chosen else None
-
-    @property
-    def records(self) -> tuple[Record, ...]:
-        """The complete, valid records read so far."""
-        return tuple(self._records)
 
     def feed(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
@@ -397,24 +433,7 @@ class StreamParser:
 
     def _read_header(self) -> None:
         magic, version, compat = HEADER.unpack(self._item)
-        if magic != MAGIC:
-            raise MigrationError(errno.EINVAL,
-                                 f"expected magic {MAGIC:#018x}, found {magic:#018x}",
-                                 stage="header", offset=0)
-        if version == 0 or compat == 0:
-            raise MigrationError(errno.EINVAL,
-                                 f"expected non-zero versions, found version {version} "
-                                 f"compat_version {compat}", stage="header", offset=8)
-        if compat > version:
-            raise MigrationError(errno.EINVAL,
-                                 f"expected compat_version <= version, found compat_version "
-                                 f"{compat} > version {version}", stage="header", offset=12)
-        chosen = self._fmt.choose(version, compat)
-        if chosen is None:
-            known = ", ".join(str(v) for v in sorted(self._fmt.versions))
-            raise MigrationError(errno.ENOTSUP,
-                                 f"stream needs a reader of a version in [{compat}, {version}], "
-                                 f"this reader knows {known}", stage="header", offset=8)
+        chosen = check_header(self._fmt, magic, version, compat)
         self._version, self._compat, self._chosen = version, compat, chosen
         self._stages = self._fmt.versions[chosen]
         self._by_id = {stage.id: (i, stage) for i, stage in enumerate(self._stages)}

@@ -28,13 +28,15 @@ from tether.migrate.stream import (
     Delimiter,
     Format,
     Loaded,
+    ParserProgress,
     Record,
     Stage,
     StreamParser,
+    check_header,
 )
 
 
-class UnframedParser:
+class UnframedParser(ParserProgress):
     """Sans-IO reader of an unframed format: feed() bytes, finish() at EOF.
 
     The same interface and the same errors as stream.StreamParser.
@@ -55,22 +57,6 @@ class UnframedParser:
         self._delimiter: Delimiter | None = None
         self._need = HEADER.size
         self._records: list[Record] = []
-
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-    @property
-    def header(self) -> tuple[int, int, int] | None:
-        return (self._version, self._compat, self._chosen) if self._chosen else None
-
-    @property
-    def records(self) -> tuple[Record, ...]:
-        return tuple(self._records)
 
     def feed(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
@@ -127,23 +113,9 @@ class UnframedParser:
 
     def _read_header(self) -> None:
         magic, version, compat = HEADER.unpack_from(self._buffer)
-        fmt = self._fmt
-        if magic != fmt.magic:
-            raise MigrationError(errno.EINVAL,
-                                 f"expected magic {fmt.magic:#018x}, found {magic:#018x}",
-                                 stage="header", offset=0)
-        if version == 0 or compat == 0 or compat > version:
-            raise MigrationError(errno.EINVAL, f"expected 0 < compat_version <= version, "
-                                 f"found version {version} compat_version {compat}",
-                                 stage="header", offset=8)
-        chosen = fmt.choose(version, compat)
-        if chosen is None:
-            known = ", ".join(str(v) for v in sorted(fmt.versions))
-            raise MigrationError(errno.ENOTSUP, f"{fmt.name} stream needs a reader of a "
-                                 f"version in [{compat}, {version}], this reader knows "
-                                 f"{known}", stage="header", offset=8)
+        chosen = check_header(self._fmt, magic, version, compat)
         self._version, self._compat, self._chosen = version, compat, chosen
-        self._stages = [s for s in fmt.versions[chosen] if s.codec is not None]
+        self._stages = [s for s in self._fmt.versions[chosen] if s.codec is not None]
         del self._buffer[:HEADER.size]
         self._position = 0
         self._next_stage(HEADER.size)
