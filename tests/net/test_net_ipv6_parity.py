@@ -173,6 +173,21 @@ def test_v4_mapped_gateway_maps_like_the_ipv4_gateway(lab_factory: Callable[...,
     assert loopback.stop() == 1
 
 
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_outbound_binds_the_host_side_source_address(lab_factory: Callable[..., Lab],
+                                                     kind: str) -> None:
+    # -o: passt's --outbound; the host namespace has a second address to bind to.
+    lab = lab_factory("-o", "10.200.0.3")
+    subprocess.run(["ip", "-n", lab.host.name, "addr", "add", "10.200.0.3/24", "dev", "up0"],
+                   check=True)
+    port = free_port(socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    server = lab.server(kind, "127.0.0.1", port)
+    done = lab.attempt(kind, GW4, port)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "peer 10.200.0.3" in server.lines, server.lines
+    server.stop()
+
+
 def _stack(**changes: object) -> Stack:
     params = NetParams(addr4=socket.inet_aton(HOST4), prefix4=24,
                        gateway4=socket.inet_aton(GW4), map_host_loopback4=None,
