@@ -487,6 +487,66 @@ def _check_name(name: str | None, what: str) -> str | None:
     return name
 
 
+@dataclass
+class _Names:
+    """What the guest is told about DNS, and where --dns-forward goes."""
+
+    dns4: tuple[bytes, ...]
+    dns6: tuple[bytes, ...]
+    search: tuple[str, ...]
+    match4: bytes | None  # --dns-forward
+    host4: bytes | None  # the resolver it goes to (--dns-host, else the host's first)
+
+
+def _dns(ns: argparse.Namespace) -> _Names:
+    host_dns, host_search = resolv_conf()
+    if ns.dns_host is not None and ":" in ns.dns_host:
+        raise ConfigError("--dns-host: IPv6 resolvers are not supported by tether's "
+                          "--dns-forward")
+    dns_host = _ipv4(ns.dns_host, "--dns-host") if ns.dns_host is not None else \
+        (host_dns[0] if host_dns else None)
+    dns_match = None
+    dns: tuple[bytes, ...] = tuple(host_dns)
+    if ns.dns_forward is not None:
+        if ":" in ns.dns_forward:
+            raise ConfigError("--dns-forward: an IPv6 address is not supported by tether")
+        dns_match = _ipv4(ns.dns_forward, "--dns-forward")
+        if dns_host is None:
+            raise ConfigError("--dns-forward: the host has no IPv4 resolver to forward to")
+        dns = (dns_match,)
+    dns6: tuple[bytes, ...] = ()
+    if ns.dns:
+        given = [d for d in ns.dns if d != "none"]
+        dns = tuple(_ipv4(d, "--dns") for d in given if ":" not in d)
+        dns6 = tuple(_ipv6(d, "--dns") for d in given if ":" in d)
+    search = _search(ns.search, host_search)
+    if ns.no_dhcp_dns:
+        dns, dns6 = (), ()
+    if ns.no_dhcp_search:
+        search = ()
+    return _Names(dns, dns6, search, dns_match, dns_host if dns_match is not None else None)
+
+
+def _loopback_maps(ns: argparse.Namespace, gateway4: bytes | None, gateway6: bytes | None,
+                   ) -> tuple[bytes | None, bytes | None, bool]:
+    """(IPv4 address for 127.0.0.1, IPv6 address for ::1, whether tether's link-local
+    router address stands for ::1 instead: it is known only once NetParams exist)."""
+    if ns.no_map_gw:
+        return None, None, False
+    loopback = _by_family(ns.map_host_loopback, "--map-host-loopback", allow_none=True)
+    if loopback.v4 is None:
+        map4 = gateway4
+    else:
+        map4 = None if loopback.v4 == "none" else _ipv4(loopback.v4, "--map-host-loopback")
+    if loopback.v6 is None:
+        # The IPv6 gateway address, or tether's link-local router address when the
+        # host has no IPv6 gateway: either way the host's ::1.
+        return map4, gateway6, gateway6 is None
+    if loopback.v6 == "none":
+        return map4, None, False
+    return map4, _ipv6(loopback.v6, "--map-host-loopback"), False
+
+
 def from_args(ns: argparse.Namespace) -> Config:
     socket_mode = (ns.socket or ns.fd is not None) and not ns.vhost_user
     modes = sum(1 for x in (ns.netns, socket_mode, ns.vhost_user) if x)
@@ -584,52 +644,8 @@ def from_args(ns: argparse.Namespace) -> Config:
         gateway6: bytes | None = _ipv6(gateways.v6, "--gateway")
     else:
         gateway6 = host_gw6 if addresses.v6 is None else None
-    host_dns, host_search = resolv_conf()
-    if ns.dns_host is not None and ":" in ns.dns_host:
-        raise ConfigError("--dns-host: IPv6 resolvers are not supported by tether's "
-                          "--dns-forward")
-    dns_host = _ipv4(ns.dns_host, "--dns-host") if ns.dns_host is not None else \
-        (host_dns[0] if host_dns else None)
-    if ns.dns_forward is not None:
-        if ":" in ns.dns_forward:
-            raise ConfigError("--dns-forward: an IPv6 address is not supported by tether")
-        dns_match = _ipv4(ns.dns_forward, "--dns-forward")
-        if dns_host is None:
-            raise ConfigError("--dns-forward: the host has no IPv4 resolver to forward to")
-        dns: tuple[bytes, ...] = (dns_match,)
-    else:
-        dns_match = None
-        dns = tuple(host_dns)
-    dns6: tuple[bytes, ...] = ()
-    if ns.dns:
-        given = [d for d in ns.dns if d != "none"]
-        dns = tuple(_ipv4(d, "--dns") for d in given if ":" not in d)
-        dns6 = tuple(_ipv6(d, "--dns") for d in given if ":" in d)
-    search = _search(ns.search, host_search)
-    if ns.no_dhcp_dns:
-        dns, dns6 = (), ()
-    if ns.no_dhcp_search:
-        search = ()
-    loopback = _by_family(ns.map_host_loopback, "--map-host-loopback", allow_none=True)
-    map_lo: bytes | None = None
-    map_lo6: bytes | None = None
-    map_router6 = False  # map tether's link-local router address (known once params are)
-    if not ns.no_map_gw:
-        if loopback.v4 == "none":
-            map_lo = None
-        elif loopback.v4 is not None:
-            map_lo = _ipv4(loopback.v4, "--map-host-loopback")
-        else:
-            map_lo = gateway if want4 else None
-        if loopback.v6 == "none":
-            map_lo6 = None
-        elif loopback.v6 is not None:
-            map_lo6 = _ipv6(loopback.v6, "--map-host-loopback")
-        else:
-            # The IPv6 gateway address, or tether's link-local router address when
-            # the host has no IPv6 gateway: either way the host's ::1.
-            map_lo6 = gateway6
-            map_router6 = gateway6 is None
+    names = _dns(ns)
+    map_lo, map_lo6, map_router6 = _loopback_maps(ns, gateway if want4 else None, gateway6)
     guest_map = _by_family(ns.map_guest_addr, "--map-guest-addr", allow_none=True)
     map_guest4 = _ipv4(guest_map.v4, "--map-guest-addr") if guest_map.v4 not in (
         None, "none") else None
@@ -651,11 +667,12 @@ def from_args(ns: argparse.Namespace) -> Config:
     for spec in ns.udp_ports or ():
         udp_fwd += parse_ports(spec, "-u")
     params = NetParams(
-        addr4=addr, prefix4=prefix, gateway4=gateway, dns4=dns, search=search,
-        mtu=ns.mtu or 1500, our_mac=mac, map_host_loopback4=map_lo, dns_match4=dns_match,
-        dns_host4=dns_host if dns_match is not None else None,
+        addr4=addr, prefix4=prefix, gateway4=gateway, dns4=names.dns4, search=names.search,
+        mtu=ns.mtu or 1500, our_mac=mac, map_host_loopback4=map_lo,
+        dns_match4=names.match4, dns_host4=names.host4,
         tcp_forward=tcp_fwd, udp_forward=udp_fwd, max_flows=ns.max_flows, addr6=addr6,
-        gateway6=gateway6, dns6=dns6, map_host_loopback6=map_lo6, map_guest_addr4=map_guest4,
+        gateway6=gateway6, dns6=names.dns6, map_host_loopback6=map_lo6,
+        map_guest_addr4=map_guest4,
         map_guest_addr6=map_guest6, outbound4=outbound.v4, outbound6=outbound.v6,
         outbound_if4=ns.outbound_if4, outbound_if6=ns.outbound_if6,
         hostname=_check_name(ns.hostname, "--hostname"),

@@ -167,6 +167,27 @@ def test_fd_serves_an_inherited_socket_and_exits_when_it_closes(ns: Netns) -> No
     assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
 
 
+def test_fd_serves_an_inherited_vhost_user_connection(ns: Netns) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen(ns.cmd(sys.executable, "-m", "tether.cli", "-f", "-q",
+                                   "--vhost-user", "--fd", str(theirs.fileno()), *BASE),
+                            pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    theirs.close()
+    try:
+        # VHOST_USER_GET_FEATURES (1), version 1, no payload; the reply has flags 0x5.
+        ours.sendall(struct.pack("<III", 1, 1, 0))
+        ours.settimeout(20)
+        request, flags, size = struct.unpack("<III", ours.recv(12, socket.MSG_WAITALL))
+        (features,) = struct.unpack("<Q", ours.recv(size, socket.MSG_WAITALL))
+        assert (request, flags, size) == (1, 0x5, 8)
+        assert features & (1 << 32)  # VIRTIO_F_VERSION_1
+    finally:
+        ours.close()
+    assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+
+
 def test_version_and_capabilities_on_stdout(ns: Netns) -> None:
     done = _start(ns, "--version")
     assert done.returncode == 0 and done.stdout.startswith("tether ")

@@ -1,7 +1,8 @@
 """Who reaches whom: a host-side echo server that counts, and a guest-side client.
 
     serve tcp|udp ADDR PORT     echo every connection / datagram back; prints
-                                "listening", and "served N" on SIGTERM
+                                "listening", "accepted" and "peer ADDR" for each,
+                                and "served N" on SIGTERM
     try tcp|udp ADDR PORT       one echo exchange (64 KiB over TCP, one datagram
                                 over UDP), 5 s at most: "echoed N" (status 0) or
                                 "failed: ERROR" (status 1)
@@ -39,13 +40,14 @@ def serve(kind: str, addr: str, port: int) -> None:
     while not stop.is_set():
         try:
             if kind == "tcp":
-                conn, _ = srv.accept()
+                conn, peer = srv.accept()
             else:
                 data, peer = srv.recvfrom(65535)
         except TimeoutError:
             continue
         served += 1
         print("accepted", flush=True)
+        print(f"peer {peer[0]}", flush=True)
         if kind == "udp":
             srv.sendto(data, peer)
             continue

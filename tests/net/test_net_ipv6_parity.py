@@ -40,7 +40,6 @@ class Server:
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        wait_for(lambda: "listening" in self.lines, f"a {kind} server on {addr}:{port}")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -65,6 +64,7 @@ class Lab:
         self.host = make_netns("thost6")
         self.guest = make_netns("tgst6")
         self.tether: Tether | None = None
+        self.servers: list[Server] = []
         try:
             self._setup(tmp, tether_args)
         except BaseException:
@@ -88,6 +88,12 @@ class Lab:
         g.run("ip", "-6", "addr", "add", f"{HOST6}/64", "dev", "tap0", "nodad")
         g.run("ip", "-6", "route", "add", "default", "via", ROUTER6, "dev", "tap0")
 
+    def server(self, kind: str, addr: str, port: int) -> Server:
+        server = Server(self.host, kind, addr, port)
+        self.servers.append(server)  # first: close() ends it whatever happens next
+        wait_for(lambda: "listening" in server.lines, f"a {kind} server on {addr}:{port}")
+        return server
+
     def attempt(self, kind: str, addr: str, port: int) -> subprocess.CompletedProcess[str]:
         return self.guest.run(sys.executable, REACH, "try", kind, addr, str(port), check=False)
 
@@ -101,6 +107,10 @@ class Lab:
         self.guest.run(sys.executable, "-c", code)
 
     def close(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
         if self.tether is not None:
             self.tether.stop()
         delete_netns(self.guest)
@@ -127,7 +137,7 @@ def test_the_ipv6_gateway_is_the_hosts_ipv6_loopback(lab_factory: Callable[..., 
     lab = lab_factory()
     assert lab.tether is not None and f"NAT to host ::1: {GW6}" in lab.tether.log_text()
     port = free_port(socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
-    server = Server(lab.host, kind, "::1", port)
+    server = lab.server(kind, "::1", port)
     done = lab.attempt(kind, GW6, port)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("echoed")  # byte-exact both ways
@@ -140,8 +150,8 @@ def test_v4_mapped_loopback_stays_closed_without_map_gw(lab_factory: Callable[..
     lab = lab_factory("--no-map-gw")
     stype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     port, control_port = free_port(stype), free_port(stype)
-    loopback = Server(lab.host, kind, "127.0.0.1", port)
-    control = Server(lab.host, kind, HOST4, control_port)
+    loopback = lab.server(kind, "127.0.0.1", port)
+    control = lab.server(kind, HOST4, control_port)
     lab.inject(kind, "::ffff:127.0.0.1", port)  # what 127.0.0.1 may not reach
     lab.inject(kind, f"::ffff:{HOST4}", control_port)  # the host's own address may
     # tether handles the guest's frames in order: once the second arrived, the first
@@ -157,10 +167,25 @@ def test_v4_mapped_gateway_maps_like_the_ipv4_gateway(lab_factory: Callable[...,
     lab = lab_factory()
     stype = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
     port = free_port(stype)
-    loopback = Server(lab.host, kind, "127.0.0.1", port)
+    loopback = lab.server(kind, "127.0.0.1", port)
     lab.inject(kind, f"::ffff:{GW4}", port)
     wait_for(loopback.accepted, "::ffff:GATEWAY to reach the host's 127.0.0.1")
     assert loopback.stop() == 1
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_outbound_binds_the_host_side_source_address(lab_factory: Callable[..., Lab],
+                                                     kind: str) -> None:
+    # -o: passt's --outbound; the host namespace has a second address to bind to.
+    lab = lab_factory("-o", "10.200.0.3")
+    subprocess.run(["ip", "-n", lab.host.name, "addr", "add", "10.200.0.3/24", "dev", "up0"],
+                   check=True)
+    port = free_port(socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    server = lab.server(kind, "127.0.0.1", port)
+    done = lab.attempt(kind, GW4, port)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "peer 10.200.0.3" in server.lines, server.lines
+    server.stop()
 
 
 def _stack(**changes: object) -> Stack:

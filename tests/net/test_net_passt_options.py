@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
+from typing import Any
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -23,9 +25,10 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6ND_RA, ICMPv6ND_RS, ICMPv6NDOptMTU, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from tests.net.conftest import Recorder
+from tests.net.conftest import Recorder, delete_netns, make_netns
+from tests.net.hostside import free_port
 from tether.loop import Loop
-from tether.net.params import NetParams
+from tether.net.params import NetParams, PortRange
 from tether.net.stack import Stack
 
 GUEST_MAC = "02:00:00:00:00:02"
@@ -108,3 +111,74 @@ def test_no_tcp_drops_a_syn_without_a_reset() -> None:
     syn = bytes(Ether(src=GUEST_MAC, dst="9a:55:9a:55:9a:55") /
                 IP(src="10.0.2.15", dst="192.0.2.1") / TCP(sport=40000, dport=9, flags="S"))
     assert _answers(syn, tcp=False) == []
+
+
+def _listening_stack(*ranges: PortRange, **changes: Any) -> Stack:
+    params = dataclasses.replace(BASE, addr6=None, tcp_forward=ranges, **changes)
+    stack = Stack(Loop(), params)
+    stack.start()
+    return stack
+
+
+def test_a_forward_with_an_address_and_an_interface_listens_only_there() -> None:
+    port = free_port()
+    stack = _listening_stack(PortRange(port, port, port, address="127.0.0.1", ifname="lo"))
+    try:
+        (sock,) = stack.listening_sockets()
+        assert sock.getsockname() == ("127.0.0.1", port)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0") \
+            == b"lo"
+    finally:
+        stack.close()
+
+
+def test_an_ipv6_forward_address_listens_in_ipv6_only() -> None:
+    port = free_port()
+    stack = _listening_stack(PortRange(port, port, port, address="::1"))
+    try:
+        (sock,) = stack.listening_sockets()
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[:2] == ("::1", port)
+    finally:
+        stack.close()
+
+
+def test_all_skips_ports_it_cannot_bind_but_a_named_port_is_fatal() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = _listening_stack(PortRange(port, port + 1, port, address="127.0.0.1",
+                                           best_effort=True))
+        try:
+            bound = [s.getsockname()[1] for s in stack.listening_sockets()]
+            assert port not in bound and port + 1 in bound
+        finally:
+            stack.close()
+        with pytest.raises(OSError):
+            _listening_stack(PortRange(port, port, port, address="127.0.0.1"))
+
+
+FREEBIND = """
+import socket, sys
+from tether.loop import Loop
+from tether.net.params import NetParams, PortRange
+from tether.net.stack import Stack
+r = PortRange(5555, 5555, 5555, address="192.0.2.123")  # TEST-NET-1: on no interface
+p = NetParams(addr4=bytes([10, 0, 2, 15]), prefix4=24, gateway4=bytes([10, 0, 2, 2]),
+              tcp_forward=(r,), freebind=sys.argv[1] == "1")
+try:
+    Stack(Loop(), p).start()
+    print("listening")
+except OSError as e:
+    print("refused", e.errno)
+"""
+
+
+@pytest.mark.parametrize("freebind", [False, True])
+def test_freebind_listens_on_an_address_the_host_does_not_have(freebind: bool) -> None:
+    ns = make_netns("tfree")  # the address is nobody's: try it in a namespace of our own
+    try:
+        out = ns.run(sys.executable, "-c", FREEBIND, "1" if freebind else "0").stdout
+    finally:
+        delete_netns(ns)
+    assert out.split()[0] == ("listening" if freebind else "refused"), out

@@ -70,6 +70,8 @@ exec {SYSTEM_PYTHON} -m tether.cli "$@"
 
 
 def libvirt_missing_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: the lab's libvirtd runs in namespaces of its own"
     for tool in (LIBVIRTD, VIRSH, "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (./dev setup installs libvirt 11 from bookworm-backports)"

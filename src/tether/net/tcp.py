@@ -345,7 +345,12 @@ class TcpTranslator:
             self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
-        sock = stack.outbound_socket(family, socket.SOCK_STREAM)
+        try:
+            sock = stack.outbound_socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # -o gave an address this socket cannot bind
+            log.debug("tcp socket: %s", exc)
+            self._raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
+            return
         sock.setblocking(False)
         err = sock.connect_ex((target, key[4]))
         if err not in (0, errno.EINPROGRESS):
