@@ -9,12 +9,14 @@ neighbour swallows every packet: a blackhole).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,15 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from tests.net.conftest import GATEWAY, Netns, Recorder, delete_netns, make_netns
+from tests.net.conftest import (
+    GATEWAY,
+    Netns,
+    Recorder,
+    Tether,
+    delete_netns,
+    make_netns,
+    wait_for,
+)
 from tether import ratelimit
 from tether.loop import Loop
 from tether.net import tcp as tcp_module
@@ -196,3 +206,37 @@ def test_stream_accept_out_of_fds_backs_off_and_serves_later(tmp_path: Path) -> 
         client.close()
         transport.close()
         loop.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_forward_accept_out_of_fds_rests_instead_of_spinning(
+        start_tether: Callable[..., Tether]) -> None:
+    """A -t listener whose accept() fails (EMFILE) used to stay ready in epoll: the
+    daemon spun a core until an fd came free."""
+    host = make_netns("tfdh")
+    try:
+        port = 5555
+        t = start_tether("-t", str(port), host_ns=host)
+        pid = t.proc.pid
+        used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        with inside(f"/run/netns/{host.name}"):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        wait_for(lambda: "accept: [Errno 24]" in t.log_text(), "EMFILE on accept")
+        before = _cpu_seconds(pid)
+        time.sleep(1.0)  # a measurement window, not a synchronisation
+        assert _cpu_seconds(pid) - before < 0.5, "the daemon spins on a ready listener"
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # fds again: the connection is accepted and, no guest listening, closed.
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(1) == b""
+        client.close()
+        assert t.alive()
+    finally:
+        delete_netns(host)

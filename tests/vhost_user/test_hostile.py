@@ -13,6 +13,7 @@ import array
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import resource
 import socket
@@ -249,6 +250,22 @@ def test_unsealable_memory_is_refused_when_the_device_requires_pinned_memory() -
         rig.fe.send(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region,
                     [rig.guest.fd])  # MFD_CLOEXEC only: F_SEAL_SEAL, no F_SEAL_SHRINK
         assert rig.fe.closed_by_device()
+    finally:
+        rig.close()
+
+
+def test_a_plain_file_as_guest_memory_works_as_memory_backend_file_sends_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig()
+    try:
+        rig.guest.mem.close()
+        os.close(rig.guest.fd)
+        fd = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, rig.guest.mem_size)
+        rig.guest.fd = fd
+        rig.guest.mem = mmap.mmap(fd, rig.guest.mem_size)
+        assert works(rig)
+        assert "cannot be sealed" in caplog.text  # what shrinking it would do is said
     finally:
         rig.close()
 

@@ -33,6 +33,8 @@ from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp
 
 log = logging.getLogger(__name__)
 
+ACCEPT_BACKOFF = 0.5  # s a -t listener rests after accept() failed (EMFILE...)
+
 _V4_MAPPED = bytes(10) + b"\xff\xff"  # RFC 4291 section 2.5.5.2
 _IP_FREEBIND = 15  # linux/in.h
 _IPV6_FREEBIND = 78  # linux/in6.h
@@ -419,6 +421,9 @@ class Stack:
                 return
             except OSError as exc:
                 limited(log, logging.WARNING, "accept: %s", exc)
+                # Out of fds, say: a ready listener would spin the loop until
+                # one is free, so it rests for ACCEPT_BACKOFF instead.
+                self._rest(listener, guest_port)
                 return
             remote = self.guest_view_of(peer[0])
             guest = self.guest_addr_for(listener.family, remote)
@@ -426,6 +431,16 @@ class Stack:
                 sock.close()
                 continue
             self.tcp.accepted(sock, guest, guest_port, remote, peer[1])
+
+    def _rest(self, listener: socket.socket, guest_port: int) -> None:
+        fd = listener.fileno()
+        self.loop.remove(fd)
+
+        def again() -> None:
+            if listener.fileno() == fd and not self.loop.watching(fd):
+                self.loop.add(fd, evloop.READ, self._acceptor(listener, guest_port))
+
+        self.loop.call_later(ACCEPT_BACKOFF, again)
 
     # -- state for migration ----------------------------------------------
 
