@@ -112,6 +112,10 @@ class Process:
         return self.text()
 
 
+def _knows_runas(src: Path) -> bool:
+    return "--runas" in (src / "tether" / "config.py").read_text()
+
+
 class Tether(Process):
     """`tether --vhost-user --socket PATH` inside a host namespace; with
     vhost_user=False, `tether --socket PATH` for QEMU's `-netdev stream`.
@@ -123,10 +127,11 @@ class Tether(Process):
         self.repair_path = Path(f"{self.socket}.repair")
         mode = ["--vhost-user"] if vhost_user else []
         # --runas root: the lab's sockets live in root's own test directories, which
-        # the nobody tether would otherwise become cannot write.
+        # the nobody tether would otherwise become cannot write.  A tree older than
+        # --runas (a benchmark's --baseline) stays root anyway.
+        runas = ["--runas", "root"] if _knows_runas(src) else []
         cmd = in_ns(ns, sys.executable, "-m", "tether.cli", *mode, "--socket",
-                    str(self.socket), "-f", "--runas", "root", *(["-d"] if debug else []),
-                    *extra)
+                    str(self.socket), "-f", *runas, *(["-d"] if debug else []), *extra)
         super().__init__(cmd, workdir / f"{name}.log", src=src)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30,
                  f"{name} socket")
