@@ -222,10 +222,24 @@ class Libvirtd:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        self._end_leftover_backends()
         out = getattr(self, "out", None)
         if out is not None:
             out.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _end_leftover_backends(self) -> None:
+        """tethers this daemon started that are still there: a migration's source
+        stays by design (--one-off), and libvirt does not stop it. Found by their
+        log file, which is under ROOT."""
+        mine = str(self.root).encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes()
+                if b"tether.cli" in cmdline and mine in cmdline:
+                    os.kill(int(proc.name), signal.SIGTERM)
 
 
 class Domain:
