@@ -41,9 +41,11 @@ GUEST_MAC = "52:54:00:12:34:56"
 BOUND = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
          "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 
-QEMU_CONF = f"""\
-user = "{QEMU_USER}"
-group = "{QEMU_USER}"
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "ptmx")
+
+QEMU_CONF = """\
+user = "{user}"
+group = "{user}"
 # No private /dev, no cgroups, no confinement: a container may allow none of them.
 namespaces = [ ]
 cgroup_controllers = [ ]
@@ -65,7 +67,7 @@ PASST = f"""\
 #!/bin/sh
 # libvirt's passt is tether (README.md, "Under libvirt and KubeVirt").
 export PYTHONPATH={SRC}
-exec {SYSTEM_PYTHON} -m tether.cli "$@"
+exec {SYSTEM_PYTHON} -m tether.cli {{extra}}"$@"
 """
 
 
@@ -91,10 +93,15 @@ def libvirt_missing_reason() -> str | None:
 class Libvirtd:
     """One libvirtd in network namespace `ns`, its state under a fresh ROOT."""
 
-    def __init__(self, ns: str, guest: GuestImage, host_uuid: str | None = None) -> None:
-        """host_uuid: two daemons on one machine must differ for libvirt to migrate."""
+    def __init__(self, ns: str, guest: GuestImage, host_uuid: str | None = None,
+                 qemu_user: str = QEMU_USER, passt_args: tuple[str, ...] = ()) -> None:
+        """host_uuid: two daemons on one machine must differ for libvirt to migrate.
+        qemu_user: who runs QEMU and passt; passt_args: what the `passt` script adds
+        to libvirt's command line (as README.md's wrapper for --migrate-format does)."""
         self.ns = ns
         self.host_uuid = host_uuid
+        self.qemu_user = qemu_user
+        self.passt_args = passt_args
         self.root = Path(tempfile.mkdtemp(prefix="tlv-", dir="/tmp"))  # short socket paths
         self.root.chmod(0o755)
         try:
@@ -119,13 +126,13 @@ class Libvirtd:
                 with contextlib.suppress(FileNotFoundError):
                     st = real.stat()
                     os.chown(path, st.st_uid, st.st_gid)
-        (r / "etc" / "qemu.conf").write_text(QEMU_CONF)
+        (r / "etc" / "qemu.conf").write_text(QEMU_CONF.format(user=self.qemu_user))
         conf = LIBVIRTD_CONF
         if self.host_uuid is not None:
             conf += f'host_uuid = "{self.host_uuid}"\n'
         (r / "etc" / "libvirtd.conf").write_text(conf)
         passt = r / "bin" / "passt"
-        passt.write_text(PASST)
+        passt.write_text(PASST.format(extra="".join(f"{a} " for a in self.passt_args)))
         passt.chmod(0o755)
         for part in (guest.kernel, guest.initrd):
             shutil.copyfile(part, r / "guest" / part.name)
@@ -143,10 +150,14 @@ class Libvirtd:
             # Here /dev/kvm opens but runs no stock kernel (nested PVM), so libvirt's
             # probe finds no KVM while its cache check sees /dev/kvm usable: it
             # re-probes QEMU on every lookup, a minute per migration. The domains are
-            # TCG: hide /dev/kvm from the daemon's QEMU user.
-            no_kvm = r / "no-kvm"
-            no_kvm.touch(mode=0o000)
-            mounts.append(f"mount --bind {no_kvm} /dev/kvm")
+            # TCG: the daemon gets a /dev of its own with the few nodes it and QEMU
+            # use and no kvm (a QEMU user of root would see through file modes).
+            (r / "hostdev").mkdir()
+            mounts += [f"mount --rbind /dev {r / 'hostdev'}", "mount -t tmpfs -o mode=755 dev /dev"]
+            for node in DEV_NODES:
+                mounts += [f"touch /dev/{node}", f"mount --bind {r / 'hostdev' / node} /dev/{node}"]
+            mounts += ["mkdir /dev/pts /dev/shm", f"mount --rbind {r / 'hostdev' / 'pts'} /dev/pts",
+                       "mount -t tmpfs -o mode=1777 shm /dev/shm"]
         path = f"{r / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         script = " && ".join([*mounts, f"exec env PATH={path} {LIBVIRTD} "
                               "--pid-file /run/libvirt/libvirtd.pid"])
@@ -211,10 +222,24 @@ class Libvirtd:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        self._end_leftover_backends()
         out = getattr(self, "out", None)
         if out is not None:
             out.close()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _end_leftover_backends(self) -> None:
+        """tethers this daemon started that are still there: a migration's source
+        stays by design (--one-off), and libvirt does not stop it. Found by their
+        log file, which is under ROOT."""
+        mine = str(self.root).encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (proc / "cmdline").read_bytes()
+                if b"tether.cli" in cmdline and mine in cmdline:
+                    os.kill(int(proc.name), signal.SIGTERM)
 
 
 class Domain:
