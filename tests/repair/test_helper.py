@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -436,3 +437,82 @@ def test_helper_runs_unprivileged_with_just_cap_net_admin(root: None, ns: Netns)
             proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+def test_the_helper_silences_what_it_switches_to_repair_and_unsilences_after(
+    ns: Netns, backend: RepairHelper, real_helper: subprocess.Popen[str]
+) -> None:
+    """Where only CAP_NET_ADMIN may attach socket filters, tether (which has
+    none) relies on tether-repair to silence a socket it freezes."""
+    (ours, peer), = tcp_pairs(1)
+    backend.set_repair([ours], k.REPAIR_ON)
+    assert repair_flag(ours) == 1 and k.silenced(ours)
+    backend.set_repair([ours], k.REPAIR_OFF)
+    assert repair_flag(ours) == 0 and not k.silenced(ours)
+    ours.sendall(b"still works")
+    assert recv_exactly(peer, 11) == b"still works"
+
+
+UNPRIVILEGED_FREEZE = r"""
+import socket, sys
+from tether.repair import kernel as k, tcp
+from tether.repair.client import RepairHelper
+
+class Fake:  # passt-repair's part: repair mode, nothing else
+    def __init__(self, real): self.real = real
+    def set_repair(self, socks, command):
+        self.real.set_repair(socks, command)
+        for s in socks:
+            try: k.unsilence(s)
+            except OSError: pass
+
+helper = RepairHelper(sys.argv[1], reply_timeout=5.0)
+helper.wait(10)
+lst = socket.create_server(("127.0.0.1", 0))
+ours = socket.create_connection(lst.getsockname()); peer, _ = lst.accept()
+try:
+    k.silence(socket.socket())
+    print("filters allowed")  # this kernel lets anyone attach one: nothing to show
+    sys.exit(0)
+except PermissionError:
+    pass
+tcp.freeze([ours], helper)
+print("frozen silenced" if k.silenced(ours) and ours.getsockopt(k.SOL_TCP, k.TCP_REPAIR) else
+      "frozen bare")
+tcp.unfreeze([ours], helper)
+try:
+    tcp.freeze([ours], Fake(helper))
+    print("bare freeze accepted")
+except OSError as e:
+    print("refused", e.errno, ours.getsockopt(k.SOL_TCP, k.TCP_REPAIR))
+"""
+
+
+def test_an_unprivileged_freeze_is_silenced_by_the_helper_or_refused(
+    ns: Netns, tmp_path: Path
+) -> None:
+    """tether itself without capabilities, the real tether-repair with them:
+    the freeze ends silenced; with a helper that only switches repair mode,
+    as passt-repair does, it is undone and refused with EPERM."""
+    script = tmp_path / "freeze.py"
+    script.write_text(UNPRIVILEGED_FREEZE)
+    path = tmp_path / "nocaps.repair"
+    src = Path(__file__).resolve().parents[2] / "src"
+    # Every capability gone from the bounding set: uid 0 gains none at exec.
+    agent = subprocess.Popen(
+        ns.argv("setpriv", "--bounding-set=-all", "--inh-caps=-all",
+                "env", f"PYTHONPATH={src}", sys.executable, str(script), str(path)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: path.exists() or agent.poll() is not None, 10, "the repair socket")
+        helper_proc = start_helper(path)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    helper_proc.wait(10)
+    lines = out.splitlines()
+    assert lines, err
+    if lines[0] == "filters allowed":
+        return  # a kernel that lets anyone attach filters: the fallback is not needed
+    assert lines == ["frozen silenced", f"refused {errno.EPERM} 0"], out + err

@@ -222,6 +222,13 @@ class Handover:
             repair.freeze(socks, self.helper)
         except OSError as exc:
             self._thaw_sockets(socks)
+            if exc.errno == errno.EPERM and not self.require_repair:
+                # Moving them unsilenced could lose what arrives meanwhile: as
+                # without a helper, they stay and are reset once the guest left.
+                limited(log, logging.WARNING, "migration: %d TCP connection(s) will not "
+                        "move and will be reset: %s", len(flows), exc)
+                outgoing.left_behind = len(flows)
+                return
             raise MigrationError(exc.errno or errno.EIO, f"freezing TCP sockets: {exc}") from exc
         outgoing.flows = flows
         outgoing.frozen = True
@@ -303,8 +310,12 @@ class Handover:
                 or own.get(("::", local[1], 0, 0))
             if listener is not None:
                 if listener not in outgoing.silenced:
-                    repair_kernel.silence(listener)
-                    outgoing.silenced.append(listener)
+                    try:
+                        repair_kernel.silence(listener)
+                        outgoing.silenced.append(listener)
+                    except OSError as exc:  # EPERM where filters need CAP_NET_ADMIN
+                        limited(log, logging.WARNING, "migration: cannot silence the "
+                                "listener on %s while the connection moves: %s", local, exc)
             else:
                 try:
                     outgoing.holders.append(repair.hold_address(state))

@@ -27,6 +27,8 @@ from tether.repair.kernel import (
     TCP_INFO_LEN,
     TCP_REPAIR,
     TcpState,
+    silence,
+    unsilence,
 )
 from tether.repair.protocol import (
     ANCBUF_SIZE,
@@ -222,6 +224,26 @@ def apply(command: int, socks: Sequence[socket.socket], set_repair: Setter = _se
             undone = _put_back(socks[:i], before[:i], set_repair)
             raise HelperError(f"TCP_REPAIR {command} on socket {i + 1} of {len(socks)}: "
                               f"{e.strerror}; {undone}") from e
+    _filter(command, socks)
+
+
+def _filter(command: int, socks: Sequence[socket.socket]) -> None:
+    """With repair on, every incoming segment dropped; with it off, none.
+
+    A socket in repair mode still receives (and acknowledges) what arrives,
+    which the dump would miss, so a migrating socket must also be silenced
+    (repair/tcp.py, freeze).  Some kernels let only CAP_NET_ADMIN attach a
+    socket filter; the back-end, which has none, then relies on this.  Best
+    effort: a back-end that could attach its own filter already has.
+    """
+    for s in socks:
+        try:
+            if command == REPAIR_ON:
+                silence(s)
+            else:
+                unsilence(s)
+        except OSError:
+            pass
 
 
 def _put_back(socks: Sequence[socket.socket], before: Sequence[int], set_repair: Setter) -> str:

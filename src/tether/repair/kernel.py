@@ -134,6 +134,11 @@ def silence(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL_PROG)
 
 
+def silenced(sock: socket.socket) -> bool:
+    """Whether a filter is attached (SO_GET_FILTER: its length, 0 for none)."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER))
+
+
 def unsilence(sock: socket.socket) -> None:
     """Undo silence(); harmless if no filter is attached."""
     try:

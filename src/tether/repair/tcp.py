@@ -87,11 +87,25 @@ def freeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
     """Stop the connections dead: no segment in or out changes their state.
 
     The filter goes on first so that nothing arrives between the dump and
-    the moment the socket is closed (or lingers, across hosts).
+    the moment the socket is closed (or lingers, across hosts).  Where the
+    kernel lets only CAP_NET_ADMIN attach one (EPERM), tether-repair attaches
+    it with repair mode; a helper that does not (passt-repair) leaves the
+    sockets unsilenced, and the freeze is undone and fails with EPERM, so
+    that the caller can decide between failing and not moving them.
     """
-    for s in socks:
-        k.silence(s)
+    try:
+        for s in socks:
+            k.silence(s)
+    except PermissionError:
+        for s in socks:
+            k.unsilence(s)
     switch.set_repair(socks, k.REPAIR_ON)
+    bare = sum(1 for s in socks if not k.silenced(s))
+    if bare:
+        unfreeze(socks, switch)
+        raise RepairError(errno.EPERM, f"{bare} of {len(socks)} socket(s) cannot be silenced: "
+                          "this kernel lets only CAP_NET_ADMIN attach socket filters, and "
+                          "the helper did not (passt-repair does not; tether-repair does)")
 
 
 def unfreeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
