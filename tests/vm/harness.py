@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .guest import READY_MARKER, GuestImage
@@ -153,8 +154,22 @@ class Vm:
                  f"{name} QMP socket")
         if self.proc.poll() is not None:
             raise RuntimeError(f"{name}: QEMU exited: {self.stderr()}")
-        self._qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self._qmp.connect()
+        self._qmp = self._connect_qmp()
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        # Seen once under load: a connection made while QEMU was still starting
+        # got an event where the greeting belongs, and qemu.qmp gave up on it.
+        # The monitor serves any number of connections in turn: try a fresh one.
+        for attempt in range(3):
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                qmp.connect()
+                return qmp
+            except ConnectError:
+                qmp.close()
+                if attempt == 2 or self.proc.poll() is not None:
+                    raise
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _netdev_args(netdev: str, socket: Path) -> list[str]:
