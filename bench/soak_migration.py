@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -354,15 +355,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
     guest = ensure_guest()
-    with tempfile.TemporaryDirectory(prefix="soak") as tmp:
-        work = Path(tmp)
-        (work / "tstream").mkdir()
-        tstream = build_tstream(work / "tstream")
+    # Kept when the soak fails: the tethers', helpers' and QEMUs' logs say why.
+    work = Path(tempfile.mkdtemp(prefix="soak"))
+    (work / "tstream").mkdir()
+    tstream = build_tstream(work / "tstream")
+    try:
         report = soak(work, guest, tstream, migrations=args.migrations, seed=args.seed,
                       faults=faults, fault_rate=args.fault_rate,
                       progress=lambda line: print(line, flush=True))
+    except BaseException:
+        print(f"soak failed; logs in {work}", file=sys.stderr)
+        raise
     print(json.dumps(report.as_dict(), indent=2))
     ok = report.lost_or_duplicated == 0 and report.connections_kept == 2
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"logs in {work}", file=sys.stderr)
     return 0 if ok else 1
 
 
