@@ -133,6 +133,10 @@ class Guest:
     def read(self, gpa: int, length: int) -> bytes:
         return self.mem[gpa:gpa + length]
 
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.fd)
+
 
 class Frontend:
     """QEMU's side of the socket."""

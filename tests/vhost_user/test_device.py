@@ -34,8 +34,7 @@ class Rig:
     def close(self) -> None:
         self.fe.close()
         self.device.disconnect("test over")
-        self.guest.mem.close()
-        os.close(self.guest.fd)
+        self.guest.close()
         self.loop.close()
 
 
@@ -521,8 +520,7 @@ def test_tx_works_in_batches_and_yields_to_the_loop_between_them() -> None:
     finally:
         fe.close()
         device.disconnect("test over")
-        guest.mem.close()
-        os.close(guest.fd)
+        guest.close()
         loop.close()
 
 
@@ -559,8 +557,7 @@ def test_has_room_tracks_the_posted_capacity_exactly_when_tight() -> None:
     finally:
         fe.close()
         device.disconnect("test over")
-        guest.mem.close()
-        os.close(guest.fd)
+        guest.close()
         loop.close()
 
 

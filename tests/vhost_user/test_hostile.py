@@ -216,8 +216,7 @@ def test_memory_file_smaller_than_its_region_is_refused(rig: Rig) -> None:
 
 def test_a_sealable_memfd_is_sealed_so_the_front_end_cannot_shrink_it() -> None:
     rig = Rig()
-    rig.guest.mem.close()
-    os.close(rig.guest.fd)
+    rig.guest.close()
     rig.guest = Guest(memfd_flags=os.MFD_ALLOW_SEALING)
     try:
         rig.fe.start(rig.guest)
@@ -230,8 +229,7 @@ def test_a_sealable_memfd_is_sealed_so_the_front_end_cannot_shrink_it() -> None:
 
 def test_a_memfd_sealed_by_the_front_end_is_taken_as_it_is() -> None:
     rig = Rig()
-    rig.guest.mem.close()
-    os.close(rig.guest.fd)
+    rig.guest.close()
     rig.guest = Guest(memfd_flags=os.MFD_ALLOW_SEALING)
     fcntl.fcntl(rig.guest.fd, fcntl.F_ADD_SEALS,
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)  # as QEMU does
@@ -258,8 +256,7 @@ def test_a_plain_file_as_guest_memory_works_as_memory_backend_file_sends_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig()
     try:
-        rig.guest.mem.close()
-        os.close(rig.guest.fd)
+        rig.guest.close()
         fd = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(fd, rig.guest.mem_size)
         rig.guest.fd = fd

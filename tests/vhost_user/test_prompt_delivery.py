@@ -141,8 +141,7 @@ class Rig:
         self.stack.close()
         self.fe.close()
         self.device.disconnect("test over")
-        self.guest.mem.close()
-        os.close(self.guest.fd)
+        self.guest.close()
         self.loop.close()
 
 
