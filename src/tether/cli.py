@@ -27,14 +27,10 @@ from tether.pcap import CapturingPort, CapturingSink, PcapWriter
 from tether.repair import caps
 from tether.repair.client import RepairHelper
 from tether.spawn import Child
+from tether.state_channel import DeviceStateHandler, StateSink
 from tether.transport.stream import StreamTransport
 from tether.transport.tap import TapTransport, configure_ipv4, create_tap
-from tether.transport.vhost_user.device import (
-    DeviceStateHandler,
-    StateSink,
-    VhostUserNetDevice,
-    VhostUserServer,
-)
+from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
 from tether.transport.vhost_user.protocol import PASST_FEATURES
 
 log = logging.getLogger("tether")

@@ -17,12 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tether.loop import Loop
+from tether.state_channel import BufferedSink, DeviceStateError
 from tether.transport.vhost_user import protocol as p
-from tether.transport.vhost_user.device import (
-    BufferedSink,
-    DeviceStateError,
-    VhostUserNetDevice,
-)
+from tether.transport.vhost_user.device import VhostUserNetDevice
 
 MEM_SIZE = 1 << 20
 QVA_BASE = 0x7F00_0000_0000  # the front-end's (made-up) address of guest memory

@@ -54,7 +54,7 @@ from tether.repair import kernel as repair_kernel
 from tether.repair import tcp as repair
 from tether.repair.client import RepairHelper
 from tether.repair.record import TcpConnState
-from tether.transport.vhost_user.device import DeviceStateError
+from tether.state_channel import DeviceStateError
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,6 @@ Public API::
     server = VhostUserServer(loop, "/run/tether.sock", device)
 """
 
-from .device import (
-    DeviceStateError,
-    DeviceStateHandler,
-    VhostUserNetDevice,
-    VhostUserServer,
-)
+from .device import VhostUserNetDevice, VhostUserServer
 
-__all__ = ["DeviceStateError", "DeviceStateHandler", "VhostUserNetDevice", "VhostUserServer"]
+__all__ = ["VhostUserNetDevice", "VhostUserServer"]

@@ -24,11 +24,12 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from ...frames import GuestPort
 from ...loop import EDGE, HANGUP, READ, WRITE, Loop, Timer
 from ...ratelimit import limited
+from ...state_channel import DeviceStateError, DeviceStateHandler, StateSink
 from . import fds as fdkind
 from . import protocol as p
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
@@ -62,71 +63,6 @@ STATE_TRANSFER_TIMEOUT = 60.0
 CHECK_GRACE = 5.0  # after CHECK_DEVICE_STATE, the rest of a load must come this fast
 STATE_CHUNK = 1 << 16
 STATE_PASS = 1 << 20  # device-state bytes read per loop pass: other fds get their turn
-
-
-class DeviceStateError(Exception):
-    """Saving or loading device state failed; `errno` goes to CHECK_DEVICE_STATE."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = code
-
-
-class StateSink(Protocol):
-    """Target: where the bytes of one incoming device state go, as they arrive."""
-
-    def feed(self, data: bytes) -> None:
-        """More bytes; raise DeviceStateError to stop the transfer at once
-        (a bad magic, bad framing, over the size limit)."""
-        ...
-
-    def finish(self) -> None:
-        """End of file: validate and keep the state (guest memory is not mapped
-        yet).  Raise DeviceStateError to fail the migration; nothing may be applied."""
-        ...
-
-
-class DeviceStateHandler(Protocol):
-    """What the device needs from the migration stream (wired by the integrator)."""
-
-    def save_state(self) -> bytes:
-        """Source: the state to send, called once the rings are stopped."""
-        ...
-
-    def begin_load(self) -> StateSink:
-        """Target: a SET_DEVICE_STATE_FD(LOAD) arrived; the sink takes its bytes."""
-        ...
-
-    def rings_started(self) -> None:
-        """Both rings started: the target applies loaded state here; on the
-        source this after a save means QEMU resumed us (the migration failed)."""
-        ...
-
-    def rings_stopped(self) -> None:
-        """All rings stopped (GET_VRING_BASE): the device is suspended."""
-        ...
-
-    def front_end_gone(self) -> None:
-        """QEMU disconnected: on a source after a save, the migration succeeded."""
-        ...
-
-
-class BufferedSink:
-    """A StateSink for small states: collects up to `limit` bytes, then hands
-    them whole to `load` (which raises DeviceStateError to refuse them)."""
-
-    def __init__(self, load: Callable[[bytes], None], limit: int) -> None:
-        self._load = load
-        self._limit = limit
-        self._data = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        if len(self._data) + len(data) > self._limit:
-            raise DeviceStateError(errno.EFBIG, f"device state over {self._limit} bytes")
-        self._data += data
-
-    def finish(self) -> None:
-        self._load(bytes(self._data))
 
 
 class _Transfer:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from ...frames import FrameSink
 from ...loop import Loop
-from .device import BufferedSink, DeviceStateError
+from ...state_channel import BufferedSink, DeviceStateError
 
 log = logging.getLogger(__name__)
 
