@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from tether.migrate.records import FixedRecords
-from tether.migrate.stream import Format, Side, Stage, apply_loaded, parse, save
+from tether.migrate.stream import Bindings, Format, Stage, apply_loaded, parse, save
 
 # 164 bytes: the shape of a flow entry plus its socket state.
 LAYOUT = ">2B16s16sHH16s16sHH4BIIBBHH5I12I4B"
-FLOWS = Stage("flows", 1, FixedRecords(LAYOUT, "flows"))
+FLOWS: Stage[Sequence[tuple[Any, ...]]] = Stage("flows", 1, FixedRecords(LAYOUT, "flows"))
 FORMAT = Format(versions={1: (FLOWS,)}, current=1, compat=1)
 
 
@@ -47,12 +47,12 @@ def main() -> None:
 
     for _ in range(args.rounds):
         started = time.perf_counter()
-        saved = save(FORMAT, {"flows": Side(save=lambda: records)})
+        saved = save(FORMAT, Bindings(FORMAT).bind(FLOWS, save=lambda: records))
         encode_best = min(encode_best, time.perf_counter() - started)
         data = saved.to_bytes()
         started = time.perf_counter()
         loaded = parse(FORMAT, data)
-        apply_loaded(FORMAT, loaded, {"flows": Side(apply=keep)})
+        apply_loaded(FORMAT, loaded, Bindings(FORMAT).bind(FLOWS, apply=keep))
         decode_best = min(decode_best, time.perf_counter() - started)
     assert received[-1] == records  # a full unpack of every field, outside the timing
     unpack_best = float("inf")

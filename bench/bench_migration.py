@@ -94,8 +94,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tether.handover.device_state import Handover
-from tether.handover.format import TETHER_FORMAT
-from tether.handover.records import TcpFlow
+from tether.handover.format import TCP_FLOWS, TETHER_FORMAT
 from tether.loop import Loop
 from tether.migrate.stream import parse
 from tether.net.params import NetParams, PortRange
@@ -451,7 +450,8 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers, *,
         socks = {by_ends[sock.getpeername(), sock.getsockname()].index: sock for _, sock in flows}
         took = check_all([(conns[i], socks[i]) for i in picks], CHECK_TIMEOUT)
         retrans = sum(total_retrans(sock) for sock in restored)
-        flows_sent: list[TcpFlow] = parse(TETHER_FORMAT, data).value("tcp flows") or []
+        sent = parse(TETHER_FORMAT, data).value(TCP_FLOWS)
+        flows_sent = list(sent)
         if len(flows_sent) != n:
             raise RuntimeError(f"{len(flows_sent)} flows in the state, {n} expected")
         queued = sum(len(f.socket.send_queue) + len(f.socket.recv_queue) for f in flows_sent)

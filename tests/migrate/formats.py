@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.migrate.errors import MigrationError
-from tether.migrate.stream import Buffer, Format, Side, Stage
+from tether.migrate.stream import Bindings, Buffer, Format, Stage
 
 
 class BlobCodec:
@@ -49,13 +49,16 @@ class LiveState:
     log: list[str] = field(default_factory=list)
 
     def sides(self, fmt: Format, fail_save: str | None = None,
-              fail_apply: str | None = None) -> dict[str, Side[Any]]:
-        out: dict[str, Side[Any]] = {}
+              fail_apply: str | None = None) -> Bindings:
+        out = Bindings(fmt)
         for stage in fmt.versions[fmt.current]:
-            out[stage.name] = self._side(stage.name, fail_save, fail_apply)
+            self._bind(out, stage, fail_save, fail_apply)
         return out
 
-    def _side(self, name: str, fail_save: str | None, fail_apply: str | None) -> Side[Any]:
+    def _bind(self, bindings: Bindings, stage: Stage[Any], fail_save: str | None,
+              fail_apply: str | None) -> None:
+        name = stage.name
+
         def save() -> Any:
             if name == fail_save:
                 raise OSError(errno.EBUSY, "refused by test")
@@ -77,4 +80,4 @@ class LiveState:
                 self.log.append(f"revert {name}")
             return revert
 
-        return Side(save=save, undo=undo, apply=apply)
+        bindings.bind(stage, save=save, undo=undo, apply=apply)

@@ -12,12 +12,11 @@ import json
 import socket
 import struct
 from pathlib import Path
-from typing import Any
 
 from tests.migrate.formats import U32Codec
-from tether.handover.format import TETHER_FORMAT
+from tether.handover.format import GUEST_ADDRESSES, TCP_FLOWS, TETHER_FORMAT, UDP_FLOWS
 from tether.handover.records import GuestAddresses, TcpFlow
-from tether.migrate.stream import Format, Side, Stage, save
+from tether.migrate.stream import Bindings, Format, Stage, save
 from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
 from tether.repair.kernel import TcpState
@@ -34,8 +33,9 @@ SEEN = GuestAddresses(
 
 V1 = TETHER_FORMAT.versions[1]
 # A later release that added an optional stage: today's reader must skip it.
+FUTURE = Stage("future", 200, U32Codec(), optional=True)
 FUTURE_FORMAT = Format(
-    versions={1: V1, 2: (*V1, Stage("future", 200, U32Codec(), optional=True))},
+    versions={1: V1, 2: (*V1, FUTURE)},
     current=2, compat=1)
 # A later release whose stream today's reader must refuse.
 INCOMPATIBLE_FORMAT = Format(versions={1: V1, 5: V1}, current=5, compat=5)
@@ -74,10 +74,12 @@ UDP_FLOW = UdpFlowRecord(inbound=False, guest_addr=socket.inet_aton("10.200.0.2"
 
 def _stream(fmt: Format, addresses: GuestAddresses, future: int | None = None,
             flows: tuple[TcpFlow, ...] = (), udp: tuple[UdpFlowRecord, ...] = ()) -> bytes:
-    sides: dict[str, Side[Any]] = {"guest addresses": Side(save=lambda: addresses),
-                                   "tcp flows": Side(save=lambda: list(flows)),
-                                   "udp flows": Side(save=lambda: list(udp)),
-                                   "future": Side(save=lambda: future)}
+    sides = Bindings(fmt).bind(GUEST_ADDRESSES, save=lambda: addresses) \
+        .bind(TCP_FLOWS, save=lambda: list(flows))
+    if UDP_FLOWS in fmt.versions[fmt.current]:
+        sides.bind(UDP_FLOWS, save=lambda: list(udp))
+    if FUTURE in fmt.versions[fmt.current]:
+        sides.bind(FUTURE, save=lambda: future)
     return save(fmt, sides).to_bytes()
 
 

@@ -44,7 +44,7 @@ def declaring(length: int, stage: int = 1) -> bytes:
 def test_a_32_byte_stream_claiming_2_gib_costs_32_bytes() -> None:
     for length in ((2 << 30) - 64, 2 << 30, (1 << 64) - 1):
         for stage in (1, 4, 999):  # known stages, and an unknown one
-            done = run(["-m", "tether.migrate.cli", "check", "-"], declaring(length, stage))
+            done = run(["-m", "tether.handover.state_cli", "check", "-"], declaring(length, stage))
             assert b"Traceback" not in done.stderr, done.stderr.decode()
             assert b"MemoryError" not in done.stderr
             assert done.returncode == 1, done.stderr.decode()
@@ -123,7 +123,8 @@ def test_tether_state_reports_memory_exhaustion_in_one_line() -> None:
     # 300 MiB of a real (known, mandatory) record under a 256 MiB limit, written
     # in chunks: the test itself holds 1 MiB of it at a time.
     n = 300 << 20
-    proc = subprocess.Popen(limited([sys.executable, "-m", "tether.migrate.cli", "check", "-"],
+    proc = subprocess.Popen(limited([sys.executable, "-m", "tether.handover.state_cli",
+                                     "check", "-"],
                                     256 << 20),
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     assert proc.stdin is not None and proc.stderr is not None

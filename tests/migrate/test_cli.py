@@ -15,7 +15,7 @@ EXPECTED = json.loads((DIRECTORY / "expected.json").read_text())
 
 
 def tether_state(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tether.migrate.cli", *args],
+    return subprocess.run([sys.executable, "-m", "tether.handover.state_cli", *args],
                           input=stdin.decode("latin-1") if stdin is not None else None,
                           capture_output=True, text=True, encoding="latin-1", timeout=60,
                           check=False)

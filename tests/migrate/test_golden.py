@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.migrate.golden import DIRECTORY, SEEN, streams
-from tether.handover.format import FORMATS, TETHER_FORMAT
+from tether.handover.format import FORMATS, GUEST_ADDRESSES, TETHER_FORMAT
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import Loaded, parse
 from tether.migrate.unframed import FormatReader
@@ -45,7 +45,7 @@ def test_valid_files_parse(name: str) -> None:
 
 def test_golden_addresses_decode_to_what_was_encoded() -> None:
     loaded = parse(TETHER_FORMAT, (DIRECTORY / "guest-addresses.valid.bin").read_bytes())
-    assert loaded.value("guest addresses") == SEEN
+    assert loaded.value(GUEST_ADDRESSES) == SEEN
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from tether.handover.format import FORMATS
-from tether.handover.passt_format import PASST_FORMAT
-from tether.handover.records import TcpFlow
+from tether.handover.passt_format import OBSERVED_ADDRESSES, PASST_FORMAT, TRANSFER_FLOWS
 from tether.migrate.errors import MigrationError
-from tether.migrate.stream import Loaded, Side, save
+from tether.migrate.stream import Bindings, Loaded, save
 from tether.migrate.unframed import FormatReader
 from tether.repair.kernel import TcpState
 
@@ -41,9 +40,10 @@ def test_capture_reads_as_what_passt_held(name: str) -> None:
     data = (DIRECTORY / f"{name}.bin").read_bytes()
     loaded = read(data)
     assert loaded.size == summary["size"] == len(data)
-    flows: list[TcpFlow] = loaded.value("transfer flows")
+    sent = loaded.value(TRANSFER_FLOWS)
+    flows = list(sent)
     assert len(flows) == summary["flows"]
-    assert loaded.value("observed addresses").ipv4 == bytes([10, 200, 0, 2])
+    assert loaded.value(OBSERVED_ADDRESSES).ipv4 == bytes([10, 200, 0, 2])
     states = {f.socket.state for f in flows}
     if summary["half_closed"]:
         # The host's FIN with data still queued for the guest, and the guest's FIN.
@@ -64,8 +64,9 @@ def test_capture_reads_as_what_passt_held(name: str) -> None:
 def test_capture_is_written_back_byte_for_byte(name: str) -> None:
     data = (DIRECTORY / f"{name}.bin").read_bytes()
     loaded = read(data)
-    sides = {"observed addresses": Side(save=lambda: loaded.value("observed addresses")),
-             "transfer flows": Side(save=lambda: loaded.value("transfer flows"))}
+    sides = Bindings(PASST_FORMAT) \
+        .bind(OBSERVED_ADDRESSES, save=lambda: loaded.value(OBSERVED_ADDRESSES)) \
+        .bind(TRANSFER_FLOWS, save=lambda: loaded.value(TRANSFER_FLOWS))
     assert save(PASST_FORMAT, sides).to_bytes() == data
 
 

@@ -8,15 +8,17 @@ import zlib
 
 import pytest
 
-from tests.migrate.formats import ALPHA, BLOB, EXTRA, THREE_STAGES, LiveState
+from tests.migrate.formats import ALPHA, BLOB, EXTRA, PREPARE, THREE_STAGES, BlobCodec, LiveState
+from tether.handover.format import FORMATS, ROLES
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     END_MARKER,
     HEADER,
     MAGIC,
     RECORD,
+    Bindings,
     Format,
-    Side,
+    Stage,
     StreamParser,
     apply_loaded,
     parse,
@@ -55,7 +57,7 @@ def test_layout_is_header_records_end_marker() -> None:
     loaded = parse(THREE_STAGES, data)
     assert [(r.stage.name if r.stage else None, r.offset) for r in loaded.records] == [
         ("alpha", 16), ("blob", 36), ("extra", 36 + 16 + 13)]
-    assert loaded.value("blob") == b"payload bytes"
+    assert loaded.value(BLOB) == b"payload bytes"
     assert loaded.size == len(data)
 
 
@@ -104,7 +106,7 @@ def test_unknown_mandatory_stage_is_refused_unknown_optional_is_skipped() -> Non
     loaded = parse(THREE_STAGES, header() + alpha + record(99, b"new", flags=1) + blob
                    + END_MARKER)
     assert [(r.id, r.stage) for r in loaded.records][1] == (99, None)
-    assert loaded.value("blob") == b"x"
+    assert loaded.value(BLOB) == b"x"
 
 
 def test_record_rules() -> None:
@@ -217,8 +219,8 @@ def test_one_failing_undo_does_not_stop_the_others() -> None:
         log.append("first")
         raise RuntimeError("boom")
 
-    sides = {"alpha": Side(save=lambda: 1, undo=failing),
-             "prepare": Side(undo=lambda: log.append("second"))}
+    sides = Bindings(THREE_STAGES).bind(ALPHA, save=lambda: 1, undo=failing) \
+        .bind(PREPARE, undo=lambda: log.append("second"))
     with pytest.raises(MigrationError) as info:
         save(THREE_STAGES, sides)  # no blob: fails, undoes both
     assert log == ["second", "first"]
@@ -237,3 +239,24 @@ def test_format_table_is_checked() -> None:
         Format(versions={1: (ALPHA,)}, current=1, compat=2)
     with pytest.raises(ValueError, match="current"):
         Format(versions={1: (BLOB, EXTRA)}, current=2, compat=1)
+
+
+def test_a_binding_to_a_stage_the_format_lacks_is_refused_when_made() -> None:
+    """A misspelt or foreign stage must not be skipped in silence: a skipped
+    "freeze" or "flows" stage would lose every connection it should move."""
+    misspelt = Stage("blobb", 3, BlobCodec())
+    with pytest.raises(ValueError, match=r"'blobb'.*not in the tether format"):
+        Bindings(THREE_STAGES).bind(misspelt, save=lambda: b"x")
+    with pytest.raises(ValueError, match="bound twice"):
+        Bindings(THREE_STAGES).bind(BLOB, save=lambda: b"x").bind(BLOB, save=lambda: b"y")
+    other = Format(versions={1: (ALPHA,)}, current=1, compat=1)
+    with pytest.raises(ValueError, match="bindings made for"):
+        save(THREE_STAGES, Bindings(other).bind(ALPHA, save=lambda: 1))
+
+
+def test_every_handover_role_is_a_stage_of_its_format() -> None:
+    for name, fmt in FORMATS.items():
+        stages = {stage for version in fmt.versions.values() for stage in version}
+        roles = ROLES[name]
+        for stage in (roles.addresses, roles.freeze, roles.tcp, roles.udp):
+            assert stage is None or stage in stages, (name, stage)

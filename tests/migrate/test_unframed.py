@@ -5,16 +5,15 @@ from __future__ import annotations
 import errno
 import tracemalloc
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
 from tests.migrate.golden import FLOW, SEEN, raw_mapped
-from tether.handover.format import FORMATS, TETHER_FORMAT
-from tether.handover.passt_format import PASST_FORMAT
+from tether.handover.format import FORMATS, GUEST_ADDRESSES, TCP_FLOWS, TETHER_FORMAT, UDP_FLOWS
+from tether.handover.passt_format import OBSERVED_ADDRESSES, PASST_FORMAT, TRANSFER_FLOWS
 from tether.handover.records import GuestAddressesCodec
 from tether.migrate.errors import MigrationError
-from tether.migrate.stream import Format, Side, Stage, save
+from tether.migrate.stream import Bindings, Format, Stage, save
 from tether.migrate.unframed import FormatReader, UnframedParser
 
 # passt's record carries the host side too (tether's own stage leaves it to
@@ -24,8 +23,8 @@ LIVE = replace(FLOW, tap=replace(FLOW.tap, sides=(
 
 
 def passt_stream(flows: int = 2) -> bytes:
-    sides: dict[str, Side[Any]] = {"observed addresses": Side(save=lambda: SEEN),
-                                   "transfer flows": Side(save=lambda: [LIVE] * flows)}
+    sides = Bindings(PASST_FORMAT).bind(OBSERVED_ADDRESSES, save=lambda: SEEN) \
+        .bind(TRANSFER_FLOWS, save=lambda: [LIVE] * flows)
     return save(PASST_FORMAT, sides).to_bytes()
 
 
@@ -47,9 +46,9 @@ def test_byte_by_byte_reads_as_all_at_once() -> None:
 
 
 def test_the_magic_picks_the_format() -> None:
-    tether = save(TETHER_FORMAT, {"guest addresses": Side(save=lambda: SEEN),
-                                  "tcp flows": Side(save=lambda: []),
-                                  "udp flows": Side(save=lambda: [])}).to_bytes()
+    tether = save(TETHER_FORMAT, Bindings(TETHER_FORMAT)
+                  .bind(GUEST_ADDRESSES, save=lambda: SEEN).bind(TCP_FLOWS, save=lambda: [])
+                  .bind(UDP_FLOWS, save=lambda: [])).to_bytes()
     assert read(tether).format is TETHER_FORMAT
     assert read(passt_stream()).format is PASST_FORMAT
     with pytest.raises(MigrationError) as info:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
@@ -23,9 +24,9 @@ from tether.migrate.stream import (
     END_MARKER,
     HEADER,
     MAGIC,
+    Bindings,
     Buffer,
     Format,
-    Side,
     Stage,
     apply_loaded,
     parse,
@@ -69,22 +70,37 @@ RELEASE_B = Format(versions={1: V1, 2: V2}, current=2, compat=1)
 RELEASE_C = Format(versions={1: V1, 2: V2, 3: V3}, current=3, compat=3)
 
 
-def source_sides() -> dict[str, Side[object]]:
-    return {"addresses": Side(save=lambda: b"\x0a\x00\x02\x0f"),
-            "counters": Side(save=lambda: (7, 9)),
-            "stats": Side(save=lambda: 1234)}
+SOURCE_VALUES: dict[str, object] = {"addresses": b"\x0a\x00\x02\x0f", "counters": (7, 9),
+                                    "stats": 1234}
+
+
+def every_stage(fmt: Format) -> set[Stage[Any]]:
+    return {stage for stages in fmt.versions.values() for stage in stages}
+
+
+def source_sides(fmt: Format) -> Bindings:
+    sides = Bindings(fmt)
+    for stage in fmt.versions[fmt.current]:
+        sides.bind(stage, save=_value_of(stage.name))
+    return sides
+
+
+def _value_of(name: str) -> Callable[[], object]:
+    return lambda: SOURCE_VALUES[name]
 
 
 def migrate(source: Format, target: Format) -> dict[str, object]:
-    data = save(source, source_sides()).to_bytes()
+    data = save(source, source_sides(source)).to_bytes()
     live: dict[str, object] = {}
 
-    def setter(name: str) -> Side[object]:
-        return Side(apply=lambda value: live.__setitem__(name, value))
+    def setter(name: str) -> Callable[[object], None]:
+        return lambda value: live.__setitem__(name, value)
 
     loaded = parse(target, data)
-    apply_loaded(target, loaded, {name: setter(name) for name in ("addresses", "counters",
-                                                                  "stats")})
+    sides = Bindings(target)
+    for stage in every_stage(target):
+        sides.bind(stage, apply=setter(stage.name))
+    apply_loaded(target, loaded, sides)
     live["read as"] = loaded.chosen
     return live
 

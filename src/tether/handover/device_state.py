@@ -27,19 +27,18 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from tether.handover.format import FORMATS, TETHER_FORMAT
+from tether.handover.format import FORMATS, ROLES, TETHER_FORMAT
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import (
     DEFAULT_MAX_SIZE,
+    Bindings,
     Format,
     Loaded,
     Saved,
-    Side,
     apply_loaded,
     save,
 )
@@ -64,18 +63,6 @@ HELPER_WAIT = 1.0
 
 # Each format's stages by the role they play here: passt's three stages do what
 # tether's first three do, under their own names; passt has no UDP stage.
-_ROLES: dict[str, dict[str, str]] = {
-    "tether": {"guest addresses": "addresses", "freeze tcp": "freeze", "tcp flows": "tcp",
-               "udp flows": "udp"},
-    "passt": {"observed addresses": "addresses", "prepare flows": "freeze",
-              "transfer flows": "tcp"},
-}
-
-
-def _bind(fmt: Format, by_role: dict[str, Side[Any]]) -> dict[str, Side[Any]]:
-    return {stage: by_role[role] for stage, role in _ROLES[fmt.name].items() if role in by_role}
-
-
 def _addresses_from_stack(stack: Stack) -> GuestAddresses:
     addr6, addr6_ll, addr4, mac = ADDRESS_RECORD.unpack(stack.dump_addresses())
     return GuestAddresses(mac=mac, ipv4=addr4, ipv6=addr6, ipv6_link_local=addr6_ll)
@@ -164,22 +151,23 @@ class Handover:
         if self._saved is not None:
             self._rollback("a new save started before the last one was settled")
         outgoing = _Outgoing()
-        sides: dict[str, Side[Any]] = {
-            "addresses": Side(save=lambda: _addresses_from_stack(self.stack)),
-            "freeze": Side(save=lambda: self._freeze(outgoing),
-                           undo=lambda: self._unfreeze(outgoing)),
-            "tcp": Side(save=lambda: self._dump(outgoing)),
-            "udp": Side(save=self.stack.dump_udp_flows),
-        }
         fmt = self.save_format
-        if "udp" not in _ROLES[fmt.name].values():
+        roles = ROLES[fmt.name]
+        sides = Bindings(fmt) \
+            .bind(roles.addresses, save=lambda: _addresses_from_stack(self.stack)) \
+            .bind(roles.freeze, save=lambda: self._freeze(outgoing),
+                  undo=lambda: self._unfreeze(outgoing)) \
+            .bind(roles.tcp, save=lambda: self._dump(outgoing))
+        if roles.udp is not None:
+            sides.bind(roles.udp, save=self.stack.dump_udp_flows)
+        else:
             udp = len(self.stack.dump_udp_flows())
             if udp:
                 limited(log, logging.INFO,
                         "migration: the %s format has no place for UDP flows: %d left out, "
                         "the guest's next datagram opens each again", fmt.name, udp)
         try:
-            saved = save(fmt, _bind(fmt, sides))
+            saved = save(fmt, sides)
         except MigrationError as exc:
             limited(log, logging.ERROR, "migration: saving state failed, source unchanged: %s", exc)
             raise DeviceStateError(exc.errno, str(exc)) from exc
@@ -379,12 +367,13 @@ class Handover:
         incoming = _Incoming()
         try:
             previous = _addresses_from_stack(self.stack)
-            sides: dict[str, Side[Any]] = {
-                "addresses": Side(apply=lambda seen: self._apply_addresses(seen, previous)),
-                "tcp": Side(apply=lambda flows: self._restore(flows, incoming)),
-                "udp": Side(apply=lambda flows: self._keep_udp(flows, incoming)),
-            }
-            apply_loaded(fmt, loaded, _bind(fmt, sides))
+            roles = ROLES[fmt.name]
+            sides = Bindings(fmt) \
+                .bind(roles.addresses, apply=lambda seen: self._apply_addresses(seen, previous)) \
+                .bind(roles.tcp, apply=lambda flows: self._restore(flows, incoming))
+            if roles.udp is not None:
+                sides.bind(roles.udp, apply=lambda flows: self._keep_udp(flows, incoming))
+            apply_loaded(fmt, loaded, sides)
         except MigrationError as exc:
             limited(log, logging.ERROR,
                     "migration: refusing incoming state, nothing applied: %s", exc)
@@ -400,7 +389,7 @@ class Handover:
         _addresses_to_stack(self.stack, seen)
         return lambda: _addresses_to_stack(self.stack, previous)
 
-    def _restore(self, flows: list[TcpFlow] | None,
+    def _restore(self, flows: Sequence[TcpFlow] | None,
                  incoming: _Incoming) -> Callable[[], None]:
         def undo() -> None:
             self._close_incoming(incoming)
@@ -437,7 +426,7 @@ class Handover:
         return undo
 
     @staticmethod
-    def _keep_udp(flows: list[UdpFlowRecord] | None, incoming: _Incoming) -> Callable[[], None]:
+    def _keep_udp(flows: Sequence[UdpFlowRecord] | None, incoming: _Incoming) -> Callable[[], None]:
         incoming.udp = list(flows or ())
 
         def undo() -> None:

@@ -264,9 +264,9 @@ def _to_passt(st: TcpConnState) -> bytes:
         st.rcv_wscale, int(st.state), st.options)
 
 
-OBSERVED_ADDRESSES = Stage("observed addresses", 1, PasstAddressesCodec())
+OBSERVED_ADDRESSES: Stage[GuestAddresses] = Stage("observed addresses", 1, PasstAddressesCodec())
 PREPARE_FLOWS: Stage[None] = Stage("prepare flows", 2)
-TRANSFER_FLOWS = Stage("transfer flows", 3, PasstFlowsCodec())
+TRANSFER_FLOWS: Stage[Sequence[TcpFlow]] = Stage("transfer flows", 3, PasstFlowsCodec())
 
 PASST_FORMAT = Format(
     versions={2: (OBSERVED_ADDRESSES, PREPARE_FLOWS, TRANSFER_FLOWS)},

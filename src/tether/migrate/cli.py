@@ -1,4 +1,5 @@
-"""tether-state: look inside a migration stream, or check that it is valid.
+"""A stream inspector for any set of Formats: `tether-state` is this, given
+tether's formats (handover/state_cli.py).
 
     tether-state inspect [--json] FILE|-
     tether-state check FILE|-
@@ -20,7 +21,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tether.handover.format import FORMATS
 from tether.migrate.errors import MigrationError
 from tether.migrate.fdio import read_stream
 from tether.migrate.stream import (
@@ -101,8 +101,7 @@ def _error_json(error: MigrationError) -> dict[str, Any]:
             "offset": error.offset, "message": error.message}
 
 
-def inspect(path: str, as_json: bool, max_size: int,
-            formats: Sequence[Format] = tuple(FORMATS.values())) -> int:
+def inspect(path: str, as_json: bool, max_size: int, formats: Sequence[Format]) -> int:
     error: MigrationError | None = None
     parser = FormatReader(formats, max_size)
     try:
@@ -166,8 +165,7 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix or "value", value)]
 
 
-def check(path: str, max_size: int,
-          formats: Sequence[Format] = tuple(FORMATS.values())) -> int:
+def check(path: str, max_size: int, formats: Sequence[Format]) -> int:
     parser = FormatReader(formats, max_size)
     try:
         loaded = _read(path, parser)
@@ -197,12 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None, formats: Sequence[Format]) -> int:
+    """Run the command line in argv, reading streams of any of `formats`."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":
-            return inspect(args.file, args.json, args.max_size)
-        return check(args.file, args.max_size)
+            return inspect(args.file, args.json, args.max_size, formats)
+        return check(args.file, args.max_size, formats)
     except OSError as exc:
         print(f"tether-state: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -215,6 +214,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_USAGE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

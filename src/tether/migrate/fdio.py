@@ -13,7 +13,7 @@ import errno
 import os
 import select
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Protocol
 
 from tether.migrate.errors import MigrationError
@@ -45,28 +45,6 @@ def _wait(fd: int, events: int, deadline: float, what: str, offset: int) -> None
     poller.register(fd, events)
     if not poller.poll(remaining * 1000):
         raise MigrationError(errno.ETIMEDOUT, f"timed out waiting to {what}", offset=offset)
-
-
-def write_stream(fd: int, chunks: Sequence[Buffer], timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Write every chunk; returns the number of bytes written."""
-    deadline = time.monotonic() + timeout
-    written = 0
-    with _nonblocking(fd):
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            while view.nbytes:
-                try:
-                    n = os.write(fd, view)
-                except BlockingIOError:
-                    _wait(fd, select.POLLOUT, deadline, "write the device state", written)
-                    continue
-                except OSError as exc:
-                    raise MigrationError(exc.errno or errno.EIO,
-                                         f"writing the device state failed: {exc.strerror}",
-                                         offset=written) from exc
-                written += n
-                view = view[n:]
-    return written
 
 
 class Parser(Protocol):

@@ -22,7 +22,7 @@ import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from tether.migrate.errors import MigrationError
 
@@ -149,6 +149,47 @@ class Format:
         return max(usable) if usable else None
 
 
+class Bindings:
+    """Which Side runs for which Stage of one Format: keyed by the Stage objects
+    themselves, never by their names.
+
+    A stage that `bind` does not find in the format is refused at once
+    (ValueError): a misspelt stage would otherwise be skipped in silence, and a
+    skipped "freeze" or "flows" stage loses every connection it should move.
+    `bind` types a stage's callables by its `Stage[T]`, so mypy checks them too.
+    """
+
+    def __init__(self, fmt: Format) -> None:
+        self.format = fmt
+        self._known = {stage for stages in fmt.versions.values() for stage in stages}
+        self._sides: dict[Stage[Any], Side[Any]] = {}
+
+    def bind(self, stage: Stage[T], *, save: Callable[[], T | None] | None = None,
+             undo: Undo | None = None,
+             apply: Callable[[T | None], Undo | None] | None = None) -> Bindings:
+        """Run these for `stage` (see Side); returns self, so bindings chain."""
+        if stage not in self._known:
+            raise ValueError(f"stage {stage.name!r} (id {stage.id}) is not in the "
+                             f"{self.format.name} format")
+        if stage in self._sides:
+            raise ValueError(f"stage {stage.name!r} is bound twice")
+        self._sides[stage] = Side(save, undo, apply)
+        return self
+
+    def side(self, stage: Stage[T]) -> Side[T] | None:
+        return cast("Side[T] | None", self._sides.get(stage))
+
+    def __contains__(self, stage: object) -> bool:
+        return stage in self._sides
+
+
+def _bound_for(fmt: Format, bindings: Bindings) -> Bindings:
+    if bindings.format is not fmt:
+        raise ValueError(f"bindings made for the {bindings.format.name} format, "
+                         f"used with the {fmt.name} format")
+    return bindings
+
+
 def _describe_stage(stages: Sequence[Stage[Any]], position: int) -> str:
     return stages[position].name if 0 <= position < len(stages) else "header"
 
@@ -188,17 +229,18 @@ def run_undos(undos: list[Undo]) -> None:
         raise MigrationError(errno.EIO, f"undo failed: {failure}") from failure
 
 
-def save(fmt: Format, sides: Mapping[str, Side[Any]]) -> Saved:
+def save(fmt: Format, sides: Bindings) -> Saved:
     """Run every source side of the current version in order and frame the output.
 
     On failure, the stages already run are undone (last first) and the error
     is raised as a MigrationError naming the stage.
     """
+    _bound_for(fmt, sides)
     stages = fmt.versions[fmt.current]
     saved = Saved([HEADER.pack(fmt.magic, fmt.current, fmt.compat)])
     offset = HEADER.size
     for stage in stages:
-        side = sides.get(stage.name, Side())
+        side = sides.side(stage) or Side()
         try:
             value = side.save() if side.save is not None else None
         except Exception as exc:
@@ -273,11 +315,12 @@ class Loaded:
     records: tuple[Record, ...]
     size: int
 
-    def value(self, name: str) -> Any:
+    def value(self, stage: Stage[T]) -> T:
+        """The decoded value of `stage`'s record; KeyError if the stream has none."""
         for record in self.records:
-            if record.stage is not None and record.stage.name == name:
-                return record.value
-        raise KeyError(name)
+            if record.stage == stage:
+                return cast(T, record.value)
+        raise KeyError(stage.name)
 
 
 def check_header(fmt: Format, magic: int, version: int, compat: int) -> int:
@@ -539,19 +582,20 @@ def parse(fmt: Format, data: Buffer, max_size: int = DEFAULT_MAX_SIZE) -> Loaded
 # -- target: apply (phase 2) --------------------------------------------------------
 
 
-def apply_loaded(fmt: Format, loaded: Loaded, sides: Mapping[str, Side[Any]]) -> None:
+def apply_loaded(fmt: Format, loaded: Loaded, sides: Bindings) -> None:
     """Make a validated stream live, all or nothing.
 
     Target sides run in table order; if one fails, those already applied are
     undone, last first, and the failure is raised naming the stage.
     """
-    by_name = {r.stage.name: r for r in loaded.records if r.stage is not None}
+    _bound_for(fmt, sides)
+    by_stage = {r.stage: r for r in loaded.records if r.stage is not None}
     applied: list[Undo] = []
     for stage in fmt.versions[loaded.chosen]:
-        side = sides.get(stage.name)
+        side = sides.side(stage)
         if side is None or side.apply is None:
             continue
-        record = by_name.get(stage.name)
+        record = by_stage.get(stage)
         if stage.codec is not None and record is None:
             continue  # an optional stage the source did not send
         try:
