@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tether.migrate.errors import MigrationError
-from tether.migrate.records import expect_size
+from tether.migrate.records import FixedRecords, expect_size
 from tether.migrate.stream import Buffer
 from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
@@ -202,34 +202,21 @@ def _host_text(raw: bytes) -> str:
 class UdpFlowsCodec:
     """docs/migration-format.md section 6.5: count u32, then 76-byte records."""
 
-    COUNT = struct.Struct(">I")
-    RECORD = struct.Struct(">BBHHHHH16s16s16s16s")
+    TABLE = FixedRecords(">BBHHHHH16s16s16s16s", "UDP flows")
+    _FIRST = FixedRecords.COUNT.size
 
     def encode(self, value: Sequence[UdpFlowRecord]) -> Sequence[Buffer]:
-        out = bytearray(self.COUNT.size + self.RECORD.size * len(value))
-        self.COUNT.pack_into(out, 0, len(value))
-        offset = self.COUNT.size
-        for f in value:
-            self.RECORD.pack_into(out, offset, int(f.inbound), 0, f.guest_port, f.remote_port,
-                                  f.local[1], f.peer[1], 0, _raw(f.guest_addr),
-                                  _raw(f.remote_addr), _host(f.local[0]), _host(f.peer[0]))
-            offset += self.RECORD.size
-        return [out]
+        return self.TABLE.encode([(int(f.inbound), 0, f.guest_port, f.remote_port, f.local[1],
+                                   f.peer[1], 0, _raw(f.guest_addr), _raw(f.remote_addr),
+                                   _host(f.local[0]), _host(f.peer[0])) for f in value])
 
     def decode(self, payload: memoryview) -> list[UdpFlowRecord]:
-        if payload.nbytes < self.COUNT.size:
-            raise MigrationError(errno.EINVAL, "expected a flow count, found "
-                                 f"{payload.nbytes} bytes", offset=0)
-        (count,) = self.COUNT.unpack_from(payload)
-        expected = self.COUNT.size + count * self.RECORD.size
-        if payload.nbytes != expected:
-            raise MigrationError(errno.EINVAL, f"expected {count} UDP flows in {expected} "
-                                 f"bytes, found {payload.nbytes}", offset=0)
         out = []
-        for i in range(count):
-            offset = self.COUNT.size + i * self.RECORD.size
+        size = self.TABLE.layout.size
+        for i, fields in enumerate(self.TABLE.decode(payload)):
+            offset = self._FIRST + i * size
             (inbound, reserved, guest_port, remote_port, local_port, peer_port, reserved2,
-             guest, remote, local, peer) = self.RECORD.unpack_from(payload, offset)
+             guest, remote, local, peer) = fields
             if inbound > 1 or reserved or reserved2:
                 raise MigrationError(errno.EINVAL, "expected direction 0 or 1 and zero "
                                      "reserved fields", offset=offset)
