@@ -574,9 +574,10 @@ def vm_migration(rate: str, seconds: int) -> None:
     tests/vm/test_migration.py sets it up), with QMP's and tether's figures."""
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
+    from tests.support import wait_for  # noqa: PLC0415
     from tests.vm import pattern  # noqa: PLC0415  (QEMU and the guest only with --vm)
     from tests.vm.guest import DHCP_ARG, build_tstream, ensure_guest  # noqa: PLC0415
-    from tests.vm.harness import Vm, qemu_missing_reason, wait_for  # noqa: PLC0415
+    from tests.vm.harness import Vm, qemu_missing_reason  # noqa: PLC0415
     from tests.vm.tetherlab import Helper, Peer, Tether, host_namespace  # noqa: PLC0415
 
     reason = qemu_missing_reason()

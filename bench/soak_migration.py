@@ -46,9 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.support import wait_for  # noqa: E402
 from tests.vm import pattern  # noqa: E402
 from tests.vm.guest import GuestImage, build_tstream, ensure_guest  # noqa: E402
-from tests.vm.harness import Vm, wait_for  # noqa: E402
+from tests.vm.harness import Vm  # noqa: E402
 from tests.vm.migration_lab import Lab, run_ok  # noqa: E402
 from tests.vm.tetherlab import (  # noqa: E402
     HOST_ADDR,

@@ -10,9 +10,25 @@ import os
 
 import pytest
 
+from tests.support import IN_CI, ROOT_MARK, require
 from tether import ratelimit
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A VM test runs QEMU in network namespaces it makes: it needs root too."""
+    for item in items:
+        if item.get_closest_marker("vm") and not item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked root runs as root (or is a loud skip); tests.support.make_netns
+    refuses a test without the mark, so the marks stay true."""
+    ROOT_MARK.on = item.get_closest_marker("root") is not None
+    ROOT_MARK.test = item.nodeid
+    if ROOT_MARK.on:
+        require(os.geteuid() == 0, "needs root (network namespaces, CAP_NET_ADMIN)")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import Netns, make_netns, require, require_root
 from tether.repair.client import RepairHelper
 
 HERE = Path(__file__).resolve().parent
@@ -28,46 +29,10 @@ HELPER = [sys.executable, "-m", "tether.repair.helper"]
 _counter = itertools.count()
 
 
-def require(condition: bool, why: str) -> None:
-    """Skip outside CI; under CI=true a missing prerequisite is a failure."""
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"prerequisite missing under CI: {why}")
-    pytest.skip(why)
-
-
 @pytest.fixture
 def root() -> None:
-    require(os.geteuid() == 0, "needs root (network namespaces, CAP_NET_ADMIN)")
+    require_root("network namespaces, CAP_NET_ADMIN")
     require(shutil.which("ip") is not None, "needs iproute2's ip")
-
-
-def sh(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
-    return done.stdout
-
-
-class Netns:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def ip(self, *args: str) -> str:
-        return sh("ip", "-n", self.name, *args)
-
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *args]
-
-    def tcp_counter(self, name: str) -> int:
-        """A counter from the Tcp: lines of the namespace's /proc/net/snmp."""
-        snmp = sh(*self.argv("cat", "/proc/net/snmp")).splitlines()
-        heads = [line.split() for line in snmp if line.startswith("Tcp:")]
-        return int(heads[1][heads[0].index(name)])
-
-    def tcp_out_rsts(self) -> int:
-        return self.tcp_counter("OutRsts")
 
 
 @pytest.fixture
@@ -76,23 +41,13 @@ def netns(root: None) -> Iterator[Callable[[], Netns]]:
     made: list[Netns] = []
 
     def make() -> Netns:
-        ns = Netns(f"trp{os.getpid()}x{next(_counter)}")
-        sh("ip", "netns", "add", ns.name)
+        ns = make_netns("trp")
         made.append(ns)
-        ns.ip("link", "set", "lo", "up")
         return ns
 
     yield make
     for ns in made:
-        subprocess.run(["ip", "netns", "del", ns.name], check=False)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+        ns.delete()
 
 
 class Proc:

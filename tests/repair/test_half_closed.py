@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.repair.conftest import Netns, recv_exactly, tcp_pairs, wait_for
+from tests.repair.conftest import recv_exactly, tcp_pairs
+from tests.support import Netns, wait_for
 from tether.repair import kernel as k
 from tether.repair import tcp
 from tether.repair.client import RepairHelper

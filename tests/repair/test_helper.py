@@ -21,14 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.repair.conftest import (
-    HELPER,
-    Netns,
-    recv_exactly,
-    start_helper,
-    tcp_pairs,
-    wait_for,
-)
+from tests.repair.conftest import HELPER, recv_exactly, start_helper, tcp_pairs
+from tests.support import Netns, wait_for
 from tether.loop import Loop
 from tether.repair import helper, tcp
 from tether.repair import kernel as k

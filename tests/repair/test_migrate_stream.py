@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.repair.conftest import Netns, Proc, agent, sh, start_helper, wait_for
+from tests.repair.conftest import Proc, agent, start_helper
+from tests.support import Netns, sh, wait_for
 
 PORT = 5123
 PEER_MSS = 1200  # not the default, so a preserved MSS is visible

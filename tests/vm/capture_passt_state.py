@@ -21,10 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.support import wait_for
 from tether.handover.passt_format import PASST_MAGIC
 
 from .guest import build_tstream, ensure_guest
-from .harness import wait_for
 from .migration_lab import DOWN_PORT, Lab, start_half_closed, start_streams
 from .tetherlab import host_namespace
 

@@ -18,12 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from tests.support import wait_for
 
 from .guest import READY_MARKER, GuestImage
 
@@ -42,16 +44,6 @@ def qemu_missing_reason() -> str | None:
     if not re.search(r"version (1\d|[2-9]\d)\.", out):
         return f"{QEMU} is not QEMU >= 10: {out.splitlines()[0] if out else '?'}"
     return None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             interval: float = 0.05) -> None:
-    """Poll a real condition until it holds, or fail naming it."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Console:

@@ -28,8 +28,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support import wait_for
+
 from .guest import READY_MARKER, GuestImage
-from .harness import BOOT_TIMEOUT, KERNEL_CMDLINE, Console, wait_for
+from .harness import BOOT_TIMEOUT, KERNEL_CMDLINE, Console
 from .tetherlab import SRC, in_ns
 
 LIBVIRTD = "libvirtd"

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import wait_for
+
 from . import pattern
 from .guest import DHCP_ARG, GuestImage
-from .harness import Vm, wait_for
+from .harness import Vm
 from .reference import Passt, PasstRepair
 from .tetherlab import Helper, Peer, Process, Tether
 

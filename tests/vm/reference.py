@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .harness import wait_for
+from tests.support import wait_for
+
 from .tetherlab import Process, in_ns
 
 

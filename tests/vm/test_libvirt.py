@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
+
 from .guest import DHCP_ARG, GuestImage, build_tstream
-from .harness import wait_for
 from .libvirtlab import Domain, Libvirtd, libvirt_missing_reason
 from .tetherlab import GATEWAY, HOST_ADDR, Peer, Process, host_namespace, in_ns
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
+
 from .guest import GuestImage, build_tstream
-from .harness import wait_for
 from .migration_lab import (
     SOURCE,
     TARGET,

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
+
 from .guest import GATEWAY_IP, GuestImage
-from .harness import GUEST_MAC, Backend, Vm, wait_for
+from .harness import GUEST_MAC, Backend, Vm
 
 pytestmark = pytest.mark.vm
 

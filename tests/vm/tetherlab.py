@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tests.support import require_root, wait_for
+
 from . import pattern
-from .harness import wait_for
 
 HOST_ADDR = "10.200.0.2"
 GATEWAY = "10.200.0.1"
@@ -39,6 +40,7 @@ def _ip(*args: str) -> None:
 @contextlib.contextmanager
 def host_namespace(prefix: str = "tvm") -> Iterator[str]:
     """A namespace configured like a host whose default route is veth0."""
+    require_root()
     name = f"{prefix}{os.getpid()}x{next(_names)}"
     peer = f"{name}p"[:15]
     _ip("netns", "add", name)
@@ -202,6 +204,7 @@ class TwoHosts:
 
 @contextlib.contextmanager
 def two_hosts(prefix: str = "txh") -> Iterator[TwoHosts]:
+    require_root()
     base = f"{prefix}{os.getpid()}x{next(_names)}"
     names = TwoHosts(f"{base}s", f"{base}t", f"{base}p", f"{base}b")
     created: list[str] = []
