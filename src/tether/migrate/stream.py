@@ -190,10 +190,6 @@ def _bound_for(fmt: Format, bindings: Bindings) -> Bindings:
     return bindings
 
 
-def _describe_stage(stages: Sequence[Stage[Any]], position: int) -> str:
-    return stages[position].name if 0 <= position < len(stages) else "header"
-
-
 # -- source ----------------------------------------------------------------------
 
 
