@@ -93,11 +93,13 @@ def freeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
     sockets unsilenced, and the freeze is undone and fails with EPERM, so
     that the caller can decide between failing and not moving them.
     """
+    attached = 0
     try:
         for s in socks:
             k.silence(s)
+            attached += 1
     except PermissionError:
-        for s in socks:
+        for s in socks[:attached]:  # (none, unless the kernel changed its mind midway)
             k.unsilence(s)
     switch.set_repair(socks, k.REPAIR_ON)
     bare = sum(1 for s in socks if not k.silenced(s))
