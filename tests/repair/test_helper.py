@@ -348,6 +348,41 @@ def test_helper_dying_mid_batch_reports_progress(ns: Netns, backend: RepairHelpe
     fake.close()
 
 
+def test_a_small_request_does_not_shrink_later_batches(ns: Netns, backend: RepairHelper) -> None:
+    """Only a connection's first message caps passt-repair's batches: one
+    socket switched alone must not make every later migration 1 per message."""
+    fake = FakeHelper(backend.path, lambda n, _: b"\xff" if n == 0 else b"\x01")
+    backend.wait(5)
+    socks = [a for a, _ in tcp_pairs(2 * SCM_MAX_FD + 1)]
+    backend.set_repair(socks[:1], k.REPAIR_ON)
+    seen: list[tuple[int, int]] = []
+    backend.set_repair(socks, k.REPAIR_ON, lambda start, batch: seen.append((start, len(batch))))
+    fake.close()
+    assert fake.counts == [SCM_MAX_FD, 1, SCM_MAX_FD, SCM_MAX_FD, 1]
+    assert seen == [(0, SCM_MAX_FD), (SCM_MAX_FD, SCM_MAX_FD), (2 * SCM_MAX_FD, 1)]
+
+
+def test_a_helper_dying_under_pipelined_batches_fails_the_whole_restore(
+        ns: Netns, backend: RepairHelper) -> None:
+    """restore_many hands the next batch to the helper while it restores the
+    last one; a helper that dies on the third leaves nothing restored."""
+    pairs = tcp_pairs(2 * SCM_MAX_FD + 10)
+    states = []
+    for ours, _ in pairs:
+        ours.setsockopt(k.SOL_TCP, k.TCP_REPAIR, 1)
+        states.append(tcp.dump(ours))
+        ours.close()
+    fake = FakeHelper(backend.path, lambda n, _: b"\xff" if n == 0 else
+                      (b"\x01" if n < 3 else None))
+    backend.wait(5)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RepairHelperError) as info:
+        tcp.restore_many(states, backend)
+    assert info.value.switched == 2 * SCM_MAX_FD
+    assert len(os.listdir("/proc/self/fd")) <= before  # every new socket closed
+    fake.close()
+
+
 @pytest.mark.parametrize("prime", [True, False])
 def test_batches_fit_passt_repair_shrinking_buffer(
     ns: Netns, tmp_path: Path, prime: bool

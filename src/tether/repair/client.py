@@ -23,6 +23,7 @@ from tether.loop import READ, Loop
 from tether.ratelimit import limited
 from tether.repair.kernel import REPAIR_OFF_NO_WP
 from tether.repair.protocol import SCM_MAX_FD, encode_command, rights
+from tether.repair.tcp import BatchDone
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class RepairHelper:
         self._prime = prime
         self._conn: socket.socket | None = None
         self._batch_max = SCM_MAX_FD
+        self._capped = False
         self._listener = _listen(path)
         self._loop: Loop | None = None
 
@@ -105,6 +107,7 @@ class RepairHelper:
             conn.setblocking(False)
             self._conn = conn
             self._batch_max = SCM_MAX_FD
+            self._capped = False
             if self._prime:
                 self._send_priming_message()
 
@@ -140,15 +143,41 @@ class RepairHelper:
 
     # -- requests -----------------------------------------------------------
 
-    def set_repair(self, socks: Sequence[socket.socket], command: int) -> None:
-        """Switch TCP_REPAIR to command on every socket, 253 per message."""
+    def set_repair(self, socks: Sequence[socket.socket], command: int,
+                   each_batch: BatchDone | None = None) -> None:
+        """Switch TCP_REPAIR to command on every socket, 253 per message.
+
+        each_batch(start, batch) runs as each batch is confirmed switched.
+        The next batch is already with the helper by then, so the helper
+        switches it while this process works on the last one: on two cores
+        a restore costs the larger of the two shares, not their sum.  At
+        most two requests are outstanding; the helper answers in order, and
+        one that fails answers nothing more, so `done` stays exact.
+        """
         byte = encode_command(command)
         fds = [s.fileno() for s in socks]
-        done = 0
-        while done < len(fds):
-            batch = fds[done : done + self._batch_max]
-            self._exchange(byte, batch, done, len(fds))
-            done += len(batch)
+        total = len(fds)
+        if each_batch is None or self._batch_max < SCM_MAX_FD:
+            # Unprimed (a helper capped below the largest batch): one at a
+            # time, as a batch's size may still shrink after the first reply.
+            done = 0
+            while done < total:
+                batch = fds[done : done + self._batch_max]
+                self._exchange(byte, batch, done, total)
+                if each_batch is not None:
+                    each_batch(done, socks[done : done + len(batch)])
+                done += len(batch)
+            return
+        step = self._batch_max
+        starts = list(range(0, total, step))
+        sent = 0
+        for index, start in enumerate(starts):
+            while sent < len(starts) and sent <= index + 1:
+                first = starts[sent]
+                self._request(byte, fds[first : first + step], first, total)
+                sent += 1
+            self._reply(byte, len(fds[start : start + step]), start, total)
+            each_batch(start, socks[start : start + step])
 
     def _send_priming_message(self) -> None:
         # passt-repair keeps the control-buffer length the kernel wrote back
@@ -166,20 +195,48 @@ class RepairHelper:
                 log.warning("repair helper failed its first request: %s", e)
 
     def _exchange(self, byte: bytes, fds: list[int], done: int, total: int) -> None:
-        conn = self._conn
-        if conn is None:
+        self._request(byte, fds, done, total)
+        self._reply(byte, len(fds), done, total)
+
+    @staticmethod
+    def _what(byte: bytes, count: int, done: int, total: int) -> str:
+        what = f"TCP_REPAIR {byte[0] if byte[0] < 128 else byte[0] - 256} on {count} sockets"
+        if total:
+            what += f" ({done} of {total} already switched)"
+        return what
+
+    def _connection(self, what: str, done: int) -> socket.socket:
+        if self._conn is None:
             raise RepairHelperError(
                 errno.ENOTCONN, f"no repair helper connected to {self.path}", done
             )
-        what = f"TCP_REPAIR {byte[0] if byte[0] < 128 else byte[0] - 256} on {len(fds)} sockets"
-        if total:
-            what += f" ({done} of {total} already switched)"
+        return self._conn
+
+    def _request(self, byte: bytes, fds: list[int], done: int, total: int) -> None:
+        what = self._what(byte, len(fds), done, total)
+        conn = self._connection(what, done)
         deadline = time.monotonic() + self.reply_timeout
         try:
             self._wait(conn, write=True, deadline=deadline, what=what, done=done)
             conn.sendmsg([byte], rights(fds), socket.MSG_NOSIGNAL)
+        except RepairHelperError:
+            self.disconnect()
+            raise
+        except OSError as e:
+            self.disconnect()
+            raise RepairHelperError(
+                e.errno or errno.EIO, f"repair helper connection failed during {what}: {e}", done
+            ) from e
+
+    def _reply(self, byte: bytes, count: int, done: int, total: int) -> None:
+        what = self._what(byte, count, done, total)
+        conn = self._connection(what, done)
+        deadline = time.monotonic() + self.reply_timeout
+        try:
             self._wait(conn, write=False, deadline=deadline, what=what, done=done)
-            reply = conn.recv(16)
+            # One byte, never more: with two requests out, the next reply may
+            # already be here, and it belongs to the next batch.
+            reply = conn.recv(1)
         except RepairHelperError:
             self.disconnect()
             raise
@@ -190,8 +247,11 @@ class RepairHelper:
             ) from e
         if reply == byte:
             # passt-repair can never again receive more descriptors than in
-            # the first message of a connection: cap batches to it.
-            self._batch_max = min(self._batch_max, len(fds))
+            # the first message of a connection: cap batches to it (the first
+            # only: a later, smaller batch says nothing of the helper).
+            if not self._capped:
+                self._batch_max = min(self._batch_max, count)
+                self._capped = True
             return
         self.disconnect()
         if not reply:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tether.repair import kernel as k
@@ -56,18 +56,28 @@ class RepairError(OSError):
     """A dump, restore or thaw step failed; names the step and the connection."""
 
 
+BatchDone = Callable[[int, Sequence[socket.socket]], None]
+"""Called with (index of the batch's first socket, the batch) once it is switched."""
+
+
 class RepairSwitch(Protocol):
     """Turns TCP_REPAIR on or off for a batch of sockets."""
 
-    def set_repair(self, socks: Sequence[socket.socket], command: int) -> None: ...
+    def set_repair(self, socks: Sequence[socket.socket], command: int,
+                   each_batch: BatchDone | None = None) -> None:
+        """All of socks, or an OSError; each_batch(start, batch) as parts are done."""
+        ...
 
 
 class KernelSwitch:
     """setsockopt(TCP_REPAIR) in this process: needs CAP_NET_ADMIN here."""
 
-    def set_repair(self, socks: Sequence[socket.socket], command: int) -> None:
+    def set_repair(self, socks: Sequence[socket.socket], command: int,
+                   each_batch: BatchDone | None = None) -> None:
         for s in socks:
             s.setsockopt(k.SOL_TCP, k.TCP_REPAIR, command)
+        if each_batch is not None:
+            each_batch(0, socks)
 
 
 def _fail(step: str, sock: socket.socket | None, err: OSError) -> RepairError:
@@ -282,21 +292,24 @@ def restore_many(
     is closed); the others are unaffected.
     """
     socks = [new_socket(st) for st in states]
+    out: list[socket.socket | RepairError] = []
+
+    def restore_batch(start: int, batch: Sequence[socket.socket]) -> None:
+        for s, st in zip(batch, states[start : start + len(batch)], strict=True):
+            try:
+                apply(s, st)
+            except RepairError as e:
+                s.close()
+                out.append(e)
+            else:
+                out.append(s)
+
     try:
-        switch.set_repair(socks, k.REPAIR_ON)
+        switch.set_repair(socks, k.REPAIR_ON, restore_batch)
     except BaseException:
         for s in socks:
             s.close()
         raise
-    out: list[socket.socket | RepairError] = []
-    for s, st in zip(socks, states, strict=True):
-        try:
-            apply(s, st)
-        except RepairError as e:
-            s.close()
-            out.append(e)
-        else:
-            out.append(s)
     return out
 
 
