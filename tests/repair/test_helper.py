@@ -489,11 +489,13 @@ from tether.repair.client import RepairHelper
 
 class Fake:  # passt-repair's part: repair mode, nothing else
     def __init__(self, real): self.real = real
-    def set_repair(self, socks, command):
+    def set_repair(self, socks, command, each_batch=None):
         self.real.set_repair(socks, command)
         for s in socks:
             try: k.unsilence(s)
             except OSError: pass
+        if each_batch is not None:
+            each_batch(0, socks)
 
 helper = RepairHelper(sys.argv[1], reply_timeout=5.0)
 helper.wait(10)

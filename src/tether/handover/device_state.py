@@ -206,10 +206,24 @@ class Handover:
             return
         assert self.helper is not None
         socks = [sock for _, sock in flows]
+        states: list[TcpConnState] = []
+
+        def dump(start: int, batch: Sequence[socket.socket]) -> None:
+            # Here rather than in the "tcp flows" stage: the helper freezes the
+            # next batch meanwhile, on the other core, inside the VM's downtime.
+            for sock in batch:
+                try:
+                    states.append(repair.dump(sock))
+                except OSError as exc:
+                    raise MigrationError(exc.errno or errno.EIO,
+                                         f"dumping TCP socket {sock.getsockname()}: "
+                                         f"{exc}") from exc
+
         try:
-            repair.freeze(socks, self.helper)
+            repair.freeze(socks, self.helper, dump)
+        except MigrationError:
+            raise  # freeze undid itself
         except OSError as exc:
-            self._thaw_sockets(socks)
             if exc.errno == errno.EPERM and not self.require_repair:
                 # Moving them unsilenced could lose what arrives meanwhile: as
                 # without a helper, they stay and are reset once the guest left.
@@ -219,23 +233,18 @@ class Handover:
                 return
             raise MigrationError(exc.errno or errno.EIO, f"freezing TCP sockets: {exc}") from exc
         outgoing.flows = flows
+        outgoing.states = states
         outgoing.frozen = True
         migrating = {sock.fileno() for sock in socks}
         for sock in self.stack.forget_tcp_flows():
             if sock.fileno() not in migrating:
-                sock.close()  # half-open: not migrated (docs/migration.md), like passt
+                sock.close()  # half-open: not migrated, like passt (migration-format.md, 6.3)
 
-    def _dump(self, outgoing: _Outgoing) -> list[TcpFlow]:
-        flows = []
-        for record, sock in outgoing.flows:
-            try:
-                state = repair.dump(sock)
-            except OSError as exc:
-                raise MigrationError(exc.errno or errno.EIO,
-                                     f"dumping TCP socket {sock.getsockname()}: {exc}") from exc
-            outgoing.states.append(state)
-            flows.append(TcpFlow(record, state))
-        return flows
+    @staticmethod
+    def _dump(outgoing: _Outgoing) -> list[TcpFlow]:
+        """The "tcp flows" stage: what the freeze dumped, with each flow's record."""
+        return [TcpFlow(record, state)
+                for (record, _), state in zip(outgoing.flows, outgoing.states, strict=True)]
 
     def _unfreeze(self, outgoing: _Outgoing) -> None:
         """Undo of the freeze stage: the source carries on as if nothing happened."""

@@ -177,7 +177,16 @@ class RepairHelper:
                 self._request(byte, fds[first : first + step], first, total)
                 sent += 1
             self._reply(byte, len(fds[start : start + step]), start, total)
-            each_batch(start, socks[start : start + step])
+            try:
+                each_batch(start, socks[start : start + step])
+            except BaseException:
+                # The caller gives up; the request still out must be answered
+                # here, or its reply would pass for the next request's.
+                if sent > index + 1:
+                    nxt = starts[index + 1]
+                    with contextlib.suppress(RepairHelperError):
+                        self._reply(byte, len(fds[nxt : nxt + step]), nxt, total)
+                raise
 
     def _send_priming_message(self) -> None:
         # passt-repair keeps the control-buffer length the kernel wrote back

@@ -30,6 +30,7 @@ Kernel facts this relies on (net/ipv4/tcp.c, tcp_input.c, tcp_output.c):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -93,7 +94,8 @@ def _fail(step: str, sock: socket.socket | None, err: OSError) -> RepairError:
 # -- source side ------------------------------------------------------------
 
 
-def freeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
+def freeze(socks: Sequence[socket.socket], switch: RepairSwitch,
+           each_batch: BatchDone | None = None) -> None:
     """Stop the connections dead: no segment in or out changes their state.
 
     The filter goes on first so that nothing arrives between the dump and
@@ -102,6 +104,10 @@ def freeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
     it with repair mode; a helper that does not (passt-repair) leaves the
     sockets unsilenced, and the freeze is undone and fails with EPERM, so
     that the caller can decide between failing and not moving them.
+
+    each_batch(start, batch) runs on each batch once it is frozen (to dump
+    it while the helper freezes the next); if it raises, the freeze is
+    undone and the exception goes on.
     """
     attached = 0
     try:
@@ -111,13 +117,33 @@ def freeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
     except PermissionError:
         for s in socks[:attached]:  # (none, unless the kernel changed its mind midway)
             k.unsilence(s)
-    switch.set_repair(socks, k.REPAIR_ON)
-    bare = sum(1 for s in socks if not k.silenced(s))
-    if bare:
+
+    def frozen(start: int, batch: Sequence[socket.socket]) -> None:
+        bare = sum(1 for s in batch if not k.silenced(s))
+        if bare:
+            raise RepairError(errno.EPERM, f"{bare} of {len(batch)} socket(s) cannot be "
+                              "silenced: this kernel lets only CAP_NET_ADMIN attach socket "
+                              "filters, and the helper did not (passt-repair does not; "
+                              "tether-repair does)")
+        if each_batch is not None:
+            each_batch(start, batch)
+
+    try:
+        switch.set_repair(socks, k.REPAIR_ON, frozen)
+    except BaseException:
+        unfreeze_quietly(socks, switch)
+        raise
+
+
+def unfreeze_quietly(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
+    """unfreeze() for a freeze that failed midway: best effort, errors dropped
+    (the helper may be the reason), so the first failure is the one reported."""
+    try:
         unfreeze(socks, switch)
-        raise RepairError(errno.EPERM, f"{bare} of {len(socks)} socket(s) cannot be silenced: "
-                          "this kernel lets only CAP_NET_ADMIN attach socket filters, and "
-                          "the helper did not (passt-repair does not; tether-repair does)")
+    except OSError:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                k.unsilence(s)
 
 
 def unfreeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
