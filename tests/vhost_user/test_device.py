@@ -561,64 +561,6 @@ def test_has_room_tracks_the_posted_capacity_exactly_when_tight() -> None:
         loop.close()
 
 
-def test_zero_copy_receive_straight_from_a_socket_into_guest_buffers(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    for i in range(6):
-        g.set_desc(RX, i, BUF_BASE + i * 0x1000, 1500, DESC_F_WRITE)
-        g.offer(RX, i)
-    fe.kick_queue(RX)
-    payload = os.urandom(4000)
-    a, b = socket.socketpair()
-    try:
-        a.sendall(payload)
-        views = dev.rx_buffers(6000)  # room for the largest frame we might get
-        assert views is not None and sum(len(v) for v in views) == 6000
-        got = b.recvmsg_into(views)[0]  # the kernel copies into guest memory
-        assert got == 4000
-        dev.rx_commit(got)
-    finally:
-        a.close()
-        b.close()
-    dev.flush()
-    used = g.used(RX)
-    assert used == [(0, 1500), (1, 1500), (2, 1012)]  # buffers 3.. went back
-    data = b"".join(g.read(BUF_BASE + h * 0x1000, n) for h, n in used)
-    assert struct.unpack_from("<H", data, 10)[0] == 3 and data[12:] == payload
-    assert dev.send_frame(b"next")  # the next frame takes the first unused buffer
-    dev.flush()
-    assert g.used(RX) == [(3, 16)]
-
-
-def test_zero_copy_abort_and_bad_length_give_the_buffers_back(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    g.set_desc(RX, 0, BUF_BASE, 2048, DESC_F_WRITE)
-    g.offer(RX, 0)
-    fe.kick_queue(RX)
-    views = dev.rx_buffers(1000)
-    assert views is not None
-    dev.rx_abort()
-    with pytest.raises(ValueError, match="released"):
-        views[0][0]  # released: the stack cannot write after abort
-    assert dev.rx_buffers(1000) is not None
-    with pytest.raises(ValueError, match="reserved for 1000"):
-        dev.rx_commit(1001)
-    assert g.used(RX) == []
-    assert dev.send_frame(b"still here")
-    dev.flush()
-    assert g.used(RX) == [(0, 22)]
-
-
-def test_get_vring_base_rewinds_a_pending_receive_reservation(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    g.set_desc(RX, 0, BUF_BASE, 2048, DESC_F_WRITE)
-    g.offer(RX, 0)
-    fe.kick_queue(RX)
-    assert dev.rx_buffers(100) is not None
-    fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(RX, 0))
-    assert p.VRING_STATE.unpack(fe.reply(p.Request.GET_VRING_BASE)) == (RX, 0)
-    assert g.used_idx(RX) == 0
-
-
 def test_ring_size_changed_on_a_running_ring_is_not_read_with_old_bounds(
         started: Rig) -> None:
     g, fe = started.guest, started.fe

@@ -108,8 +108,6 @@ class VhostUserNetDevice:
         self._tx_arena = memoryview(bytearray(TX_ARENA_FRAMES * TX_SLOT))
         self._hdr = bytearray(12)
         self._tx_scheduled = False
-        self._rx_views: list[memoryview] | None = None  # an rx_buffers() reservation
-        self._rx_max = 0
         self.rx_dropped = 0  # frames for the guest dropped (no buffers / not running)
         self.rx_frames = 0
         self.rx_multi_buffer = 0  # frames spread over several buffers (MRG_RXBUF)
@@ -163,8 +161,6 @@ class VhostUserNetDevice:
         self._both_started = False
 
     def _teardown(self) -> None:
-        if getattr(self, "_rx_views", None) is not None:
-            self._release_rx_views()
         for vq in getattr(self, "queues", []):
             if vq.kick_fd is not None:
                 self.loop.remove(vq.kick_fd)
@@ -444,11 +440,7 @@ class VhostUserNetDevice:
         vq = self._queue(index, m)
         # Nothing is in flight between loop passes (RX and TX complete their
         # chains within one call), so stopping only needs the used index
-        # published, and logged, before QEMU's final log harvest.  A receive
-        # reservation held across passes (a caller's bug) is rewound.
-        if index == RX and self._rx_views is not None:
-            limited(log, logging.ERROR, "receive buffers reserved while the ring stops: rewound")
-            self.rx_abort()
+        # published, and logged, before QEMU's final log harvest.
         if vq.ready:
             vq.publish_and_notify(self._log())
         if vq.kick_fd is not None:
@@ -947,8 +939,6 @@ class VhostUserNetDevice:
                 self._scan_valid = False
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
-        if self._rx_views is not None:
-            raise RuntimeError("send_frame() between rx_buffers() and rx_commit()/rx_abort()")
         vq = self.queues[RX]
         if self.memory is None or not vq.ready or not vq.enabled:
             self.rx_dropped += 1
@@ -1040,113 +1030,6 @@ class VhostUserNetDevice:
         if len(heads) > 1:
             self.rx_multi_buffer += 1
         return True
-
-    # -- zero-copy RX: the stack receives straight into guest buffers -------------
-
-    def rx_buffers(self, max_len: int) -> list[memoryview] | None:
-        """Guest receive buffers for one frame of up to `max_len` bytes.
-
-        Returns writable views (the virtio-net header already skipped) that
-        together hold exactly `max_len` bytes, for the caller to fill in
-        place — e.g. headers, then `socket.recvmsg_into(views[...])` — and
-        then `rx_commit(length)`; or `rx_abort()`.  None if the guest has no
-        room now (guest_room_available() follows).  The views die at commit.
-        Frames sent this way carry no checksum offload: the caller completes them.
-        """
-        if self.partial_checksums:
-            raise RuntimeError("zero-copy RX frames need full checksums: not with "
-                               "partial checksums on")
-        if self._rx_views is not None:
-            raise RuntimeError("rx_buffers() called twice without rx_commit()/rx_abort()")
-        hdr_len = self.hdr_len
-        if not self._rx_collect(hdr_len + max_len):
-            self.rx_dropped += 1
-            return None
-        views = []
-        skip = hdr_len
-        left = max_len  # views end at max_len: a recvmsg_into() cannot overfill
-        for view, off, length, _ in self._rx_segs:
-            if skip >= length:
-                skip -= length
-                continue
-            n = min(length - skip, left)
-            views.append(view[off + skip:off + skip + n])
-            left -= n
-            skip = 0
-            if not left:
-                break
-        self._rx_views = views
-        self._rx_max = max_len
-        return views
-
-    def rx_abort(self) -> None:
-        """Give back the buffers of rx_buffers() unused."""
-        self._release_rx_views()
-        self.queues[RX].unpop(len(self._rx_heads))
-
-    def rx_commit(self, length: int) -> None:
-        """The first `length` bytes of the rx_buffers() views are a frame for the guest."""
-        self._release_rx_views()
-        if not 0 < length <= self._rx_max:
-            self.queues[RX].unpop(len(self._rx_heads))
-            raise ValueError(f"frame of {length} bytes in buffers reserved for {self._rx_max}")
-        vq = self.queues[RX]
-        hdr_len = self.hdr_len
-        need = hdr_len + length
-        segs = self._rx_segs
-        dirty = self._log()
-        # Heads needed for `need` bytes; the rest go back to the ring.
-        used: list[tuple[int, int]] = []  # (head, bytes written)
-        pos = 0
-        first = 0
-        capacity = 0
-        for head, end in self._rx_heads:
-            if pos >= need:
-                break
-            written = 0
-            for i in range(first, end):
-                size = segs[i][2]
-                capacity += size
-                n = min(size, need - pos)
-                if n > 0:
-                    written += n
-                    pos += n
-            first = end
-            used.append((head, written))
-        vq.unpop(len(self._rx_heads) - len(used))
-        self._rx_consumed(capacity)
-        hdr = self._hdr
-        NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(used) if hdr_len == 12 else 0)
-        pos = 0
-        for view, off, size, gpa in segs:
-            if pos >= need:
-                break
-            if pos < hdr_len:
-                k = min(hdr_len - pos, size)
-                view[off:off + k] = hdr[pos:pos + k]
-            n = min(size, need - pos)
-            if dirty is not None:
-                dirty.mark(gpa, n)
-            pos += n
-        hdr[10] = hdr[11] = 0
-        for head, written in used:
-            vq.push_used(head, written, dirty)
-        self.rx_frames += 1
-        if len(used) > 1:
-            self.rx_multi_buffer += 1
-
-    def _release_rx_views(self) -> list[memoryview]:
-        views = self._rx_views
-        if views is None:
-            raise RuntimeError("no rx_buffers() reservation")
-        self._rx_views = None
-        for view in views:
-            try:
-                view.release()
-            except BufferError:
-                limited(log, logging.ERROR,
-                        "a receive buffer view was kept beyond rx_commit()")
-        return views
 
     def flush(self) -> None:
         vq = self.queues[RX]
