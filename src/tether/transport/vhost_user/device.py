@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import stat
-import struct
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -30,6 +29,7 @@ from ...frames import GuestPort
 from ...loop import EDGE, HANGUP, READ, WRITE, Loop, Timer
 from ...ratelimit import limited
 from ...state_channel import DeviceStateError, DeviceStateHandler, StateSink
+from ...wire import virtio_net
 from . import fds as fdkind
 from . import protocol as p
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
@@ -39,12 +39,7 @@ log = logging.getLogger(__name__)
 
 RX, TX = 0, 1  # virtio-net queue pair 0 (virtio spec §5.1.2)
 NUM_QUEUES = 2
-# virtio-net header (virtio spec §5.1.6): 12 bytes with VERSION_1 or
-# MRG_RXBUF; only num_buffers (offset 10) is ever non-zero here, as no
-# offloads are offered.
-NET_HDR_NUM_BUFFERS = struct.Struct("<H")
-_ZERO_HDR = bytes(12)
-NET_HDR_CSUM = struct.Struct("<B5xHH")  # flags, (gso_type, hdr_len, gso_size), csum_start/offset
+_ZERO_HDR = bytes(virtio_net.HDR_LEN_NUM_BUFFERS)
 MAX_FRAME = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
 TX_BATCH = 64  # chains per pass before yielding to other fds
 # TX mitigation, as QEMU's own virtio-net "tx=timer": after a batch with bulk
@@ -121,23 +116,6 @@ class VhostUserNetDevice:
     def _set_partial_checksums(self, guest_takes_them: bool) -> None:
         callback = getattr(self, "on_checksum_offload", None)
         self.partial_checksums = bool(callback(guest_takes_them)) if callback else False
-
-    def _checksum_fields(self, frame: bytes | bytearray | memoryview) -> None:
-        """NEEDS_CSUM with where the TCP/UDP checksum starts and lies, in the header
-        template, for a frame whose L4 checksum field holds the pseudo-header sum."""
-        hdr = self._hdr
-        if len(frame) < 42:
-            return
-        if frame[12] == 0x08 and frame[13] == 0x00:
-            proto, l4 = frame[23], 14 + (frame[14] & 0xF) * 4
-        elif frame[12] == 0x86 and frame[13] == 0xDD:
-            proto, l4 = frame[20], 54
-        else:
-            return
-        if proto == 6:
-            NET_HDR_CSUM.pack_into(hdr, 0, p.NET_HDR_F_NEEDS_CSUM, l4, 16)
-        elif proto == 17:
-            NET_HDR_CSUM.pack_into(hdr, 0, p.NET_HDR_F_NEEDS_CSUM, l4, 6)
 
     def _reset(self) -> None:
         """Back to the state of a device no front-end has touched."""
@@ -946,7 +924,7 @@ class VhostUserNetDevice:
         hdr_len = self.hdr_len
         hdr = self._hdr
         if self.partial_checksums:
-            self._checksum_fields(frame)
+            virtio_net.pack_offload_into(hdr, frame)
         dirty = self._log()
         taken = vq.scatter(self.memory, hdr[:hdr_len], memoryview(frame),
                            MAX_QUEUE_SIZE if self.mergeable else 1, dirty)
@@ -960,7 +938,7 @@ class VhostUserNetDevice:
         assert vq.scattered is not None
         view, off, gpa, n, capacity, largest = vq.scattered
         if hdr_len == 12:
-            NET_HDR_NUM_BUFFERS.pack_into(view, off + 10, taken)
+            virtio_net.NUM_BUFFERS.pack_into(view, off + virtio_net.NUM_BUFFERS_OFFSET, taken)
         if dirty is not None:
             dirty.mark(gpa, n)  # after the header's last write
         self._rx_consumed(capacity)
@@ -986,7 +964,7 @@ class VhostUserNetDevice:
         dirty = self._log()
         hdr = self._hdr
         if self.partial_checksums:
-            self._checksum_fields(frame)
+            virtio_net.pack_offload_into(hdr, frame)
         if len(segs) == 1:
             # The common case (one buffer, one descriptor): two slice copies.
             view, off, _, gpa = segs[0]
@@ -1000,7 +978,8 @@ class VhostUserNetDevice:
             vq.push_used(heads[0][0], need, dirty)
             self.rx_frames += 1
             return True
-        NET_HDR_NUM_BUFFERS.pack_into(hdr, 10, len(heads) if hdr_len == 12 else 0)
+        virtio_net.NUM_BUFFERS.pack_into(hdr, virtio_net.NUM_BUFFERS_OFFSET,
+                                         len(heads) if hdr_len == 12 else 0)
         source = memoryview(frame)
         pos = 0  # position in header + frame
         first = 0

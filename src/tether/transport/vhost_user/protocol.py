@@ -122,7 +122,6 @@ OFFERED_FEATURES = (
 # refuses to load a VM whose negotiated virtio features its target device does
 # not offer, so a VM that may move to passt must not have been given more.
 PASST_FEATURES = OFFERED_FEATURES & ~((1 << F_NET_CSUM) | (1 << F_NET_GUEST_CSUM))
-NET_HDR_F_NEEDS_CSUM = 1  # virtio 1.2 5.1.6: checksum from csum_start, stored at +csum_offset
 OFFERED_PROTOCOL_FEATURES = (
     (1 << PF_LOG_SHMFD) | (1 << PF_RARP) | (1 << PF_REPLY_ACK) | (1 << PF_DEVICE_STATE)
 )
