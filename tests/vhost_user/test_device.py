@@ -178,16 +178,16 @@ def test_a_buffer_added_while_kicks_were_off_is_not_missed(
     assert not g.kicks_wanted(RX)  # room: kicks off again
     assert dev.send_frame(b"x" * 100)
 
-    looked = dev._room
+    looked = dev.datapath._room
 
     def look_then_guest_adds() -> bool:
         result = looked()
         offer(2)  # no kick: the guest still sees NO_NOTIFY
         return result
 
-    monkeypatch.setattr(dev, "_room", look_then_guest_adds)
+    monkeypatch.setattr(dev.datapath, "_room", look_then_guest_adds)
     assert not dev.has_room()
-    monkeypatch.setattr(dev, "_room", looked)
+    monkeypatch.setattr(dev.datapath, "_room", looked)
     started.loop.run_once(0)
     assert port.room_calls == 2
     assert dev.send_frame(b"x" * 100)
