@@ -54,11 +54,12 @@ class DataPath:
     def __init__(self, loop: Loop, port: GuestPort) -> None:
         self.loop = loop
         self.port = port
-        self._rx_segs: list[Segment] = []
-        self._rx_heads: list[tuple[int, int]] = []  # (head, end index in _rx_segs)
         self._tx_segs: list[Segment] = []
         self._tx_arena = memoryview(bytearray(TX_ARENA_FRAMES * TX_SLOT))
+        # The virtio-net header of the next frame to the guest: zero but for
+        # the offload fields of the frame at hand (see send_frame).
         self._hdr = bytearray(virtio_net.HDR_LEN_NUM_BUFFERS)
+        self._hdr_view = memoryview(self._hdr)  # its first hdr_len bytes
         self._tx_scheduled = False
         self.rx_dropped = 0  # frames for the guest dropped (no buffers / not running)
         self.rx_frames = 0
@@ -70,7 +71,7 @@ class DataPath:
     def reset(self) -> None:
         """Back to a device no front-end has touched (after close())."""
         # Set by the control side from the negotiated features:
-        self.hdr_len = virtio_net.HDR_LEN_NUM_BUFFERS
+        self.set_hdr_len(virtio_net.HDR_LEN_NUM_BUFFERS)
         self.mergeable = False
         self.logging = False  # LOG_ALL: mark what we write in dirty_log
         self.partial_checksums = False  # frames to the guest carry NEEDS_CSUM
@@ -100,6 +101,12 @@ class DataPath:
             vq.close_fds()
 
     # -- what the control side tells the data path ---------------------------------
+
+    def set_hdr_len(self, hdr_len: int) -> None:
+        """The virtio-net header is 10 or 12 bytes (§5.1.6: num_buffers with
+        VERSION_1 or MRG_RXBUF)."""
+        self.hdr_len = hdr_len
+        self._hdr_view = memoryview(self._hdr)[:hdr_len]
 
     def rings_changed(self) -> None:
         """Ring positions or buffers may have changed: measure RX room afresh."""
@@ -312,47 +319,6 @@ class DataPath:
             scanned += 1
         return self._scan_room >= need
 
-    def _rx_collect(self, need: int) -> int:
-        """Pop receive buffers until `need` bytes fit: their total size, or 0.
-
-        Fills `_rx_segs` and `_rx_heads`.  On 0 nothing is consumed, except a
-        malformed chain, which is given back with everything taken before it.
-        """
-        vq = self.queues[RX]
-        memory = self.memory
-        if memory is None or not vq.ready or not vq.enabled:
-            return 0
-        segs = self._rx_segs
-        heads = self._rx_heads
-        segs.clear()
-        heads.clear()
-        avail = vq.available()
-        room = 0
-        while room < need:
-            if avail == 0 or (heads and not self.mergeable):
-                # Not enough buffers now: keep them for a frame that fits.
-                vq.unpop(len(heads))
-                self._wait_for_room()
-                return 0
-            head = vq.pop()
-            avail -= 1
-            try:
-                size = vq.walk(head, memory, segs, writable=True)
-            except (ChainError, GuestMemoryError) as e:
-                vq.bad_chains += 1
-                limited(log, logging.WARNING, "queue %d: dropped chain: %s", vq.index, e)
-                # Return everything taken so far unused, so no head is used twice.
-                dirty = self._log()
-                for taken, _ in heads:
-                    vq.push_used(taken, 0, dirty)
-                vq.push_used(head, 0, dirty)
-                self._scan_valid = False
-                return 0
-            self._rx_buf_size = max(self._rx_buf_size, size)
-            room += size
-            heads.append((head, len(segs)))
-        return room
-
     def _rx_consumed(self, capacity: int) -> None:
         """Keep _measure_room's running total right after buffers were used."""
         if self._scan_valid:
@@ -366,95 +332,28 @@ class DataPath:
 
     def send_frame(self, frame: bytes | bytearray | memoryview) -> bool:
         vq = self.queues[RX]
-        if self.memory is None or not vq.ready or not vq.enabled:
+        memory = self.memory
+        if memory is None or not vq.ready or not vq.enabled:
             self.rx_dropped += 1
             return False
-        hdr_len = self.hdr_len
         hdr = self._hdr
         if self.partial_checksums:
             virtio_net.pack_offload_into(hdr, frame)
-        dirty = self._log()
-        taken = vq.scatter(self.memory, hdr[:hdr_len], memoryview(frame),
-                           MAX_QUEUE_SIZE if self.mergeable else 1, dirty)
+        taken = vq.scatter(memory, self._hdr_view, memoryview(frame),
+                           MAX_QUEUE_SIZE if self.mergeable else 1, self._log())
         hdr[:] = _ZERO_HDR
-        if taken < 0:
-            return self._send_frame_chains(frame)  # chains, or a bad descriptor
-        if not taken:
-            self._wait_for_room()
+        if taken <= 0:
+            if taken:  # a malformed buffer, dropped with the frame
+                self._scan_valid = False
+                self._rx_buf_size = max(self._rx_buf_size, vq.scatter_largest)
+            else:  # no room: the buffers stay for a frame that fits
+                self._wait_for_room()
             self.rx_dropped += 1
             return False
-        assert vq.scattered is not None
-        view, off, gpa, n, capacity, largest = vq.scattered
-        if hdr_len == 12:
-            virtio_net.NUM_BUFFERS.pack_into(view, off + virtio_net.NUM_BUFFERS_OFFSET, taken)
-        if dirty is not None:
-            dirty.mark(gpa, n)  # after the header's last write
-        self._rx_consumed(capacity)
-        self._rx_buf_size = max(self._rx_buf_size, largest)
+        self._rx_consumed(vq.scatter_capacity)
+        self._rx_buf_size = max(self._rx_buf_size, vq.scatter_largest)
         self.rx_frames += 1
         if taken > 1:
-            self.rx_multi_buffer += 1
-        return True
-
-    def _send_frame_chains(self, frame: bytes | bytearray | memoryview) -> bool:
-        """send_frame for receive buffers that are descriptor chains (or malformed
-        ones, which are dropped and counted here)."""
-        hdr_len = self.hdr_len
-        need = hdr_len + len(frame)
-        room = self._rx_collect(need)
-        if not room:
-            self.rx_dropped += 1
-            return False
-        self._rx_consumed(room)
-        vq = self.queues[RX]
-        segs = self._rx_segs
-        heads = self._rx_heads
-        dirty = self._log()
-        hdr = self._hdr
-        if self.partial_checksums:
-            virtio_net.pack_offload_into(hdr, frame)
-        if len(segs) == 1:
-            # The common case (one buffer, one descriptor): two slice copies.
-            view, off, _, gpa = segs[0]
-            if hdr_len == 12:
-                hdr[10] = 1  # num_buffers
-            view[off:off + hdr_len] = hdr[:hdr_len]
-            view[off + hdr_len:off + need] = frame
-            hdr[:] = _ZERO_HDR
-            if dirty is not None:
-                dirty.mark(gpa, need)
-            vq.push_used(heads[0][0], need, dirty)
-            self.rx_frames += 1
-            return True
-        virtio_net.NUM_BUFFERS.pack_into(hdr, virtio_net.NUM_BUFFERS_OFFSET,
-                                         len(heads) if hdr_len == 12 else 0)
-        source = memoryview(frame)
-        pos = 0  # position in header + frame
-        first = 0
-        for head, end in heads:
-            written = 0
-            for i in range(first, end):
-                if pos >= need:
-                    break
-                view, off, length, gpa = segs[i]
-                n = min(length, need - pos)
-                stop = pos + n
-                if pos < hdr_len:
-                    k = min(hdr_len, stop) - pos
-                    view[off:off + k] = hdr[pos:pos + k]
-                    if stop > hdr_len:
-                        view[off + k:off + n] = source[0:stop - hdr_len]
-                else:
-                    view[off:off + n] = source[pos - hdr_len:stop - hdr_len]
-                if dirty is not None:
-                    dirty.mark(gpa, n)
-                pos = stop
-                written += n
-            first = end
-            vq.push_used(head, written, dirty)
-        hdr[:] = _ZERO_HDR
-        self.rx_frames += 1
-        if len(heads) > 1:
             self.rx_multi_buffer += 1
         return True
 

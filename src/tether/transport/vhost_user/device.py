@@ -216,9 +216,8 @@ class VhostUserNetDevice:
         dp = self.datapath
         version_1 = bool(features & (1 << p.F_VERSION_1))
         dp.mergeable = bool(features & (1 << p.F_NET_MRG_RXBUF))
-        # §5.1.6: num_buffers is there with VERSION_1 or MRG_RXBUF.
-        dp.hdr_len = (virtio_net.HDR_LEN_NUM_BUFFERS if version_1 or dp.mergeable
-                      else virtio_net.HDR_LEN)
+        dp.set_hdr_len(virtio_net.HDR_LEN_NUM_BUFFERS if version_1 or dp.mergeable
+                       else virtio_net.HDR_LEN)
         dp.logging = bool(features & (1 << p.F_LOG_ALL))
         self._set_partial_checksums(bool(features & (1 << p.F_NET_GUEST_CSUM)))
         if not features & (1 << p.F_PROTOCOL_FEATURES):
