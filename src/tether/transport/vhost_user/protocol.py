@@ -98,13 +98,10 @@ F_NET_CSUM = 0  # the device takes frames with a partial checksum (virtio 1.2 5.
 F_NET_GUEST_CSUM = 1  # the driver takes frames with a partial checksum
 F_NET_MRG_RXBUF = 15
 F_LOG_ALL = 26  # VHOST_F_LOG_ALL
-F_RING_INDIRECT_DESC = 28
-F_RING_EVENT_IDX = 29
 F_PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 32
 
 # -- protocol feature bits (vhost-user.rst, "Protocol features")
-PF_MQ = 0
 PF_LOG_SHMFD = 1
 PF_RARP = 2
 PF_REPLY_ACK = 3
