@@ -19,9 +19,7 @@ then used elements are written and logged, then `used->idx` is published
 
 The guest reads used->flags and used->idx while we write them, so each is
 written with one 16-bit store, through a native-order `H` view of the two
-words: `struct.pack_into` clears its destination before it fills it in, and
-a guest that read the cleared used->idx took it for a new index and
-consumed a stale ring slot ("output.0: id N is not a head!").
+words (`_used_words`; why, at `publish`).
 
 Notification suppression (§2.7.7, §2.7.10 without EVENT_IDX): the guest's
 NO_INTERRUPT flag is honoured, and our NO_NOTIFY flag asks for kicks only
@@ -196,10 +194,6 @@ class VirtQueue:
         slot = position % self.num
         head: int = U16.unpack_from(self._avail_view, self._avail_off + 4 + 2 * slot)[0]
         return head
-
-    def unpop(self, count: int) -> None:
-        """Give back heads popped but not used (the guest will offer them again)."""
-        self.last_avail = (self.last_avail - count) & 0xFFFF
 
     def walk(self, head: int, memory: MemoryTable, out: list[Segment],
              writable: bool) -> int:
@@ -423,6 +417,15 @@ class VirtQueue:
         self._pending_used = False
         # x86 keeps stores in program order, so the elements written above are
         # visible before this index (the write barrier of §2.7.13.3).
+        # One 16-bit store through the native `H` cell, never struct.pack_into:
+        # pack_into clears its destination before it fills it in (CPython's
+        # s_pack_internal starts with a memset), so a guest reading in between
+        # saw used->idx 0 for a moment, took it for a new index and consumed
+        # a stale slot ("output.0: id N is not a head!", then a soft lockup;
+        # about once in 5-20 bulk runs of 10 s).  The guest reads used->flags
+        # as live, so _set_used_flags stores the same way.  Used elements may
+        # use struct: the guest does not read them until this index covers them.
+        # (tests/vhost_user: test_the_guest_never_sees_used_idx_half_written)
         self._used_words[1] = self.used_idx
         if dirty is not None and self.log_used:
             dirty.mark(self.log_gpa + 2, 2)
