@@ -122,6 +122,64 @@ def test_large_frame_spans_merged_buffers(started: Rig) -> None:
     assert got[12:] == frame
 
 
+def test_receive_chains_take_header_and_frame_in_one_pass(rig: Rig) -> None:
+    """Linux's big-packets mode (no MRG_RXBUF): each receive buffer is a chain
+    whose first descriptor holds the header alone; one buffer per frame."""
+    g, fe, dev = rig.guest, rig.fe, rig.device
+    fe.start(g, features=p.OFFERED_FEATURES & ~(1 << p.F_NET_MRG_RXBUF))
+    g.set_desc(RX, 0, BUF_BASE, 12, DESC_F_WRITE | DESC_F_NEXT, 1)
+    g.set_desc(RX, 1, BUF_BASE + 0x1000, 1000, DESC_F_WRITE | DESC_F_NEXT, 2)
+    g.set_desc(RX, 2, BUF_BASE + 0x2000, 4096, DESC_F_WRITE)
+    g.offer(RX, 0)
+    fe.kick_queue(RX)
+    frame = os.urandom(3000)
+    assert dev.send_frame(frame)
+    assert not dev.send_frame(b"no second buffer")
+    dev.flush()
+    assert g.used(RX) == [(0, 3012)]
+    assert g.read(BUF_BASE, 12) == HDR[:10] + b"\x01\x00"
+    assert g.read(BUF_BASE + 0x1000, 1000) + g.read(BUF_BASE + 0x2000, 2000) == frame
+
+
+def test_header_split_over_merged_buffers_still_counts_them(started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    g.set_desc(RX, 0, BUF_BASE, 7, DESC_F_WRITE)  # shorter than the header
+    table = BUF_BASE + 0x8000  # an indirect buffer: 3 header bytes, then 500
+    struct.pack_into("<QIHH", g.mem, table, BUF_BASE + 0x1000, 3, DESC_F_WRITE | DESC_F_NEXT, 1)
+    struct.pack_into("<QIHH", g.mem, table + 16, BUF_BASE + 0x2000, 500, DESC_F_WRITE, 0)
+    g.set_desc(RX, 1, table, 32, DESC_F_INDIRECT)
+    g.set_desc(RX, 2, BUF_BASE + 0x3000, 1500, DESC_F_WRITE)
+    for head in range(3):
+        g.offer(RX, head)
+    fe.kick_queue(RX)
+    frame = os.urandom(1000)
+    assert dev.send_frame(frame)
+    dev.flush()
+    used = g.used(RX)
+    assert used == [(0, 7), (1, 503), (2, 502)]
+    got = (g.read(BUF_BASE, 7) + g.read(BUF_BASE + 0x1000, 3) + g.read(BUF_BASE + 0x2000, 500)
+           + g.read(BUF_BASE + 0x3000, 502))
+    assert struct.unpack_from("<H", got, 10)[0] == 3  # num_buffers, split over two buffers
+    assert got[12:] == frame
+    assert dev.stats()["rx_multi_buffer"] == 1
+
+
+def test_a_bad_chain_drops_the_frame_and_returns_the_buffers_before_it(
+        started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    g.set_desc(RX, 0, BUF_BASE, 1500, DESC_F_WRITE)
+    g.set_desc(RX, 1, BUF_BASE + 0x1000, 1500, 0)  # device-readable: not a receive buffer
+    g.set_desc(RX, 2, BUF_BASE + 0x2000, 4096, DESC_F_WRITE)
+    for head in range(3):
+        g.offer(RX, head)
+    fe.kick_queue(RX)
+    assert not dev.send_frame(os.urandom(2000))
+    assert dev.bad_chains == 1 and dev.stats()["rx_dropped"] == 1
+    assert dev.send_frame(b"next")
+    dev.flush()
+    assert g.used(RX) == [(0, 0), (1, 0), (2, 16)]
+
+
 def test_no_room_drops_frame_and_keeps_buffers_then_signals_room(started: Rig) -> None:
     g, fe, dev = started.guest, started.fe, started.device
     g.set_desc(RX, 0, BUF_BASE, 1500, DESC_F_WRITE)
