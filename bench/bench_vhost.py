@@ -88,9 +88,8 @@ def bench_rx(frame_size: int, seconds: float) -> tuple[float, float]:
     return frames / cpu, cpu / (frames * frame_size / 1e9)
 
 
-def bench_rx_socket(frame_size: int, seconds: float, zero_copy: bool) -> tuple[float, float]:
-    """A socket's data to the guest: recv() + send_frame(), or recvmsg_into()
-    straight into the guest's buffers (rx_buffers/rx_commit)."""
+def bench_rx_socket(frame_size: int, seconds: float) -> tuple[float, float]:
+    """A socket's data to the guest: recv() + send_frame()."""
     loop, device, fe, guest, _ = setup()
     for i in range(QSIZE):
         guest.set_desc(RX, i, BUF_BASE + i * BUF, BUF, DESC_F_WRITE)
@@ -108,15 +107,9 @@ def bench_rx_socket(frame_size: int, seconds: float, zero_copy: bool) -> tuple[f
             a.sendall(payload)
         t0 = time.process_time()
         for _ in range(per_batch):
-            if zero_copy:
-                views = device.rx_buffers(frame_size)  # exactly one frame's worth
-                assert views is not None
-                n = b.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
-                device.rx_commit(n)
-            else:
-                data = b.recv(frame_size, socket.MSG_WAITALL)
-                n = len(data)
-                assert device.send_frame(data)
+            data = b.recv(frame_size, socket.MSG_WAITALL)
+            n = len(data)
+            assert device.send_frame(data)
             assert n == frame_size
             frames += 1
         device.flush()
@@ -160,10 +153,9 @@ def main() -> None:
             rate, cost = fn(size, args.seconds)
             print(f"{name:<4} {size:>6} {rate:>10.0f} {cost:>9.3f} {8 / cost:>12.1f}")
     print("socket -> guest (includes the kernel's copy out of the socket):")
-    for name, zero_copy in (("recv+send_frame", False), ("recvmsg_into(rx_buffers)", True)):
-        for size in (1460, 65000):
-            rate, cost = bench_rx_socket(size, args.seconds, zero_copy)
-            print(f"  {name:<26} {size:>6} {rate:>10.0f} {cost:>9.3f} {8 / cost:>12.1f}")
+    for size in (1460, 65000):
+        rate, cost = bench_rx_socket(size, args.seconds)
+        print(f"  {'recv+send_frame':<26} {size:>6} {rate:>10.0f} {cost:>9.3f} {8 / cost:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from examples.vhost_user_responder import Responder  # noqa: E402
 from tests.vm.guest import ensure_guest  # noqa: E402
 from tests.vm.harness import Vm  # noqa: E402
 from tether.loop import READ, Loop  # noqa: E402
 from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer  # noqa: E402
-from tether.transport.vhost_user.responder import Responder  # noqa: E402
 
 
 class Blaster(Responder):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
 import struct
 from collections.abc import Iterator
 
@@ -123,6 +122,64 @@ def test_large_frame_spans_merged_buffers(started: Rig) -> None:
     assert got[12:] == frame
 
 
+def test_receive_chains_take_header_and_frame_in_one_pass(rig: Rig) -> None:
+    """Linux's big-packets mode (no MRG_RXBUF): each receive buffer is a chain
+    whose first descriptor holds the header alone; one buffer per frame."""
+    g, fe, dev = rig.guest, rig.fe, rig.device
+    fe.start(g, features=p.OFFERED_FEATURES & ~(1 << p.F_NET_MRG_RXBUF))
+    g.set_desc(RX, 0, BUF_BASE, 12, DESC_F_WRITE | DESC_F_NEXT, 1)
+    g.set_desc(RX, 1, BUF_BASE + 0x1000, 1000, DESC_F_WRITE | DESC_F_NEXT, 2)
+    g.set_desc(RX, 2, BUF_BASE + 0x2000, 4096, DESC_F_WRITE)
+    g.offer(RX, 0)
+    fe.kick_queue(RX)
+    frame = os.urandom(3000)
+    assert dev.send_frame(frame)
+    assert not dev.send_frame(b"no second buffer")
+    dev.flush()
+    assert g.used(RX) == [(0, 3012)]
+    assert g.read(BUF_BASE, 12) == HDR[:10] + b"\x01\x00"
+    assert g.read(BUF_BASE + 0x1000, 1000) + g.read(BUF_BASE + 0x2000, 2000) == frame
+
+
+def test_header_split_over_merged_buffers_still_counts_them(started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    g.set_desc(RX, 0, BUF_BASE, 7, DESC_F_WRITE)  # shorter than the header
+    table = BUF_BASE + 0x8000  # an indirect buffer: 3 header bytes, then 500
+    struct.pack_into("<QIHH", g.mem, table, BUF_BASE + 0x1000, 3, DESC_F_WRITE | DESC_F_NEXT, 1)
+    struct.pack_into("<QIHH", g.mem, table + 16, BUF_BASE + 0x2000, 500, DESC_F_WRITE, 0)
+    g.set_desc(RX, 1, table, 32, DESC_F_INDIRECT)
+    g.set_desc(RX, 2, BUF_BASE + 0x3000, 1500, DESC_F_WRITE)
+    for head in range(3):
+        g.offer(RX, head)
+    fe.kick_queue(RX)
+    frame = os.urandom(1000)
+    assert dev.send_frame(frame)
+    dev.flush()
+    used = g.used(RX)
+    assert used == [(0, 7), (1, 503), (2, 502)]
+    got = (g.read(BUF_BASE, 7) + g.read(BUF_BASE + 0x1000, 3) + g.read(BUF_BASE + 0x2000, 500)
+           + g.read(BUF_BASE + 0x3000, 502))
+    assert struct.unpack_from("<H", got, 10)[0] == 3  # num_buffers, split over two buffers
+    assert got[12:] == frame
+    assert dev.stats()["rx_multi_buffer"] == 1
+
+
+def test_a_bad_chain_drops_the_frame_and_returns_the_buffers_before_it(
+        started: Rig) -> None:
+    g, fe, dev = started.guest, started.fe, started.device
+    g.set_desc(RX, 0, BUF_BASE, 1500, DESC_F_WRITE)
+    g.set_desc(RX, 1, BUF_BASE + 0x1000, 1500, 0)  # device-readable: not a receive buffer
+    g.set_desc(RX, 2, BUF_BASE + 0x2000, 4096, DESC_F_WRITE)
+    for head in range(3):
+        g.offer(RX, head)
+    fe.kick_queue(RX)
+    assert not dev.send_frame(os.urandom(2000))
+    assert dev.bad_chains == 1 and dev.stats()["rx_dropped"] == 1
+    assert dev.send_frame(b"next")
+    dev.flush()
+    assert g.used(RX) == [(0, 0), (1, 0), (2, 16)]
+
+
 def test_no_room_drops_frame_and_keeps_buffers_then_signals_room(started: Rig) -> None:
     g, fe, dev = started.guest, started.fe, started.device
     g.set_desc(RX, 0, BUF_BASE, 1500, DESC_F_WRITE)
@@ -179,16 +236,16 @@ def test_a_buffer_added_while_kicks_were_off_is_not_missed(
     assert not g.kicks_wanted(RX)  # room: kicks off again
     assert dev.send_frame(b"x" * 100)
 
-    looked = dev._room
+    looked = dev.datapath._room
 
     def look_then_guest_adds() -> bool:
         result = looked()
         offer(2)  # no kick: the guest still sees NO_NOTIFY
         return result
 
-    monkeypatch.setattr(dev, "_room", look_then_guest_adds)
+    monkeypatch.setattr(dev.datapath, "_room", look_then_guest_adds)
     assert not dev.has_room()
-    monkeypatch.setattr(dev, "_room", looked)
+    monkeypatch.setattr(dev.datapath, "_room", looked)
     started.loop.run_once(0)
     assert port.room_calls == 2
     assert dev.send_frame(b"x" * 100)
@@ -559,64 +616,6 @@ def test_has_room_tracks_the_posted_capacity_exactly_when_tight() -> None:
         device.disconnect("test over")
         guest.close()
         loop.close()
-
-
-def test_zero_copy_receive_straight_from_a_socket_into_guest_buffers(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    for i in range(6):
-        g.set_desc(RX, i, BUF_BASE + i * 0x1000, 1500, DESC_F_WRITE)
-        g.offer(RX, i)
-    fe.kick_queue(RX)
-    payload = os.urandom(4000)
-    a, b = socket.socketpair()
-    try:
-        a.sendall(payload)
-        views = dev.rx_buffers(6000)  # room for the largest frame we might get
-        assert views is not None and sum(len(v) for v in views) == 6000
-        got = b.recvmsg_into(views)[0]  # the kernel copies into guest memory
-        assert got == 4000
-        dev.rx_commit(got)
-    finally:
-        a.close()
-        b.close()
-    dev.flush()
-    used = g.used(RX)
-    assert used == [(0, 1500), (1, 1500), (2, 1012)]  # buffers 3.. went back
-    data = b"".join(g.read(BUF_BASE + h * 0x1000, n) for h, n in used)
-    assert struct.unpack_from("<H", data, 10)[0] == 3 and data[12:] == payload
-    assert dev.send_frame(b"next")  # the next frame takes the first unused buffer
-    dev.flush()
-    assert g.used(RX) == [(3, 16)]
-
-
-def test_zero_copy_abort_and_bad_length_give_the_buffers_back(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    g.set_desc(RX, 0, BUF_BASE, 2048, DESC_F_WRITE)
-    g.offer(RX, 0)
-    fe.kick_queue(RX)
-    views = dev.rx_buffers(1000)
-    assert views is not None
-    dev.rx_abort()
-    with pytest.raises(ValueError, match="released"):
-        views[0][0]  # released: the stack cannot write after abort
-    assert dev.rx_buffers(1000) is not None
-    with pytest.raises(ValueError, match="reserved for 1000"):
-        dev.rx_commit(1001)
-    assert g.used(RX) == []
-    assert dev.send_frame(b"still here")
-    dev.flush()
-    assert g.used(RX) == [(0, 22)]
-
-
-def test_get_vring_base_rewinds_a_pending_receive_reservation(started: Rig) -> None:
-    g, fe, dev = started.guest, started.fe, started.device
-    g.set_desc(RX, 0, BUF_BASE, 2048, DESC_F_WRITE)
-    g.offer(RX, 0)
-    fe.kick_queue(RX)
-    assert dev.rx_buffers(100) is not None
-    fe.send(p.Request.GET_VRING_BASE, p.VRING_STATE.pack(RX, 0))
-    assert p.VRING_STATE.unpack(fe.reply(p.Request.GET_VRING_BASE)) == (RX, 0)
-    assert g.used_idx(RX) == 0
 
 
 def test_ring_size_changed_on_a_running_ring_is_not_read_with_old_bounds(

@@ -24,8 +24,8 @@ from tether.handover.device_state import Handover
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.transport.vhost_user import device as device_module
 from tether.transport.vhost_user import protocol as p
+from tether.transport.vhost_user import state_transfer
 from tether.transport.vhost_user.device import VhostUserNetDevice
 
 from .frontend import BUF_BASE, QVA_BASE, Frontend, Guest, RecordingPort
@@ -226,8 +226,8 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
     RUNS["state transfers"] += 1
     fds_before = open_fds()
     rss_before = rss()
-    saved_grace = device_module.CHECK_GRACE
-    device_module.CHECK_GRACE = 0.05
+    saved_grace = state_transfer.CHECK_GRACE
+    state_transfer.CHECK_GRACE = 0.05
     rig = StateRig()
     try:
         fe = rig.fe
@@ -254,7 +254,7 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
                         written += os.write(ours, blob[written:written + step])
                     except BlockingIOError:
                         fe.pump()
-                        if not rig.device._transfer:
+                        if not rig.device.transfer.current:
                             break
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the device stopped reading at the first bad byte
@@ -262,8 +262,8 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
             if not hold:
                 os.close(ours)
             fe.send(p.Request.CHECK_DEVICE_STATE)
-            rig.loop.run(until=lambda: not rig.device._check_waiting, timeout=5)
-            assert not rig.device._check_waiting, "CHECK_DEVICE_STATE never answered"
+            rig.loop.run(until=lambda: not rig.device.transfer.check_waiting, timeout=5)
+            assert not rig.device.transfer.check_waiting, "CHECK_DEVICE_STATE never answered"
             result = int(p.U64.unpack(fe.reply(p.Request.CHECK_DEVICE_STATE))[0])
             assert result == 0 or result in (errno.EINVAL, errno.ENOTSUP, errno.ENODATA,
                                              errno.EFBIG, errno.EBADMSG, errno.ETIMEDOUT)
@@ -272,7 +272,7 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
         serves_an_honest_front_end(rig)
     finally:
         rig.close()
-        device_module.CHECK_GRACE = saved_grace
+        state_transfer.CHECK_GRACE = saved_grace
     # At most: objects of earlier tests (subprocess pipes) may be collected meanwhile.
     assert open_fds() <= fds_before, "the device leaked file descriptors"
     assert rss() < rss_before + MEMORY_SLACK

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from tether import ratelimit
-from tether.transport.vhost_user import device as device_module
 from tether.transport.vhost_user import protocol as p
+from tether.transport.vhost_user import state_transfer
 
 from .daemon import Client, Daemon, wait_for
 from .frontend import BUF_BASE, Frontend, Guest
@@ -380,7 +380,7 @@ def test_sigterm_ends_a_daemon_waiting_for_the_rest_of_a_load(tmp_path: Path) ->
 
 
 def test_check_waits_at_most_the_grace_period(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(device_module, "CHECK_GRACE", 0.05)
+    monkeypatch.setattr(state_transfer, "CHECK_GRACE", 0.05)
     fe = rig.fe
     fe.send(p.Request.SET_PROTOCOL_FEATURES, p.U64.pack(p.OFFERED_PROTOCOL_FEATURES))
     r, w = os.pipe()
@@ -389,7 +389,7 @@ def test_check_waits_at_most_the_grace_period(rig: Rig, monkeypatch: pytest.Monk
     os.write(w, b"partial")
     fe.send(p.Request.CHECK_DEVICE_STATE)
     assert fe.no_reply_pending()
-    rig.loop.run(until=lambda: not rig.device._check_waiting, timeout=5)
+    rig.loop.run(until=lambda: not rig.device.transfer.check_waiting, timeout=5)
     assert int(p.U64.unpack(fe.reply(p.Request.CHECK_DEVICE_STATE))[0]) == errno.ETIMEDOUT
     os.close(w)
     assert works(rig)

@@ -4,7 +4,7 @@
   an expect-like `expect()` and `run()` (command + exit status).
 - `Vm`: one QEMU process (TCG here; KVM where TETHER_ACCEL says so), its
   console and its QMP monitor (qemu.qmp).
-- `Backend`: one `python -m tether.transport.vhost_user` process and its log.
+- `Backend`: one `python examples/vhost_user_responder.py` process and its log.
 """
 
 from __future__ import annotations
@@ -204,17 +204,17 @@ class Vm:
 
 
 class Backend:
-    """A tether vhost-user process serving the test responder."""
+    """A vhost-user back-end process: examples/vhost_user_responder.py."""
 
     def __init__(self, workdir: Path, name: str, *extra: str) -> None:
         self.socket = workdir / f"{name}.sock"
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("w")
-        src = Path(__file__).resolve().parents[2] / "src"
-        env = dict(os.environ, PYTHONPATH=str(src))
+        root = Path(__file__).resolve().parents[2]
+        env = dict(os.environ, PYTHONPATH=str(root / "src"))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tether.transport.vhost_user", "--socket", str(self.socket),
-             *extra],
+            [sys.executable, str(root / "examples" / "vhost_user_responder.py"),
+             "--socket", str(self.socket), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 20,
                  f"{name} socket")

@@ -1,7 +1,8 @@
 """A real Linux guest on QEMU 10 talks to tether's vhost-user back-end.
 
-The back-end runs with the test responder (ARP + ping for 10.0.2.2) until
-the network stack lands; the guest is the busybox initramfs of guest.py.
+The back-end is examples/vhost_user_responder.py (ARP + ping for 10.0.2.2),
+tether's vhost-user library with a toy stack; the guest is the busybox
+initramfs of guest.py.
 """
 
 from __future__ import annotations

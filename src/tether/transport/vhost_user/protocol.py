@@ -98,13 +98,10 @@ F_NET_CSUM = 0  # the device takes frames with a partial checksum (virtio 1.2 5.
 F_NET_GUEST_CSUM = 1  # the driver takes frames with a partial checksum
 F_NET_MRG_RXBUF = 15
 F_LOG_ALL = 26  # VHOST_F_LOG_ALL
-F_RING_INDIRECT_DESC = 28
-F_RING_EVENT_IDX = 29
 F_PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 32
 
 # -- protocol feature bits (vhost-user.rst, "Protocol features")
-PF_MQ = 0
 PF_LOG_SHMFD = 1
 PF_RARP = 2
 PF_REPLY_ACK = 3
@@ -122,7 +119,6 @@ OFFERED_FEATURES = (
 # refuses to load a VM whose negotiated virtio features its target device does
 # not offer, so a VM that may move to passt must not have been given more.
 PASST_FEATURES = OFFERED_FEATURES & ~((1 << F_NET_CSUM) | (1 << F_NET_GUEST_CSUM))
-NET_HDR_F_NEEDS_CSUM = 1  # virtio 1.2 5.1.6: checksum from csum_start, stored at +csum_offset
 OFFERED_PROTOCOL_FEATURES = (
     (1 << PF_LOG_SHMFD) | (1 << PF_RARP) | (1 << PF_REPLY_ACK) | (1 << PF_DEVICE_STATE)
 )

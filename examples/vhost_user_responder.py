@@ -1,33 +1,51 @@
-"""TEST AID ONLY: a tiny stand-in for the network stack, for the VM tests.
+"""A vhost-user net back-end in ~300 lines, on tether's vhost-user library.
 
-It is not a network stack and will be replaced by tether.net when that
-lands.  It answers ARP and ICMP echo for one gateway address, remembers the
+    python examples/vhost_user_responder.py --socket PATH [--gateway 10.0.2.2]
+
+QEMU attaches a virtio-net card to PATH (-chardev socket,path=PATH plus
+-netdev vhost-user); the `Responder` below stands in for a network stack.
+It answers ARP and ICMP echo for one gateway address, remembers the
 guest's MAC and IPv4 address from what the guest sends, and carries those
-two as its device state, so the tests can check RX, TX, MRG_RXBUF, reconnect
-and migration through a real guest's `ping`.
+two as its device state, so a live migration moves them to the target
+back-end.  tether's VM tests drive it (RX, TX, MRG_RXBUF, reconnect,
+migration, the dirty log) through a real guest's `ping`.
 
-For the dirty-log test it also sends a checked stream (`start_stream`):
-UDP datagrams with valid checksums to a closed guest port, paced by loop
-timers.  The guest kernel verifies every checksum (counting failures in
-/proc/net/snmp Udp InCsumErrors) before it counts the datagram as NoPorts,
-so a buffer page lost by the dirty log shows up as a checksum error.
+What it shows of the library (tether.transport.vhost_user): a back-end is
+a `frames.GuestPort` (frames from the guest arrive in `frames_from_guest`,
+frames to it go through the device's `send_frame`) plus, optionally, a
+`state_channel.DeviceStateHandler`; `VhostUserServer` accepts QEMU and
+`VhostUserNetDevice` does the rest (rings, guest memory, dirty logging,
+device-state transfer), all on one `loop.Loop`.
+
+For the dirty-log test it also sends a checked stream (`start_stream`, on
+SIGUSR2): UDP datagrams with valid checksums to a closed guest port, paced
+by loop timers.  The guest kernel verifies every checksum (counting
+failures in /proc/net/snmp Udp InCsumErrors) before it counts the datagram
+as NoPorts, so a buffer page lost by the dirty log shows up as a checksum
+error.  SIGUSR1 drops the front-end, as a crash would.
 
 State blob (network byte order): b"TRSP", u8 version 1, 6-byte MAC, 4-byte IPv4.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import ipaddress
+import json
 import logging
+import os
+import signal
 import struct
+import sys
 from collections.abc import Sequence
 
-from ...frames import FrameSink
-from ...loop import Loop
-from ...state_channel import BufferedSink, DeviceStateError
+from tether.frames import FrameSink
+from tether.loop import READ, Loop
+from tether.state_channel import BufferedSink, DeviceStateError
+from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vhost_user_responder")
 
 ETH = struct.Struct("!6s6sH")  # dst, src, ethertype (IEEE 802.3)
 ARP = struct.Struct("!HHBBH6s4s6s4s")  # RFC 826, Ethernet/IPv4
@@ -38,6 +56,8 @@ STREAM_PAYLOAD = 1400
 STREAM_BURST = 4  # datagrams per 10 ms tick
 STATE = struct.Struct("!4sB6s4s")
 STATE_MAGIC = b"TRSP"
+STREAM_COUNT = 3000  # with 4 per 10 ms: about 7.5 s of traffic
+STREAM_GUEST_PORT = 9
 
 GATEWAY_MAC = bytes.fromhex("525500000001")
 
@@ -53,7 +73,7 @@ def _checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 class Responder:
-    """A frames.GuestPort and a DeviceStateHandler, for tests."""
+    """A frames.GuestPort and a state_channel.DeviceStateHandler."""
 
     def __init__(self, gateway: str, loop: Loop | None = None) -> None:
         self.gateway = ipaddress.IPv4Address(gateway).packed
@@ -210,3 +230,75 @@ class Responder:
 
     def front_end_gone(self) -> None:
         pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vhost_user_responder.py")
+    parser.add_argument("--socket", "-s", help="UNIX socket path to listen on")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the back-end capabilities (vhost-user.rst) and exit")
+    parser.add_argument("--gateway", default="10.0.2.2",
+                        help="address the responder answers ARP and ping for")
+    parser.add_argument("--once", action="store_true",
+                        help="exit when the first front-end disconnects")
+    parser.add_argument("--reject-state", action="store_true",
+                        help="test aid: refuse any loaded device state (fails migrations)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return 0
+    if not args.socket:
+        parser.error("--socket is required")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    loop = Loop()
+    responder = Responder(args.gateway, loop)
+    responder.reject_state = args.reject_state
+    device = VhostUserNetDevice(loop, responder, state=responder)
+    responder.sink = device
+    try:
+        server = VhostUserServer(loop, args.socket, device)
+    except OSError as e:
+        log.error("cannot listen on %s: %s", args.socket, e)
+        return 1
+
+    # Signals reach the loop through a wakeup pipe: a Python handler alone
+    # would not interrupt epoll (PEP 475 retries the wait).
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda signum, frame: None)
+
+    def on_signal(events: int) -> None:
+        for signum in os.read(wake_r, 64):
+            if signum == signal.SIGUSR1:
+                # Test aid: drop the front-end, as a crash would; QEMU reconnects.
+                device.disconnect("SIGUSR1")
+            elif signum == signal.SIGUSR2:
+                # Test aid: a checked UDP stream to a closed guest port.
+                responder.start_stream(STREAM_COUNT, STREAM_GUEST_PORT)
+            else:
+                loop.stop()
+
+    loop.add(wake_r, READ, on_signal)
+    log.info("listening on %s", args.socket)
+    had_connection = False
+
+    def done() -> bool:
+        nonlocal had_connection
+        had_connection = had_connection or device.connected
+        return args.once and had_connection and not device.connected
+
+    try:
+        loop.run(until=done)
+    finally:
+        log.info("stats: %s", " ".join(f"{k}={v}" for k, v in device.stats().items()))
+        server.close()
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
