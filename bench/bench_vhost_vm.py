@@ -33,7 +33,8 @@ from examples.vhost_user_responder import Responder  # noqa: E402
 from tests.vm.guest import ensure_guest  # noqa: E402
 from tests.vm.harness import Vm  # noqa: E402
 from tether.loop import READ, Loop  # noqa: E402
-from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer  # noqa: E402
+from tether.transport.vhost_user.device import VhostUserNetDevice  # noqa: E402
+from tether.transport.vhost_user.server import VhostUserServer  # noqa: E402
 
 
 class Blaster(Responder):

@@ -43,7 +43,8 @@ from collections.abc import Sequence
 from tether.frames import FrameSink
 from tether.loop import READ, Loop
 from tether.state_channel import BufferedSink, DeviceStateError
-from tether.transport.vhost_user.device import VhostUserNetDevice, VhostUserServer
+from tether.transport.vhost_user.device import VhostUserNetDevice
+from tether.transport.vhost_user.server import VhostUserServer
 
 log = logging.getLogger("vhost_user_responder")
 

@@ -20,6 +20,7 @@ Layout, from the socket down to guest memory:
 examples/vhost_user_responder.py is a whole back-end on this API.
 """
 
-from .device import VhostUserNetDevice, VhostUserServer
+from .device import VhostUserNetDevice
+from .server import VhostUserServer
 
 __all__ = ["VhostUserNetDevice", "VhostUserServer"]

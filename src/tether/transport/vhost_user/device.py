@@ -43,11 +43,10 @@ from . import protocol as p
 from .connection import FrontEnd
 from .datapath import NUM_QUEUES, DataPath
 from .memory import DirtyLog, GuestMemoryError, MemoryTable
-from .server import VhostUserServer
 from .state_transfer import StateTransfer
 from .virtqueue import MAX_QUEUE_SIZE, VirtQueue
 
-__all__ = ["VhostUserNetDevice", "VhostUserServer"]
+__all__ = ["VhostUserNetDevice"]
 
 log = logging.getLogger(__name__)
 

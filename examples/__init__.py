@@ -1,0 +1,1 @@
+"""Programs built on tether's libraries (not installed with it)."""
