@@ -53,6 +53,7 @@ from tether.repair import kernel as repair_kernel
 from tether.repair import tcp as repair
 from tether.repair.client import RepairHelper
 from tether.repair.record import TcpConnState
+from tether.repair.tcp import RepairError
 from tether.state_channel import DeviceStateError
 
 log = logging.getLogger(__name__)
@@ -486,21 +487,36 @@ class Handover:
                     "migration: guest resumed here, no TCP connections to resume")
             return
         assert self.helper is not None
-        errors = repair.thaw_many([(sock, state) for _, sock, state in incoming.flows],
-                                  self.helper)
+        flows = incoming.flows
         resumed = 0
-        for (record, sock, _), thaw_error in zip(incoming.flows, errors, strict=True):
+        settled = 0
+
+        def hand_to_stack(index: int, thaw_error: RepairError | None) -> None:
+            # As each batch is thawed, while the helper thaws the next one.
+            nonlocal resumed, settled
+            record, sock, _ = flows[index]
+            settled = index + 1
             problem: Exception | None = thaw_error
             if problem is None:
                 try:
                     self.stack.restore_tcp_flow(record, sock)
                     resumed += 1
-                    continue
+                    return
                 except (ValueError, TableFull) as exc:
                     problem = exc
             limited(log, logging.ERROR,
                     "migration: connection %s could not resume: %s", record.sides, problem)
             sock.close()
+
+        try:
+            repair.thaw_many([(sock, state) for _, sock, state in flows], self.helper,
+                             hand_to_stack)
+        except OSError as exc:
+            # The helper failed midway: what it thawed runs on, the rest is lost.
+            limited(log, logging.ERROR, "migration: %d TCP connection(s) lost, leaving repair "
+                    "mode failed: %s", len(flows) - settled, exc)
+            for _, sock, _ in flows[settled:]:
+                sock.close()
         self.last_result = f"resumed {resumed} of {len(incoming.flows)} TCP connections"
         limited(log, logging.INFO, "migration: guest resumed here, %s", self.last_result)
 

@@ -448,18 +448,28 @@ def thaw(sock: socket.socket, state: TcpConnState, switch: RepairSwitch) -> None
 
 
 def thaw_many(
-    pairs: Sequence[tuple[socket.socket, TcpConnState]], switch: RepairSwitch
+    pairs: Sequence[tuple[socket.socket, TcpConnState]], switch: RepairSwitch,
+    thawed: Callable[[int, RepairError | None], None] | None = None,
 ) -> list[RepairError | None]:
-    """thaw() for a batch, with one repair-off round trip."""
-    switch.set_repair([s for s, _ in pairs], k.REPAIR_OFF)
+    """thaw() for many, 253 sockets per repair-off round trip.
+
+    thawed(index, error) runs for each as soon as its batch is back, while
+    the helper switches the next batch: the caller can put it to work.
+    """
     out: list[RepairError | None] = []
-    for s, st in pairs:
-        try:
-            resume(s, st)
-        except RepairError as e:
-            out.append(e)
-        else:
-            out.append(None)
+
+    def resume_batch(start: int, batch: Sequence[socket.socket]) -> None:
+        for i, s in enumerate(batch, start):
+            error: RepairError | None = None
+            try:
+                resume(s, pairs[i][1])
+            except RepairError as e:
+                error = e
+            out.append(error)
+            if thawed is not None:
+                thawed(i, error)
+
+    switch.set_repair([s for s, _ in pairs], k.REPAIR_OFF, resume_batch)
     return out
 
 
