@@ -107,6 +107,10 @@ PF_RARP = 2
 PF_REPLY_ACK = 3
 PF_DEVICE_STATE = 19
 
+# Not offered, on purpose: EVENT_IDX (bit 29) was built and measured, and
+# under TCG it saved no tether CPU while adding a ring read per frame;
+# INDIRECT_DESC (bit 28) is walked correctly if a guest uses it anyway;
+# segmentation offloads and MQ are not implemented.
 OFFERED_FEATURES = (
     (1 << F_VERSION_1)
     | (1 << F_PROTOCOL_FEATURES)
