@@ -259,7 +259,9 @@ class Worker:
         ctx = multiprocessing.get_context("fork")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, factory), name=name, daemon=True)
+        # Not a daemon: a worker may start workers of its own (the targets' migration
+        # lab runs scenario() in a child).  close() ends it; so does EOF on its pipe.
+        self.proc = ctx.Process(target=_serve, args=(child, factory), name=name)
         self.proc.start()
         child.close()
         self._pending = False
@@ -562,6 +564,23 @@ class Target:
         self.stack.close()
         self.loop.close()
         stop_helper(self.helper, self.helper_proc)
+
+
+class MigrationLab:
+    """A worker's object: the worker's process in a namespace of its own, running
+    scenarios for a caller that stays in its namespace (bench/targets.py)."""
+
+    def __init__(self) -> None:
+        logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
+        self._ns = private_netns()
+        self.name = self._ns.__enter__()
+
+    def run(self, n: int, busy: bool, rcvq: int, sndq: int, check: int) -> Result:
+        return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=False,
+                                                    check=check))
+
+    def close(self) -> None:
+        self._ns.__exit__(None, None, None)
 
 
 # -- one scenario ----------------------------------------------------------------
