@@ -319,6 +319,16 @@ def _serve(conn: multiprocessing.connection.Connection, factory: Callable[[], ob
             close()
 
 
+def open_fds() -> int:
+    """Descriptors this process holds now: each must stay under the hard limit."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+class HoldsFds:
+    def fds(self) -> int:
+        return open_fds()
+
+
 Ends = tuple[tuple[str, int], tuple[str, int]]
 """A connection as tether's socket sees it: (its address, the peer's)."""
 
@@ -367,7 +377,7 @@ def check_side(socks: dict[int, socket.socket], marker: bytes,
     return read_both(pending, timeout)
 
 
-class Peers:
+class Peers(HoldsFds):
     """The far ends: a server the outbound connections reach, clients of the -t port."""
 
     def __init__(self, server_port: int) -> None:
@@ -429,7 +439,7 @@ def stack_params(forward_port: int | None) -> NetParams:
                      tcp_forward=fwd)
 
 
-class Source:
+class Source(HoldsFds):
     """The source tether: a stack with a -t port, its connections, its helper."""
 
     def __init__(self, directory: str, server_port: int, forward_port: int,
@@ -515,7 +525,7 @@ class Source:
         stop_helper(self.helper, self.helper_proc)
 
 
-class Target:
+class Target(HoldsFds):
     """The target tether: a stack of its own and a helper; loads what the source saved."""
 
     def __init__(self, directory: str) -> None:
@@ -600,6 +610,8 @@ class Result:
     check_s: float
     retrans: int
     migrated: bool = True
+    max_fds: int = 0
+    """The most descriptors one of the three processes held at the points sampled."""
 
 
 def flow_record(conn: Conn, server_port: int, forward_port: int) -> TcpFlowRecord:
@@ -680,20 +692,23 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, *, control: bool = Fa
                 peers.call("fill", rcvq)
                 source.call("fill", sndq)
             source.call("hand_to_stack", rcvq, busy)
+            fds = [peers.call("fds"), source.call("fds")]
             picks = list(range(n)) if args.check == 0 else sorted({0, n // 2, n - 1})[:args.check]
             if control:
                 peers.start("check", picks, sndq, CHECK_TIMEOUT)
                 took, retrans = source.call("control", picks, rcvq, CHECK_TIMEOUT)
                 took = max(took, peers.result())
                 return Result(n, busy, 0, 0, 0, 0, 0, len(picks), 0, took, retrans,
-                              migrated=False)
+                              migrated=False, max_fds=max(fds))
             target = Worker("target", lambda: Target(tmp))
             workers.append(target)
             state = os.path.join(tmp, "state")
             save_s, size, unheld = source.call("save", state)
+            fds.append(source.call("fds"))  # the silent address holders now
             if args.linger:
                 source.call("front_end_gone")  # one host: the source's sockets go first
             load_s, thaw_s = target.call("load", state, ends, rcvq)
+            fds.append(target.call("fds"))
             if not args.linger:
                 source.call("front_end_gone")
             peers.start("check", picks, sndq, CHECK_TIMEOUT)
@@ -708,7 +723,7 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, *, control: bool = Fa
             if busy and not all(f.socket.send_queue and f.socket.recv_queue for f in flows_sent):
                 raise RuntimeError("a busy connection was dumped with an empty queue")
             return Result(n, busy, save_s, load_s, thaw_s, size, queued, len(picks), unheld,
-                          took, retrans)
+                          took, retrans, max_fds=max(fds))
         finally:
             for worker in reversed(workers):
                 worker.close()
@@ -971,7 +986,8 @@ def main() -> None:
                           f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
                           f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
                           f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
-                          f"{r.unheld} addresses not held", flush=True)
+                          f"{r.unheld} addresses not held; at most {r.max_fds} descriptors "
+                          "in one process", flush=True)
                     if busy and args.control:
                         c = scenario(n, busy, args, control=True)
                         print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "

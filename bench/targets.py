@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -211,7 +212,9 @@ def migration_rows(plan: Plan) -> list[Row]:
         load = (f"busy, {plan.busy_rcvq} B to tether + {plan.busy_sndq} B from it queued per "
                 f"conn ({r.queued / n:.0f} B in the state)" if busy else "idle")
         note = (f"{load}: {parts}, median of {len(rs)}; state {r.size} B; {r.checked} "
-                "connections checked byte-exact both ways after the thaw")
+                "connections checked byte-exact both ways after the thaw; peers, source and "
+                f"target in three processes, at most {r.max_fds} descriptors in one (hard "
+                f"limit {resource.getrlimit(resource.RLIMIT_NOFILE)[1]})")
         if busy:
             rows.append(Row(f"migration {n} busy: save+load+thaw", f"{total * 1e3:.0f} ms",
                             "", None, "report", None, note))
