@@ -444,7 +444,7 @@ class Source(HoldsFds):
 
     def __init__(self, directory: str, server_port: int, forward_port: int,
                  linger: bool) -> None:
-        logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
+        count_hold_failures()
         self.server_port, self.forward_port = server_port, forward_port
         self.loop = Loop()
         self.stack = Stack(self.loop, stack_params(forward_port))
@@ -581,7 +581,6 @@ class MigrationLab:
     scenarios for a caller that stays in its namespace (bench/targets.py)."""
 
     def __init__(self) -> None:
-        logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
         self._ns = private_netns()
         self.name = self._ns.__enter__()
 
@@ -730,15 +729,28 @@ def scenario(n: int, busy: bool, args: argparse.Namespace, *, control: bool = Fa
 
 
 class CountHoldFailures(logging.Handler):
-    """Handover's warning when it cannot keep a silent listener on a moving address."""
+    """Handover's warning when it cannot keep a silent listener on a moving address.
+
+    The warning is rate-limited: a line that went out says how many like it were
+    left out before it, and those still left out when the run ends are not known,
+    so the count is a lower bound."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "cannot hold" in record.getMessage():
-            self.count += 1
+        message = record.getMessage()
+        if "cannot hold" in message:
+            left_out = re.search(r"\((\d+) more like it were left out\)", message)
+            self.count += 1 + (int(left_out.group(1)) if left_out else 0)
+
+
+def count_hold_failures() -> None:
+    """Attach the counter, and let warnings through to it under a quieter root logger."""
+    handover_log = logging.getLogger("tether.handover")
+    handover_log.addHandler(HOLD_FAILURES)
+    handover_log.setLevel(logging.WARNING)
 
 
 HOLD_FAILURES = CountHoldFailures()
@@ -965,7 +977,6 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench_migration: needs root (network namespace, TCP_REPAIR)")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
     raise_fd_limit()
     if args.vm_only:
         vm_migration(args.vm_rate, args.vm_seconds)
