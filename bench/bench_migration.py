@@ -10,8 +10,8 @@ Needs root: it creates (and deletes) its own network namespace, and two real
 tether-repair helpers switch TCP_REPAIR on the sockets.
 
 In-process part (the main numbers; no QEMU, no guest).  The peers, the source
-stack and the target stack each run in a process of their own (forked, in the
-same namespace, driven over a pipe), so that no process holds more than one
+stack and the target stack each run in a process of their own (forked, in a
+namespace made for the scenario, driven over a pipe), so that no process holds more than one
 descriptor per connection (plus, on the source, one silent address holder
 per outbound connection once its socket is closed): 10,000 connections fit
 under a 20,000-descriptor hard limit.  Each process raises its soft limit to
@@ -143,22 +143,35 @@ REF_FIXED, REF_PER_FLOW = 62, 164
 # -- plumbing -----------------------------------------------------------------
 
 
+def setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def private_netns() -> Iterator[str]:
-    """Move this process into a fresh namespace (lo up); delete it on the way out."""
-    name = f"tether-bench-mig-{os.getpid()}"
+    """Move this process into a fresh namespace (lo up); on the way out, back to its
+    own and the namespace deleted, with every socket of it (TIME-WAIT included)."""
+    back = os.open(f"/proc/{os.getpid()}/ns/net", os.O_RDONLY)
+    name = f"tether-bench-mig-{os.getpid()}-{next(NAMESPACES)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        setns(f"/run/netns/{name}")
         try:
-            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
+            yield name
         finally:
-            os.close(fd)
-        yield name
+            setns(f"/proc/self/fd/{back}")
     finally:
+        os.close(back)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+NAMESPACES = itertools.count()
 
 
 def start_helper(directory: str, side: str) -> tuple[RepairHelper, subprocess.Popen[bytes]]:
@@ -577,19 +590,13 @@ class Target(HoldsFds):
 
 
 class MigrationLab:
-    """A worker's object: the worker's process in a namespace of its own, running
-    scenarios for a caller that stays in its namespace (bench/targets.py)."""
-
-    def __init__(self) -> None:
-        self._ns = private_netns()
-        self.name = self._ns.__enter__()
+    """A worker's object that runs scenarios, each in a fresh namespace, for a caller
+    that keeps its own (bench/targets.py)."""
 
     def run(self, n: int, busy: bool, rcvq: int, sndq: int, check: int) -> Result:
-        return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=False,
-                                                    check=check))
-
-    def close(self) -> None:
-        self._ns.__exit__(None, None, None)
+        with private_netns():
+            return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=False,
+                                                        check=check))
 
 
 # -- one scenario ----------------------------------------------------------------
@@ -984,26 +991,30 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     loads = [False] if args.idle_only else [False, True]
     results: list[Result] = []
-    with private_netns() as ns:
-        print(f"namespace {ns}; peers, source and target in three processes, each side with "
-              f"its tether-repair helper; linger={args.linger}; busy = {args.rcvq} B receive "
-              f"queue + {args.sndq} B send queue per connection")
-        for rep in range(args.repeat):
-            for n in counts:
-                for busy in loads:
+    # A namespace per scenario: 10,000 connections leave as many ports in TIME-WAIT,
+    # bound ones that connect() will not reuse, and three runs would exhaust the
+    # ephemeral range of a namespace they shared.
+    print(f"a fresh namespace per scenario; peers, source and target in three processes, "
+          f"each side with its tether-repair helper; linger={args.linger}; busy = "
+          f"{args.rcvq} B receive queue + {args.sndq} B send queue per connection")
+    for rep in range(args.repeat):
+        for n in counts:
+            for busy in loads:
+                with private_netns():
                     r = scenario(n, busy, args)
-                    results.append(r)
-                    print(f"  run {rep + 1}: {n:>5} {'busy' if busy else 'idle'}: save "
-                          f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
-                          f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
-                          f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
-                          f"{r.unheld} addresses not held; at most {r.max_fds} descriptors "
-                          "in one process", flush=True)
-                    if busy and args.control:
+                results.append(r)
+                print(f"  run {rep + 1}: {n:>5} {'busy' if busy else 'idle'}: save "
+                      f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
+                      f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
+                      f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
+                      f"{r.unheld} addresses not held; at most {r.max_fds} descriptors "
+                      "in one process", flush=True)
+                if busy and args.control:
+                    with private_netns():
                         c = scenario(n, busy, args, control=True)
-                        print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "
-                              f"checked in {c.check_s:.2f} s, {c.retrans} "
-                              "retransmissions", flush=True)
+                    print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "
+                          f"checked in {c.check_s:.2f} s, {c.retrans} "
+                          "retransmissions", flush=True)
     report(results, empty_state_size(), args)
     if args.vm:
         vm_migration(args.vm_rate, args.vm_seconds)

@@ -335,7 +335,9 @@ def main() -> int:
         except Exception as exc:
             traceback.print_exc()
             errors += 1
-            rows.append(failed(section, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"))
+            # The innermost error (a worker's traceback ends with it) says the most.
+            lines = str(exc).strip().splitlines() or [""]
+            rows.append(failed(section, f"{type(exc).__name__}: {lines[-1]}"))
         print(f"   {time.monotonic() - t0:.0f} s", flush=True)
     print(f"\nperformance targets ({'--quick' if args.quick else 'full'} run, "
           f"{time.monotonic() - started:.0f} s; each ratio from this run, side by side; "
