@@ -1,4 +1,4 @@
-"""Issue 6: what a live migration costs tether, with 1, 2, 100 and 1000 TCP connections.
+"""What a live migration costs tether, with 1, 2, 100 and 1000 (or 10,000) TCP connections.
 
     sudo .venv/bin/python bench/bench_migration.py [--counts 1,2,100,1000] [--repeat 3]
         [--rcvq BYTES] [--sndq BYTES] [--check N] [--control] [--linger]
@@ -9,8 +9,15 @@
 Needs root: it creates (and deletes) its own network namespace, and two real
 tether-repair helpers switch TCP_REPAIR on the sockets.
 
-In-process part (the main numbers; no QEMU, no guest).  For each count N and
-each load, N real TCP connections are opened on the namespace's loopback:
+In-process part (the main numbers; no QEMU, no guest).  The peers, the source
+stack and the target stack each run in a process of their own (forked, in a
+namespace made for the scenario, driven over a pipe), so that no process holds more than one
+descriptor per connection (plus, on the source, one silent address holder
+per outbound connection once its socket is closed): 10,000 connections fit
+under a 20,000-descriptor hard limit.  Each process raises its soft limit to
+the hard one with the daemon's own function.  The state goes from source to
+target through a file, outside the timed calls.  For each count N and each
+load, N real TCP connections are opened on the namespace's loopback:
 even ones look outbound (the guest connected to the gateway, tether's socket
 connected to a bench server), odd ones inbound (a bench client connected to
 the source stack's forwarded port, tether's socket accepted from it), so N=2
@@ -76,10 +83,11 @@ import fcntl
 import gc
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import re
-import resource
 import select
 import selectors
 import shutil
@@ -90,9 +98,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+# tether's public entry points this bench drives: kept together, to follow moves in src/.
+from tether.cli import _raise_fd_limit as raise_fd_limit  # the daemon's own, at its start
 from tether.handover.device_state import Handover
 from tether.handover.format import TCP_FLOWS, TETHER_FORMAT
 from tether.loop import Loop
@@ -130,51 +142,57 @@ REF_FIXED, REF_PER_FLOW = 62, 164
 # -- plumbing -----------------------------------------------------------------
 
 
+def setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def private_netns() -> Iterator[str]:
-    """Move this process into a fresh namespace (lo up); delete it on the way out."""
-    name = f"tether-bench-mig-{os.getpid()}"
+    """Move this process into a fresh namespace (lo up); on the way out, back to its
+    own and the namespace deleted, with every socket of it (TIME-WAIT included)."""
+    back = os.open(f"/proc/{os.getpid()}/ns/net", os.O_RDONLY)
+    name = f"tether-bench-mig-{os.getpid()}-{next(NAMESPACES)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        setns(f"/run/netns/{name}")
         try:
-            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
+            yield name
         finally:
-            os.close(fd)
-        yield name
+            setns(f"/proc/self/fd/{back}")
     finally:
+        os.close(back)
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-class Helpers:
-    """Two real tether-repair processes, one per side, as two tether daemons have."""
+NAMESPACES = itertools.count()
 
-    def __init__(self, directory: str) -> None:
-        self.clients: list[RepairHelper] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
-        try:
-            for side in ("source", "target"):
-                path = os.path.join(directory, f"{side}.repair")
-                client = RepairHelper(path)
-                self.clients.append(client)
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tether.repair.helper", path]))
-                client.wait(10)
-        except BaseException:
-            self.close()
-            raise
 
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()  # the helper sees EOF and exits 0
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def start_helper(directory: str, side: str) -> tuple[RepairHelper, subprocess.Popen[bytes]]:
+    """A real tether-repair process for one side, as each tether daemon has its own."""
+    path = os.path.join(directory, f"{side}.repair")
+    client = RepairHelper(path)
+    proc = subprocess.Popen([sys.executable, "-m", "tether.repair.helper", path])
+    try:
+        client.wait(10)
+    except BaseException:
+        stop_helper(client, proc)
+        raise
+    return client, proc
+
+
+def stop_helper(client: RepairHelper, proc: subprocess.Popen[bytes]) -> None:
+    client.close()  # the helper sees EOF and exits 0
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class CountingSink:
@@ -216,6 +234,16 @@ def pattern(seed: int, length: int) -> bytes:
     return (block * (length // 251 + 1))[:length]
 
 
+def to_tether(index: int, length: int) -> bytes:
+    """What the peer of connection index queues towards tether (its receive queue)."""
+    return pattern(index, length)
+
+
+def from_tether(index: int, length: int) -> bytes:
+    """What tether's socket of connection index queues towards the peer (its send queue)."""
+    return pattern(index + 101, length)
+
+
 def mapped(addr4: bytes) -> bytes:
     return bytes(10) + b"\xff\xff" + addr4
 
@@ -226,17 +254,351 @@ def host_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
             peer[1])
 
 
-# -- one scenario ----------------------------------------------------------------
+# -- processes -----------------------------------------------------------------------
+#
+# Three descriptors per connection (tether's socket on the source, the peer's, the
+# target's restored one) would not fit 10,000 connections under a 20,000-descriptor
+# hard limit in one process.  So the peers, the source stack and the target stack
+# each live in a forked process of their own (all in the bench's namespace), driven
+# over a pipe; the state goes from source to target through a file in the work
+# directory, outside the timed calls, as it would go through QEMU's pipe.
+
+
+class Worker:
+    """A forked process holding one object; calls its methods by name, one at a time."""
+
+    def __init__(self, name: str, factory: Callable[[], object]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        # Not a daemon: a worker may start workers of its own (the targets' migration
+        # lab runs scenario() in a child).  close() ends it; so does EOF on its pipe.
+        self.proc = ctx.Process(target=_serve, args=(child, factory), name=name)
+        self.proc.start()
+        child.close()
+        self._pending = False
+
+    def start(self, method: str, *args: object) -> None:
+        """Begin a call and return at once: two workers can then work side by side."""
+        assert not self._pending, f"{self.name}: a call is still running"
+        self.conn.send((method, args))
+        self._pending = True
+
+    def result(self, timeout: float = 600.0) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.name}: no answer in {timeout:.0f} s")
+        self._pending = False
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"{self.name} failed:\n{value}")
+        return value
+
+    def call(self, method: str, *args: object, timeout: float = 600.0) -> Any:
+        self.start(method, *args)
+        return self.result(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _serve(conn: multiprocessing.connection.Connection, factory: Callable[[], object]) -> None:
+    # The process's own descriptor limit, raised as the daemon raises it.
+    raise_fd_limit()
+    try:
+        obj = factory()
+    except BaseException:
+        conn.recv()
+        conn.send((False, traceback.format_exc()))
+        return
+    try:
+        while (request := conn.recv()) is not None:
+            method, args = request
+            try:
+                conn.send((True, getattr(obj, method)(*args)))
+            except Exception:
+                conn.send((False, traceback.format_exc()))
+    except EOFError:
+        pass
+    finally:
+        close = getattr(obj, "close", None)
+        if close is not None:
+            close()
+
+
+def open_fds() -> int:
+    """Descriptors this process holds now: each must stay under the hard limit."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+class HoldsFds:
+    def fds(self) -> int:
+        return open_fds()
+
+
+Ends = tuple[tuple[str, int], tuple[str, int]]
+"""A connection as tether's socket sees it: (its address, the peer's)."""
+
+
+def read_both(pending: dict[int, tuple[socket.socket, bytes, str]], timeout: float) -> float:
+    """Read every socket's expected bytes at once, in order (a stalled connection does
+    not hold up the others' windows); RuntimeError on a wrong byte, EOF or a stall.
+    Returns the seconds until the last byte arrived."""
+    started = time.monotonic()
+    got: dict[int, bytearray] = {fd: bytearray() for fd in pending}
+    with selectors.DefaultSelector() as sel:
+        for sock, _, _ in pending.values():
+            sel.register(sock, selectors.EVENT_READ)
+        deadline = started + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                fd, (sock, data, what) = next(iter(pending.items()))
+                raise RuntimeError(f"{len(pending)} directions stalled, e.g. {what} after "
+                                   f"{len(got[fd])} of {len(data)} bytes: {ss_info(sock)}")
+            for key, _ in sel.select(left):
+                sock, data, what = pending[key.fd]
+                have = got[key.fd]
+                chunk = sock.recv(len(data) - len(have))
+                if not chunk:
+                    raise RuntimeError(f"{what}: EOF after {len(have)} of {len(data)} bytes")
+                have += chunk
+                if have != data[:len(have)]:
+                    raise RuntimeError(f"{what}: stream damaged within bytes "
+                                       f"{len(have) - len(chunk)}-{len(have)}")
+                if len(have) == len(data):
+                    sel.unregister(sock)
+                    del pending[key.fd]
+    return time.monotonic() - started
+
+
+def check_side(socks: dict[int, socket.socket], marker: bytes,
+               expect: Callable[[int], bytes], what: str, timeout: float) -> float:
+    """One end's half of the check: write marker after the queued data, read the other
+    end's queued data and its marker."""
+    pending = {}
+    for index, sock in socks.items():
+        sock.setblocking(False)
+        sock.send(marker)
+        pending[sock.fileno()] = (sock, expect(index), f"connection {index} {what}")
+    return read_both(pending, timeout)
+
+
+class Peers(HoldsFds):
+    """The far ends: a server the outbound connections reach, clients of the -t port."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
+        self.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
+        self.server.bind(("127.0.0.1", server_port))
+        self.server.listen(4096)
+        self.unnamed: list[socket.socket] = []
+        self.socks: dict[int, socket.socket] = {}
+
+    def accept(self, k: int) -> None:
+        for _ in range(k):
+            if not select.select([self.server], [], [], 10)[0]:
+                raise RuntimeError("an outbound connection did not arrive")
+            self.unnamed.append(self.server.accept()[0])  # buffer and MSS from the listener
+
+    def connect(self, k: int, port: int) -> None:
+        for _ in range(k):
+            peer = socket.socket()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
+            peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
+            peer.connect(("127.0.0.1", port))
+            self.unnamed.append(peer)
+
+    def name(self, ends: list[tuple[int, Ends]]) -> None:
+        """Learn each connection's index from the source's view of its ends."""
+        mine = {(s.getpeername(), s.getsockname()): s for s in self.unnamed}
+        self.socks = {index: mine.pop(pair) for index, pair in ends}
+        if mine:
+            raise RuntimeError(f"{len(mine)} peer connections the source does not know")
+        self.unnamed = []
+
+    def fill(self, rcvq: int) -> None:
+        for index, sock in self.socks.items():
+            sock.sendall(to_tether(index, rcvq))
+
+    def check(self, picks: list[int], sndq: int, timeout: float) -> float:
+        return check_side({i: self.socks[i] for i in picks}, b"P",
+                          lambda i: from_tether(i, sndq) + b"T", "tether -> peer", timeout)
+
+    def close(self) -> None:
+        for sock in [*self.unnamed, *self.socks.values()]:
+            sock.close()
+        self.server.close()
 
 
 @dataclasses.dataclass
 class Conn:
     index: int
-    ours: socket.socket  # tether's socket (source), then None once released
-    peer: socket.socket
+    ours: socket.socket  # tether's socket on the source
     inbound: bool
-    rcvq: bytes  # what the peer wrote to tether
-    sndq: bytes  # what tether wrote to the peer
+
+
+def stack_params(forward_port: int | None) -> NetParams:
+    fwd = () if forward_port is None else (PortRange(forward_port, forward_port, forward_port),)
+    return NetParams(addr4=GUEST, prefix4=24, gateway4=GATEWAY, map_host_loopback4=GATEWAY,
+                     tcp_forward=fwd)
+
+
+class Source(HoldsFds):
+    """The source tether: a stack with a -t port, its connections, its helper."""
+
+    def __init__(self, directory: str, server_port: int, forward_port: int,
+                 linger: bool) -> None:
+        count_hold_failures()
+        self.server_port, self.forward_port = server_port, forward_port
+        self.loop = Loop()
+        self.stack = Stack(self.loop, stack_params(forward_port))
+        self.stack.attach(CountingSink())
+        self.stack.start()
+        self.forward = self.stack.listening_sockets()[0]
+        self.conns: list[Conn] = []
+        self.helper, self.helper_proc = start_helper(directory, "source")
+        self.handover = Handover(self.stack, self.helper, require_repair=True, linger=linger,
+                                 listeners=self.stack.listening_sockets)
+
+    def connect(self, indices: list[int]) -> None:
+        for i in indices:
+            ours = socket.socket()
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            ours.connect(("127.0.0.1", self.server_port))
+            self.conns.append(Conn(i, ours, False))
+
+    def accept(self, indices: list[int]) -> None:
+        for i in indices:
+            if not select.select([self.forward], [], [], 10)[0]:
+                raise RuntimeError("an inbound connection did not arrive")
+            self.conns.append(Conn(i, self.forward.accept()[0], True))
+
+    def ends(self) -> list[tuple[int, Ends]]:
+        self.conns.sort(key=lambda c: c.index)
+        for c in self.conns:
+            c.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            c.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        return [(c.index, (c.ours.getsockname(), c.ours.getpeername())) for c in self.conns]
+
+    def fill(self, sndq: int) -> None:
+        for c in self.conns:
+            c.ours.sendall(from_tether(c.index, sndq))  # the peer does not read: it stays queued
+
+    def hand_to_stack(self, rcvq: int, busy: bool) -> None:
+        """Wait for the peers' bytes, hand every connection to the stack as an
+        established flow, and let it push what it holds to the guest (peeking; the
+        guest acknowledges nothing)."""
+        wait_until("the peers' data to reach tether",
+                   lambda: all(ioctl_int(c.ours, SIOCINQ) == rcvq for c in self.conns))
+        for c in self.conns:
+            self.stack.restore_tcp_flow(flow_record(c, self.server_port, self.forward_port),
+                                        c.ours)
+        if not self.loop.run(until=lambda: in_flight(self.stack) == [rcvq] * len(self.conns),
+                             timeout=20):
+            raise RuntimeError("the source stack did not push the receive queues to the guest")
+        if busy and not all(ioctl_int(c.ours, SIOCOUTQ) > 0 for c in self.conns):
+            raise RuntimeError("a busy connection has an empty send queue: "
+                               "--sndq is within the peer's receive window")
+
+    def save(self, path: str) -> tuple[float, int, int]:
+        """(seconds of save_state(), state bytes, addresses not held silently)."""
+        unheld_before = HOLD_FAILURES.count
+        gc.collect()
+        t0 = time.perf_counter()
+        data = self.handover.save_state()
+        took = time.perf_counter() - t0
+        Path(path).write_bytes(data)
+        return took, len(data), HOLD_FAILURES.count - unheld_before
+
+    def front_end_gone(self) -> None:
+        self.handover.front_end_gone()
+
+    def control(self, picks: list[int], rcvq: int, timeout: float) -> tuple[float, int]:
+        """Not migrated: the same check on the original sockets."""
+        self.stack.forget_tcp_flows()
+        socks = {c.index: c.ours for c in self.conns if c.index in set(picks)}
+        took = check_side(socks, b"T", lambda i: to_tether(i, rcvq) + b"P", "peer -> tether",
+                          timeout)
+        return took, sum(total_retrans(c.ours) for c in self.conns)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.ours.close()
+        self.stack.close()
+        self.loop.close()
+        stop_helper(self.helper, self.helper_proc)
+
+
+class Target(HoldsFds):
+    """The target tether: a stack of its own and a helper; loads what the source saved."""
+
+    def __init__(self, directory: str) -> None:
+        self.loop = Loop()
+        self.stack = Stack(self.loop, stack_params(None))
+        self.sink = CountingSink()
+        self.stack.attach(self.sink)
+        self.helper, self.helper_proc = start_helper(directory, "target")
+        self.handover = Handover(self.stack, self.helper, require_repair=True)
+        self.restored: dict[int, socket.socket] = {}
+
+    def load(self, path: str, ends: list[tuple[int, Ends]], rcvq: int) -> tuple[float, float]:
+        """(seconds of load_state(), of rings_started()), then the stack's resume is
+        checked and the sockets taken back from it for the byte check."""
+        data = Path(path).read_bytes()
+        n = len(ends)
+        gc.collect()
+        t0 = time.perf_counter()
+        self.handover.load_state(data)
+        t1 = time.perf_counter()
+        self.handover.rings_started()
+        t2 = time.perf_counter()
+        if self.handover.last_result != f"resumed {n} of {n} TCP connections":
+            raise RuntimeError(f"target: {self.handover.last_result!r}")
+        before = self.sink.frames
+        self.loop.run_once(0)  # the stack's resume: a duplicate ACK to the guest per flow
+        if self.sink.frames < before + n or self.stack.internal_errors:
+            raise RuntimeError(f"target stack: {self.sink.frames - before} frames to the "
+                               f"guest for {n} flows, {self.stack.internal_errors} internal "
+                               "errors")
+        if in_flight(self.stack) != [rcvq] * n:
+            raise RuntimeError("the target's flows lost track of the data in flight")
+        by_ends = {pair: index for index, pair in ends}
+        for sock in self.stack.forget_tcp_flows():
+            self.restored[by_ends[sock.getsockname(), sock.getpeername()]] = sock
+        return t1 - t0, t2 - t1
+
+    def check(self, picks: list[int], rcvq: int, timeout: float) -> tuple[float, int]:
+        took = check_side({i: self.restored[i] for i in picks}, b"T",
+                          lambda i: to_tether(i, rcvq) + b"P", "peer -> tether", timeout)
+        return took, sum(total_retrans(s) for s in self.restored.values())
+
+    def close(self) -> None:
+        for sock in self.restored.values():
+            sock.close()
+        self.stack.close()
+        self.loop.close()
+        stop_helper(self.helper, self.helper_proc)
+
+
+class MigrationLab:
+    """A worker's object that runs scenarios, each in a fresh namespace, for a caller
+    that keeps its own (bench/targets.py)."""
+
+    def run(self, n: int, busy: bool, rcvq: int, sndq: int, check: int) -> Result:
+        with private_netns():
+            return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=False,
+                                                        check=check))
+
+
+# -- one scenario ----------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -253,40 +615,8 @@ class Result:
     check_s: float
     retrans: int
     migrated: bool = True
-
-
-def open_conns(n: int, server: socket.socket, forward: socket.socket, *, busy: bool,
-               rcvq: int, sndq: int) -> list[Conn]:
-    server_port, forward_port = server.getsockname()[1], forward.getsockname()[1]
-    conns = []
-    for i in range(n):
-        inbound = i % 2 == 1
-        if inbound:
-            peer = socket.socket()
-            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
-            peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
-            peer.connect(("127.0.0.1", forward_port))
-            select.select([forward], [], [], 10)
-            ours, _ = forward.accept()
-        else:
-            ours = socket.socket()
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            ours.connect(("127.0.0.1", server_port))
-            peer, _ = server.accept()  # SO_RCVBUF and MSS inherited from the listener
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        conn = Conn(i, ours, peer, inbound, b"", b"")
-        if busy:
-            conn.rcvq = pattern(i, rcvq)
-            conn.sndq = pattern(i + 101, sndq)
-            peer.sendall(conn.rcvq)
-            ours.sendall(conn.sndq)  # sits in tether's send queue: the peer does not read
-        conns.append(conn)
-    def arrived() -> bool:
-        return all(ioctl_int(c.ours, SIOCINQ) == len(c.rcvq) for c in conns)
-
-    wait_until("the peers' data to reach tether", arrived)
-    return conns
+    max_fds: int = 0
+    """The most descriptors one of the three processes held at the points sampled."""
 
 
 def flow_record(conn: Conn, server_port: int, forward_port: int) -> TcpFlowRecord:
@@ -332,156 +662,101 @@ def total_retrans(sock: socket.socket) -> int:
     return value
 
 
-def check_all(pairs: Sequence[tuple[Conn, socket.socket]], timeout: float) -> float:
-    """Every connection carries its queued data and one byte more, both ways, in order.
-
-    tether's socket writes b"T" after its send queue, the peer b"P" after what it
-    had sent; all of them are read at once (a stalled connection does not hold up
-    the others' windows).  Returns the seconds until the last byte arrived.
-    """
-    started = time.monotonic()
-    expect: dict[int, tuple[socket.socket, bytes, bytearray, str]] = {}
-    with selectors.DefaultSelector() as sel:
-        for conn, ours in pairs:
-            ours.setblocking(False)
-            conn.peer.setblocking(False)
-            ours.send(b"T")
-            conn.peer.send(b"P")
-            kind = "inbound" if conn.inbound else "outbound"
-            for sock, data, what in ((conn.peer, conn.sndq + b"T", "tether -> peer"),
-                                     (ours, conn.rcvq + b"P", "peer -> tether")):
-                expect[sock.fileno()] = (sock, data, bytearray(),
-                                         f"connection {conn.index} ({kind}) {what}")
-                sel.register(sock, selectors.EVENT_READ)
-        deadline = started + timeout
-        while expect:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                sock, data, got, what = next(iter(expect.values()))
-                raise RuntimeError(f"{len(expect)} directions stalled, e.g. {what} after "
-                                   f"{len(got)} of {len(data)} bytes: {ss_info(sock)}")
-            for key, _ in sel.select(left):
-                sock, data, got, what = expect[key.fd]
-                chunk = sock.recv(len(data) - len(got))
-                if not chunk:
-                    raise RuntimeError(f"{what}: EOF after {len(got)} of {len(data)} bytes")
-                got += chunk
-                if got != data[:len(got)]:
-                    raise RuntimeError(f"{what}: stream damaged within bytes "
-                                       f"{len(got) - len(chunk)}-{len(got)}")
-                if len(got) == len(data):
-                    sel.unregister(sock)
-                    del expect[key.fd]
-    return time.monotonic() - started
-
-
 CHECK_TIMEOUT = 60.0
+BATCH = 100
+"""Connections opened per round each way: below the -t listener's backlog (128), so
+the peers' connects complete before the source accepts them."""
 
 
-def scenario(n: int, busy: bool, args: argparse.Namespace, helpers: Helpers, *,
-             control: bool = False) -> Result:
-    loop, loop2 = Loop(), Loop()
+def scenario(n: int, busy: bool, args: argparse.Namespace, *, control: bool = False) -> Result:
+    """N connections from the peers' process to the source's, migrated to the target's.
+
+    args: rcvq, sndq (busy bytes each way per connection), linger, check (0: every
+    connection, else up to 3 of them)."""
+    rcvq, sndq = (args.rcvq, args.sndq) if busy else (0, 0)
     server_port = next(PORTS)
     fwd = server_port + 1
-    params = NetParams(addr4=GUEST, prefix4=24, gateway4=GATEWAY, map_host_loopback4=GATEWAY,
-                       tcp_forward=(PortRange(fwd, fwd, fwd),))
-    source = Stack(loop, params)
-    target = Stack(loop2, dataclasses.replace(params, tcp_forward=()))
-    sink, sink2 = CountingSink(), CountingSink()
-    source.attach(sink)
-    target.attach(sink2)
-    server = socket.socket()
-    conns: list[Conn] = []
-    restored: list[socket.socket] = []
-    try:
-        source.start()
-        forward = source.listening_sockets()[0]
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PEER_RCVBUF)
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, PEER_MSS)
-        server.bind(("127.0.0.1", server_port))
-        server.listen(1024)
-        conns = open_conns(n, server, forward, busy=busy, rcvq=args.rcvq, sndq=args.sndq)
-        for conn in conns:
-            source.restore_tcp_flow(flow_record(conn, server_port, fwd), conn.ours)
-        # The source stack pushes what it holds to the guest (peeking); the guest acks nothing.
-        if not loop.run(until=lambda: in_flight(source) == [len(c.rcvq) for c in conns],
-                        timeout=20):
-            raise RuntimeError("the source stack did not push the receive queues to the guest")
-        if busy and not all(ioctl_int(c.ours, SIOCOUTQ) > 0 for c in conns):
-            raise RuntimeError("a busy connection has an empty send queue")
-        if control:  # the same connections, not migrated: what the checks cost without
-            source.forget_tcp_flows()
-            took = check_all([(c, c.ours) for c in conns], CHECK_TIMEOUT)
-            return Result(n, busy, 0, 0, 0, 0, 0, n, 0, took,
-                          sum(total_retrans(c.ours) for c in conns), migrated=False)
-        src = Handover(source, helpers.clients[0], require_repair=True, linger=args.linger,
-                       listeners=source.listening_sockets)
-        dst = Handover(target, helpers.clients[1], require_repair=True)
-
-        gc.collect()
-        unheld_before = HOLD_FAILURES.count
-        t0 = time.perf_counter()
-        data = src.save_state()
-        t1 = time.perf_counter()
-        if args.linger:
-            src.front_end_gone()  # one host: the source's sockets must go before the target's
-        gc.collect()
-        t2 = time.perf_counter()
-        dst.load_state(data)
-        t3 = time.perf_counter()
-        dst.rings_started()
-        t4 = time.perf_counter()
-        if not args.linger:
-            src.front_end_gone()
-        if dst.last_result != f"resumed {n} of {n} TCP connections":
-            raise RuntimeError(f"target: {dst.last_result!r}")
-        before = sink2.frames
-        loop2.run_once(0)  # the stack's resume: a duplicate ACK to the guest per flow
-        if sink2.frames < before + n or target.internal_errors:
-            raise RuntimeError(f"target stack: {sink2.frames - before} frames to the guest for "
-                               f"{n} flows, {target.internal_errors} internal errors")
-        flows = target.dump_tcp_flows()
-        if in_flight(target) != [len(c.rcvq) for c in conns]:
-            raise RuntimeError("the target's flows lost track of the data in flight")
-        by_ends = {(c.peer.getsockname(), c.peer.getpeername()): c for c in conns}
-        restored = target.forget_tcp_flows()
-        picks = range(n) if args.check == 0 else sorted({0, n // 2, n - 1})[:args.check]
-        socks = {by_ends[sock.getpeername(), sock.getsockname()].index: sock for _, sock in flows}
-        took = check_all([(conns[i], socks[i]) for i in picks], CHECK_TIMEOUT)
-        retrans = sum(total_retrans(sock) for sock in restored)
-        sent = parse(TETHER_FORMAT, data).value(TCP_FLOWS)
-        flows_sent = list(sent)
-        if len(flows_sent) != n:
-            raise RuntimeError(f"{len(flows_sent)} flows in the state, {n} expected")
-        queued = sum(len(f.socket.send_queue) + len(f.socket.recv_queue) for f in flows_sent)
-        if busy and not all(f.socket.send_queue and f.socket.recv_queue for f in flows_sent):
-            raise RuntimeError("a busy connection was dumped with an empty queue")
-        return Result(n, busy, t1 - t0, t3 - t2, t4 - t3, len(data), queued, len(picks),
-                      HOLD_FAILURES.count - unheld_before, took, retrans)
-    finally:
-        for sock in restored:
-            sock.close()
-        for conn in conns:
-            conn.ours.close()
-            conn.peer.close()
-        server.close()
-        source.close()
-        target.close()
-        loop.close()
-        loop2.close()
+    workers: list[Worker] = []
+    with tempfile.TemporaryDirectory(prefix="tbmig") as tmp:
+        try:
+            peers = Worker("peers", lambda: Peers(server_port))
+            workers.append(peers)
+            source = Worker("source", lambda: Source(tmp, server_port, fwd, args.linger))
+            workers.append(source)
+            for first in range(0, n, 2 * BATCH):
+                indices = range(first, min(n, first + 2 * BATCH))
+                outbound = [i for i in indices if i % 2 == 0]
+                inbound = [i for i in indices if i % 2 == 1]
+                source.call("connect", outbound)
+                peers.call("accept", len(outbound))
+                peers.call("connect", len(inbound), fwd)
+                source.call("accept", inbound)
+            ends: list[tuple[int, Ends]] = source.call("ends")
+            peers.call("name", ends)
+            if busy:
+                peers.call("fill", rcvq)
+                source.call("fill", sndq)
+            source.call("hand_to_stack", rcvq, busy)
+            fds = [peers.call("fds"), source.call("fds")]
+            picks = list(range(n)) if args.check == 0 else sorted({0, n // 2, n - 1})[:args.check]
+            if control:
+                peers.start("check", picks, sndq, CHECK_TIMEOUT)
+                took, retrans = source.call("control", picks, rcvq, CHECK_TIMEOUT)
+                took = max(took, peers.result())
+                return Result(n, busy, 0, 0, 0, 0, 0, len(picks), 0, took, retrans,
+                              migrated=False, max_fds=max(fds))
+            target = Worker("target", lambda: Target(tmp))
+            workers.append(target)
+            state = os.path.join(tmp, "state")
+            save_s, size, unheld = source.call("save", state)
+            fds.append(source.call("fds"))  # the silent address holders now
+            if args.linger:
+                source.call("front_end_gone")  # one host: the source's sockets go first
+            load_s, thaw_s = target.call("load", state, ends, rcvq)
+            fds.append(target.call("fds"))
+            if not args.linger:
+                source.call("front_end_gone")
+            peers.start("check", picks, sndq, CHECK_TIMEOUT)
+            took, retrans = target.call("check", picks, rcvq, CHECK_TIMEOUT)
+            took = max(took, peers.result())
+            sent = parse(TETHER_FORMAT, Path(state).read_bytes()).value(TCP_FLOWS)
+            flows_sent = list(sent)
+            if len(flows_sent) != n:
+                raise RuntimeError(f"{len(flows_sent)} flows in the state, {n} expected")
+            queued = sum(len(f.socket.send_queue) + len(f.socket.recv_queue)
+                         for f in flows_sent)
+            if busy and not all(f.socket.send_queue and f.socket.recv_queue for f in flows_sent):
+                raise RuntimeError("a busy connection was dumped with an empty queue")
+            return Result(n, busy, save_s, load_s, thaw_s, size, queued, len(picks), unheld,
+                          took, retrans, max_fds=max(fds))
+        finally:
+            for worker in reversed(workers):
+                worker.close()
 
 
 class CountHoldFailures(logging.Handler):
-    """Handover's warning when it cannot keep a silent listener on a moving address."""
+    """Handover's warning when it cannot keep a silent listener on a moving address.
+
+    The warning is rate-limited: a line that went out says how many like it were
+    left out before it, and those still left out when the run ends are not known,
+    so the count is a lower bound."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "cannot hold" in record.getMessage():
-            self.count += 1
+        message = record.getMessage()
+        if "cannot hold" in message:
+            left_out = re.search(r"\((\d+) more like it were left out\)", message)
+            self.count += 1 + (int(left_out.group(1)) if left_out else 0)
+
+
+def count_hold_failures() -> None:
+    """Attach the counter, and let warnings through to it under a quieter root logger."""
+    handover_log = logging.getLogger("tether.handover")
+    handover_log.addHandler(HOLD_FAILURES)
+    handover_log.setLevel(logging.WARNING)
 
 
 HOLD_FAILURES = CountHoldFailures()
@@ -709,37 +984,37 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench_migration: needs root (network namespace, TCP_REPAIR)")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tether.handover").addHandler(HOLD_FAILURES)
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     if args.vm_only:
         vm_migration(args.vm_rate, args.vm_seconds)
         return
     counts = [int(c) for c in args.counts.split(",")]
     loads = [False] if args.idle_only else [False, True]
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as tmp, private_netns() as ns:
-        helpers = Helpers(tmp)
-        try:
-            print(f"namespace {ns}; two tether-repair helpers; linger={args.linger}; busy = "
-                  f"{args.rcvq} B receive queue + {args.sndq} B send queue per connection")
-            for rep in range(args.repeat):
-                for n in counts:
-                    for busy in loads:
-                        r = scenario(n, busy, args, helpers)
-                        results.append(r)
-                        print(f"  run {rep + 1}: {n:>5} {'busy' if busy else 'idle'}: save "
-                              f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
-                              f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
-                              f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
-                              f"{r.unheld} addresses not held", flush=True)
-                        if busy and args.control:
-                            c = scenario(n, busy, args, helpers, control=True)
-                            print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "
-                                  f"checked in {c.check_s:.2f} s, {c.retrans} "
-                                  "retransmissions", flush=True)
-        finally:
-            helpers.close()
+    # A namespace per scenario: 10,000 connections leave as many ports in TIME-WAIT,
+    # bound ones that connect() will not reuse, and three runs would exhaust the
+    # ephemeral range of a namespace they shared.
+    print(f"a fresh namespace per scenario; peers, source and target in three processes, "
+          f"each side with its tether-repair helper; linger={args.linger}; busy = "
+          f"{args.rcvq} B receive queue + {args.sndq} B send queue per connection")
+    for rep in range(args.repeat):
+        for n in counts:
+            for busy in loads:
+                with private_netns():
+                    r = scenario(n, busy, args)
+                results.append(r)
+                print(f"  run {rep + 1}: {n:>5} {'busy' if busy else 'idle'}: save "
+                      f"{r.save * 1e3:.2f} load {r.load * 1e3:.2f} thaw "
+                      f"{r.thaw * 1e3:.2f} ms, {r.size} B; {r.checked} checked both "
+                      f"ways in {r.check_s:.2f} s, {r.retrans} retransmissions, "
+                      f"{r.unheld} addresses not held; at most {r.max_fds} descriptors "
+                      "in one process", flush=True)
+                if busy and args.control:
+                    with private_netns():
+                        c = scenario(n, busy, args, control=True)
+                    print(f"  run {rep + 1}: {n:>5} busy, not migrated (control): "
+                          f"checked in {c.check_s:.2f} s, {c.retrans} "
+                          "retransmissions", flush=True)
     report(results, empty_state_size(), args)
     if args.vm:
         vm_migration(args.vm_rate, args.vm_seconds)

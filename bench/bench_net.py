@@ -10,8 +10,9 @@ request/response): attached this way to a namespace it did not create, its
 guest -> host bulk rate falls to about 0.1 Gbit/s, which is not what pasta
 does with its own namespace, so its iperf3 figures would mislead.
 Figures: iperf3 TCP throughput both ways at MTU 65520 and 1500, connection setup
-rate and time to first byte (connect until the server's first byte), TCP
-request/response latency, tether CPU seconds per GB moved.
+rate and time to first byte (connect until the server's first byte), TCP and
+UDP request/response latency (1 byte each way, median) and the back-end's CPU
+per transaction, tether CPU seconds per GB moved.
 
     python bench/bench_net.py [--time SECONDS]      (root; needs iperf3)
 """
@@ -32,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PASTA = Path.home() / ".cache" / "tether" / "passt" / "pasta"  # ./dev setup builds it
 
 CLIENT = r"""
-import socket, sys, time
+import json, socket, sys, time
 mode, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+size = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 if mode == "connect":
     firsts = []
     t = time.perf_counter()
@@ -44,14 +46,38 @@ if mode == "connect":
         s.close()
     firsts.sort()
     # connections/s, then time to first byte (connect until the server's byte): median, max
-    print(n / (time.perf_counter() - t), firsts[n // 2] * 1e6, firsts[-1] * 1e6)
+    print(json.dumps({"rate": n / (time.perf_counter() - t), "median_us": firsts[n // 2] * 1e6,
+                      "worst_us": firsts[-1] * 1e6}))
 else:
-    s = socket.create_connection((host, port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    udp = mode == "udprr"
+    if udp:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((host, port))
+        s.settimeout(0.2)  # a datagram lost either way: send the request again
+    else:
+        s = socket.create_connection((host, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    lost = 0
+    request = b"x" * size
     t = time.perf_counter()
     for _ in range(n):
-        s.send(b"x"); s.recv(1)
-    print((time.perf_counter() - t) / n * 1e6)
+        t0 = time.perf_counter()
+        while True:
+            s.send(request)
+            try:
+                s.recv(size)
+                break
+            except TimeoutError:
+                lost += 1
+                if lost > 20 and not times:  # no reply comes back at all
+                    print(json.dumps({"failed": f"no reply to {lost} datagrams of {size} B"}))
+                    sys.exit(0)
+        times.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t
+    times.sort()
+    print(json.dumps({"rate": n / total, "median_us": times[n // 2] * 1e6,
+                      "mean_us": total / n * 1e6, "lost": lost}))
 """
 
 # Both ends send `total` bytes of a known stream and check what they receive
@@ -89,8 +115,15 @@ print("ok" if run(s, int(sys.argv[3])) else "MISMATCH")
 """
 
 SERVER = r"""
-import socket, sys, threading
+import socket, sys
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "udprr":
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind((host, port))
+    print("ready", flush=True)
+    while True:
+        d, peer = srv.recvfrom(2048)
+        srv.sendto(d, peer)
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((host, port)); srv.listen(512)
 print("ready", flush=True)
@@ -122,8 +155,26 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of every thread of pid so far.
+
+    /proc/PID/task/*/sched's sum_exec_runtime has sub-microsecond resolution,
+    where /proc/PID/stat counts clock ticks (10 ms): a request/response run
+    costs pasta well under a second, so ticks alone would blur the ratio.
+    Kernels without the scheduler's debug files fall back to the ticks.
+    """
+    total = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "sched").read_text().splitlines():
+                if line.startswith("se.sum_exec_runtime"):
+                    total += float(line.split(":")[1]) / 1e3  # milliseconds
+                    break
+            else:
+                raise FileNotFoundError("no sum_exec_runtime")
+        return total
+    except FileNotFoundError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Setup:
@@ -239,7 +290,14 @@ class Setup:
         server.wait()
         return client == server_said == "ok", time.perf_counter() - started
 
-    def small(self, mode: str, n: int) -> list[float]:
+    def small(self, mode: str, n: int, size: int = 1) -> dict[str, float]:
+        """One client run in the guest against a server on the host side:
+        mode "connect" (n new connections), "rr" (n 1-byte TCP exchanges on one
+        connection) or "udprr" (n UDP datagrams of size bytes, echoed).  The
+        client's figures plus "cpu_us": the back-end's CPU per connection or
+        transaction, read from /proc before and after the client ran (its
+        start-up included, which costs the back-end nothing but a flow).
+        RuntimeError if no reply came back at all."""
         port = free_port()
         server = subprocess.Popen(ns_cmd(self.server_ns, sys.executable, "-c", SERVER, mode,
                                          self.server_addr, str(port)),
@@ -247,9 +305,14 @@ class Setup:
         try:
             assert server.stdout is not None
             server.stdout.readline()
+            cpu0 = self.cpu()
             out = sh(*ns_cmd(self.guest, sys.executable, "-c", CLIENT, mode, self.target,
-                             str(port), str(n))).stdout
-            return [float(x) for x in out.split()]
+                             str(port), str(n), str(size))).stdout
+            figures: dict[str, float] = json.loads(out)
+            if "failed" in figures:
+                raise RuntimeError(f"{self.kind} {mode}: {figures['failed']}")
+            figures["cpu_us"] = (self.cpu() - cpu0) * 1e6 / n
+            return figures
         finally:
             server.kill()
             server.wait()
@@ -294,12 +357,21 @@ def main() -> None:
                         put(f"  CPU-s/GB {label} MTU {mtu}", kind, cpu, "", True)
             if mtu == 65520:
                 for kind, setup in setups.items():
-                    rate, first, worst = setup.small("connect", 1000)
-                    put("TCP connections/s (sequential)", kind, rate, "", False)
-                    put("time to first byte, median", kind, first, "us", True)
-                    put("time to first byte, worst of 1000", kind, worst, "us", True)
-                for kind, setup in setups.items():
-                    put("TCP_RR round trip", kind, setup.small("rr", 5000)[0], "us", True)
+                    c = setup.small("connect", 1000)
+                    put("TCP connections/s (sequential)", kind, c["rate"], "", False)
+                    put("time to first byte, median", kind, c["median_us"], "us", True)
+                    put("time to first byte, worst of 1000", kind, c["worst_us"], "us", True)
+                for mode, name in (("rr", "TCP_RR"), ("udprr", "UDP_RR")):
+                    for kind, setup in setups.items():
+                        try:
+                            r = setup.small(mode, 5000)
+                        except RuntimeError as exc:  # no reply at all: say so, carry on
+                            print(f"{name} 1-byte: {exc}")
+                            continue
+                        put(f"{name} round trip, median", kind, r["median_us"], "us", True)
+                        if kind != "veth":
+                            put(f"  {name} back-end CPU per transaction", kind, r["cpu_us"],
+                                "us", True)
         finally:
             for s in setups.values():
                 s.close()
@@ -311,7 +383,7 @@ def main() -> None:
         cells = [f"{values[k][0]:.2f} {values[k][1]}".strip() if k in values else "-"
                  for k in kinds]
         ratio = ""
-        if reference in values and values[reference][0]:
+        if "tether" in values and reference in values and values[reference][0]:
             ratio = f"{values['tether'][0] / values[reference][0]:.2f}x"
         print(f"{figure:<{width}}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {ratio}")
 

@@ -1,7 +1,10 @@
-"""iperf3 between a real TCG guest and a host service, through tether.
+"""iperf3 between a real TCG guest and a host service, through tether and passt.
 
-    python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-slirp] [--no-stream]
-                                    [--baseline DIR]
+    python bench/bench_tether_vm.py [--seconds 10] [--runs 1] [--no-passt] [--no-slirp]
+                                    [--no-stream] [--baseline DIR]
+
+Over vhost-user, passt (the build ./dev setup makes) runs beside tether by
+default, on a guest of its own, the runs alternating as with --baseline.
 
 `--baseline DIR` also runs the tether of DIR (a checkout, e.g.
 `git worktree add /tmp/base <commit>`) over vhost-user, on a second guest
@@ -30,11 +33,12 @@ announces 65520 (as passt): a fair reference of what a user gets by default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.vm.guest import DHCP_ARG, GuestImage, ensure_guest  # noqa: E402
 from tests.vm.harness import Vm  # noqa: E402
+from tests.vm.reference import Passt, passt_dir  # noqa: E402
 from tests.vm.tetherlab import (  # noqa: E402
     GATEWAY,
     SRC,
@@ -54,6 +59,8 @@ from tests.vm.tetherlab import (  # noqa: E402
 
 IPERF_PORT = 5201
 CpuClock = Callable[[], float]
+Starter = Callable[[str], Tether | Passt]
+"""Starts one back-end in the lab's namespace, given its process name."""
 UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 RATE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 # [  5]   0.00-10.00  sec   412 MBytes   345 Mbits/sec                  receiver
@@ -75,6 +82,12 @@ class Row:
     moved: int
     backend_cpu: float
     qemu_cpu: float
+    variant: str = ""
+    """The back-end's label without the MTU ("tether vhost-user", "passt vhost-user")."""
+
+    @property
+    def cpu_per_gb(self) -> float:
+        return self.backend_cpu / (self.moved / 1e9) if self.moved else float("inf")
 
     def line(self) -> str:
         gb = self.moved / 1e9
@@ -103,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--no-passt", action="store_true",
+                        help="skip passt beside tether over vhost-user")
     parser.add_argument("--no-slirp", action="store_true",
                         help="skip the QEMU -netdev user reference")
     parser.add_argument("--no-stream", action="store_true",
@@ -113,31 +128,34 @@ def main() -> None:
     guest = ensure_guest()
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     rows: list[Row] = []
-    with host_namespace("tbench") as ns:
-        server = Process(in_ns(ns, "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT),
-                               "--forceflush"), work / "iperf3-s.log")
-        try:
-            server.wait_log(r"Server listening", 30)
-            variants = [("tether", SRC)]
-            if args.baseline is not None:
-                variants.append(("baseline", args.baseline.resolve() / "src"))
-            rows += side_by_side(work, ns, guest, variants, args)
-            if not args.no_stream:
-                rows += side_by_side(work, ns, guest, [("tether", SRC)], args, mode="stream")
-            if not args.no_slirp:
-                vm = Vm(work, "vm-user", work / "unused", guest, kernel_args=[DHCP_ARG],
-                        netdev="user", prefix=in_ns(ns))
-                try:
-                    vm.wait_booted()
-                    pid = vm.proc.pid
-                    label = "QEMU -netdev user"
-                    for _ in range(args.runs):
-                        rows += runs_on(vm, label, "10.0.2.2", args,
-                                        lambda: cpu_seconds(pid, pid))
-                finally:
-                    vm.close()
-        finally:
-            server.stop()
+    with iperf_lab(work) as ns:
+        variants = [("tether", tether_starter(work, ns, SRC, "vhost-user"))]
+        if args.baseline is not None:
+            variants.append(("baseline", tether_starter(work, ns,
+                                                        args.baseline.resolve() / "src",
+                                                        "vhost-user")))
+        if not args.no_passt:
+            if passt_dir() is None:
+                print("no passt build (./dev setup makes one): tether without passt")
+            else:
+                variants.append(("passt", passt_starter(work, ns, "vhost-user")))
+        rows += side_by_side(work, guest, variants, args)
+        if not args.no_stream:
+            rows += side_by_side(work, guest,
+                                 [("tether", tether_starter(work, ns, SRC, "stream"))],
+                                 args, mode="stream")
+        if not args.no_slirp:
+            vm = Vm(work, "vm-user", work / "unused", guest, kernel_args=[DHCP_ARG],
+                    netdev="user", prefix=in_ns(ns))
+            try:
+                vm.wait_booted()
+                pid = vm.proc.pid
+                label = "QEMU -netdev user"
+                for _ in range(args.runs):
+                    rows += runs_on(vm, label, "10.0.2.2", args,
+                                    lambda: cpu_seconds(pid, pid))
+            finally:
+                vm.close()
     print(f"iperf3 3.12, {args.seconds:g} s per run, TCP, 1 stream; TCG guest, 1 vCPU; "
           f"CPU s/GB = CPU seconds per 1e9 bytes received by iperf3")
     print(HEADER)
@@ -154,27 +172,59 @@ def main() -> None:
                       sum(r.qemu_cpu for r in group)).line())
 
 
-def side_by_side(work: Path, ns: str, guest: GuestImage, variants: list[tuple[str, Path]],
+@contextlib.contextmanager
+def iperf_lab(work: Path) -> Iterator[str]:
+    """A host namespace with `iperf3 -s` on its loopback, where the back-ends map the
+    gateway; yields the namespace's name."""
+    with host_namespace("tbench") as ns:
+        server = Process(in_ns(ns, "iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_PORT),
+                               "--forceflush"), work / "iperf3-s.log")
+        try:
+            server.wait_log(r"Server listening", 30)
+            yield ns
+        finally:
+            server.stop()
+
+
+def vhost_bulk(work: Path, guest: GuestImage, seconds: float, runs: int) -> list[Row]:
+    """tether and passt over vhost-user, side by side: `runs` iperf3 runs each way."""
+    with iperf_lab(work) as ns:
+        variants = [("tether", tether_starter(work, ns, SRC, "vhost-user")),
+                    ("passt", passt_starter(work, ns, "vhost-user"))]
+        return side_by_side(work, guest, variants,
+                            argparse.Namespace(seconds=seconds, runs=runs))
+
+
+def tether_starter(work: Path, ns: str, src: Path, mode: str) -> Starter:
+    """tether from the tree at src (no -d: debug logging costs CPU per event)."""
+    return lambda name: Tether(work, name, ns, debug=False, vhost_user=mode == "vhost-user",
+                               src=src)
+
+
+def passt_starter(work: Path, ns: str, mode: str) -> Starter:
+    return lambda name: Passt(work, name, ns, vhost_user=mode == "vhost-user")
+
+
+def side_by_side(work: Path, guest: GuestImage, variants: list[tuple[str, Starter]],
                  args: argparse.Namespace, *, mode: str = "vhost-user") -> list[Row]:
-    """One tether and guest per variant, all booted first; then the runs
+    """One back-end and guest per variant, all booted first; then the runs
     alternate between them, so a change in the machine's load hits both.
     The guests not measuring are paused (QMP stop): an idle TCG guest
     still burns CPU.  A run whose guest broke (iperf3 failed) is reported,
     the guest rebooted on the same tether, and the run done again."""
-    tethers: list[Tether] = []
+    tethers: list[Tether | Passt] = []
     vms: list[Vm] = []
     boots = 0
 
-    def boot(name: str, tether: Tether) -> Vm:
+    def boot(name: str, tether: Tether | Passt) -> Vm:
         nonlocal boots
         boots += 1
         return Vm(work, f"vm-{name}-{mode}-{boots}", tether.socket, guest,
                   kernel_args=[DHCP_ARG], netdev=mode)
 
     try:
-        for name, src in variants:
-            tethers.append(Tether(work, f"t-{name}-{mode}", ns, debug=False,
-                                  vhost_user=mode == "vhost-user", src=src))
+        for name, start in variants:
+            tethers.append(start(f"t-{name}-{mode}"))
             vms.append(boot(name, tethers[-1]))
         for vm in vms:
             vm.wait_booted()
@@ -189,7 +239,8 @@ def side_by_side(work: Path, ns: str, guest: GuestImage, variants: list[tuple[st
                         try:
                             rows.append(one_run(vms[i], label, GATEWAY, args,
                                                 reverse=reverse,
-                                                backend_cpu=tether.cpu_seconds))
+                                                backend_cpu=tether.cpu_seconds,
+                                                variant=label))
                             break
                         except (RuntimeError, TimeoutError) as e:  # a guest that hung, too
                             print(f"{label}: run failed, guest rebooted: "
@@ -222,12 +273,12 @@ def guest_mtu(vm: Vm) -> str:
 
 
 def one_run(vm: Vm, label: str, server: str, args: argparse.Namespace, *, reverse: bool,
-            backend_cpu: CpuClock) -> Row:
+            backend_cpu: CpuClock, variant: str = "") -> Row:
     b0, q0 = backend_cpu(), cpu_seconds(vm.proc.pid)
     gbit, moved = iperf(vm, server, args.seconds, reverse)
     b1, q1 = backend_cpu(), cpu_seconds(vm.proc.pid)
     row = Row(f"{label} (mtu {guest_mtu(vm)})", "host -> guest" if reverse else "guest -> host",
-              gbit, moved, b1 - b0, q1 - q0)
+              gbit, moved, b1 - b0, q1 - q0, variant or label)
     print(row.line(), flush=True)
     return row
 
