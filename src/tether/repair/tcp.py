@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tether.repair import kernel as k
-from tether.repair.kernel import FIN_RECEIVED, FIN_SENT, FIN_UNACKED, MIGRATABLE, TcpState
+from tether.repair.kernel import FIN_RECEIVED, FIN_SENT, FIN_UNACKED, MIGRATABLE
 from tether.repair.record import (
     OPT_SACK,
     OPT_TIMESTAMPS,
@@ -153,6 +153,9 @@ def unfreeze(socks: Sequence[socket.socket], switch: RepairSwitch) -> None:
         k.unsilence(s)
 
 
+_MIGRATABLE_STATES = {int(state): state for state in MIGRATABLE}
+
+
 def dump(sock: socket.socket) -> TcpConnState:
     """Capture a connection whose socket is in repair mode (see freeze).
 
@@ -166,9 +169,9 @@ def dump(sock: socket.socket) -> TcpConnState:
 
 def _dump(sock: socket.socket) -> TcpConnState:
     raw_state, tcpi_options, snd_ws, rcv_ws, _ = k.tcp_info(sock)
-    if raw_state not in MIGRATABLE:
+    state = _MIGRATABLE_STATES.get(raw_state)
+    if state is None:
         raise OSError(0, f"TCP state {raw_state} cannot be migrated")
-    state = TcpState(raw_state)
     options = 0
     if tcpi_options & k.TCPI_OPT_TIMESTAMPS:
         options |= OPT_TIMESTAMPS
@@ -224,7 +227,8 @@ def _dump(sock: socket.socket) -> TcpConnState:
     local = sock.getsockname()
     remote = sock.getpeername()
     return TcpConnState(
-        family=sock.family,
+        # from the address, not sock.family, which builds an enum per call
+        family=socket.AF_INET6 if len(local) == 4 else socket.AF_INET,
         local=(local[0], local[1]),
         remote=(remote[0], remote[1]),
         state=state,
