@@ -1,4 +1,4 @@
-"""libvirt 11.3 runs tether as its passt (issue 12), with QEMU 10 and the test guest.
+"""libvirt 11.3 runs tether as its passt, with QEMU 10 and the test guest.
 
 A libvirtd of the test's own (libvirtlab.Libvirtd) runs in a host namespace
 set up like tetherlab's; `passt` in its PATH is tether.  The domains are what a

@@ -1,4 +1,4 @@
-"""A real guest on real tether, end to end (issue 5).
+"""A real guest on real tether, end to end.
 
 QEMU 10 runs the busybox guest of guest.py; tether runs in a network
 namespace set up like a host (tetherlab.host_namespace) and serves the
