@@ -9,32 +9,20 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
+from tests.support import require_root, wait_for
 from tether.transport.vhost_user import protocol as p
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def wait_for(condition: object, timeout: float, what: str) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)  # polling a condition with a deadline, not a synchronisation sleep
 
 
 class Daemon:
     """`tether --vhost-user --socket PATH -f` under `unshare -n`."""
 
     def __init__(self, workdir: Path, *extra: str) -> None:
-        if os.geteuid() != 0:
-            pytest.skip("needs root: the daemon runs in a network namespace of its own")
+        require_root("the daemon runs in a network namespace of its own")
         self.socket = workdir / "tether.sock"
         self.log_path = workdir / "tether.log"
         self._log = self.log_path.open("wb")

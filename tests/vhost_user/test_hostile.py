@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_for
 from tether import ratelimit
 from tether.transport.vhost_user import protocol as p
 from tether.transport.vhost_user import state_transfer
 
-from .daemon import Client, Daemon, wait_for
+from .daemon import Client, Daemon
 from .frontend import BUF_BASE, Frontend, Guest
 from .test_device import HDR, RX, TX, Rig
 
@@ -299,6 +300,7 @@ def test_fds_on_every_payload_byte_are_closed_at_once(rig: Rig) -> None:
     assert works(rig)
 
 
+@pytest.mark.root
 def test_accept_out_of_fds_backs_off_and_serves_the_next_front_end(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     try:
@@ -346,6 +348,7 @@ def start_client(daemon: Daemon) -> Client:
     return client
 
 
+@pytest.mark.root
 def test_check_during_a_load_never_blocks_the_daemon(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     try:
@@ -366,6 +369,7 @@ def test_check_during_a_load_never_blocks_the_daemon(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.text()
 
 
+@pytest.mark.root
 def test_sigterm_ends_a_daemon_waiting_for_the_rest_of_a_load(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     client = start_client(daemon)
@@ -395,6 +399,7 @@ def test_check_waits_at_most_the_grace_period(rig: Rig, monkeypatch: pytest.Monk
     assert works(rig)
 
 
+@pytest.mark.root
 def test_max_state_stops_the_transfer_at_once(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path, "--max-state", "1048576")
     try:
@@ -420,6 +425,7 @@ def test_max_state_stops_the_transfer_at_once(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.text()
 
 
+@pytest.mark.root
 def test_a_bad_magic_stops_the_transfer_at_once(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path)
     try:
