@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tether.loop import Loop  # noqa: E402
 from tether.net.params import NetParams  # noqa: E402
 from tether.net.stack import Stack  # noqa: E402
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord  # noqa: E402
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord  # noqa: E402
 from tether.transport.tap import inside  # noqa: E402
 
 GUEST = socket.inet_aton("10.77.0.2")

@@ -26,7 +26,8 @@ from tether.net.flows import FlowTable
 from tether.net.icmp import IcmpTranslator
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams, PortRange
-from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
+from tether.net.tcp import TcpConn, TcpTranslator
+from tether.net.tcp_record import TcpFlowRecord
 from tether.net.udp import UdpFlowRecord, UdpTranslator
 from tether.ratelimit import limited
 from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp

@@ -24,12 +24,24 @@ import os
 import random
 import socket
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tether import loop as evloop
 from tether.net.flows import FlowKey, TableFull
 from tether.net.output import l4_offset
+from tether.net.tcp_record import (
+    ESTABLISHED,
+    PIF_HOST,
+    PIF_TAP,
+    SOCK_ACCEPTED,
+    SOCK_FIN_SENT,
+    SYN_ACK_SENT_OR_SOCK_FIN_RCVD,
+    TAP_FIN_ACKED,
+    TAP_FIN_RCVD,
+    TAP_FIN_SENT,
+    TAP_SYN_RCVD,
+    TcpFlowRecord,
+)
 from tether.ratelimit import limited
 from tether.wire import ipv4
 from tether.wire import tcp as wtcp
@@ -37,21 +49,15 @@ from tether.wire import tcp as wtcp
 if TYPE_CHECKING:
     from tether.net.stack import Stack
 
+# ESTABLISHED too: tests read it here, next to the timeouts they shorten.
+__all__ = ["ACK_TIMEOUT", "CONNECT_TIMEOUT", "ESTABLISHED", "MAX_RETRIES", "SYN_TIMEOUT",
+           "TcpConn", "TcpTranslator"]
+
 log = logging.getLogger(__name__)
 
-# passt's connection event bits (tcp_conn.h), kept identical for the dump record.
-SOCK_ACCEPTED = 0x01
-TAP_SYN_RCVD = 0x02
-ESTABLISHED = 0x04
-TAP_SYN_ACK_SENT = 0x08  # before ESTABLISHED
-SOCK_FIN_RCVD = 0x08  # after ESTABLISHED
-SOCK_FIN_SENT = 0x10
-TAP_FIN_RCVD = 0x20
-TAP_FIN_SENT = 0x40
-TAP_FIN_ACKED = 0x80
-
-PIF_HOST = 1
-PIF_TAP = 2
+# The record's names for passt's 0x08, by its two meanings.
+TAP_SYN_ACK_SENT = SYN_ACK_SENT_OR_SOCK_FIN_RCVD  # before ESTABLISHED
+SOCK_FIN_RCVD = SYN_ACK_SENT_OR_SOCK_FIN_RCVD  # after ESTABLISHED
 
 ACK_TIMEOUT = 1.0  # seconds before unacknowledged data is sent again
 # Guest data short of two full segments is acknowledged within this (RFC 9293
@@ -95,58 +101,6 @@ def _unscaled_syn_window(window: int, shift: int) -> int:
 def _seq_diff(a: int, b: int) -> int:
     """a - b in sequence space, as a signed 32-bit value (RFC 9293 section 3.4)."""
     return ((a - b + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-
-
-@dataclass(frozen=True)
-class TcpFlowRecord:
-    """One flow as passt's `struct tcp_tap_transfer` (112 bytes) describes it.
-
-    Side 0 is the initiator: the guest for outbound flows, the host peer for
-    inbound ones.  Addresses are IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
-    """
-
-    pif: tuple[int, int]
-    sides: tuple[tuple[bytes, bytes, int, int], tuple[bytes, bytes, int, int]]
-    retries: int
-    ws_from_tap: int
-    ws_to_tap: int
-    events: int
-    tap_mss: int
-    sndbuf: int
-    flags: int
-    seq_dup_ack_approx: int
-    wnd_from_tap: int
-    wnd_to_tap: int
-    seq_to_tap: int
-    seq_ack_from_tap: int
-    seq_from_tap: int
-    seq_ack_to_tap: int
-    seq_init_from_tap: int
-
-    # Ports travel in the sender's native byte order in passt (section 2.5): "=H".
-    _SIDE = struct.Struct("=16s16sHH")
-    _TAIL = struct.Struct("!BBBBIIBBHHIIIII")
-    SIZE = 112
-
-    def pack(self) -> bytes:
-        out = bytes(self.pif)
-        for side in self.sides:
-            out += self._SIDE.pack(*side)
-        out += self._TAIL.pack(self.retries, self.ws_from_tap, self.ws_to_tap, self.events,
-                               self.tap_mss, self.sndbuf, self.flags, self.seq_dup_ack_approx,
-                               self.wnd_from_tap, self.wnd_to_tap, self.seq_to_tap,
-                               self.seq_ack_from_tap, self.seq_from_tap, self.seq_ack_to_tap,
-                               self.seq_init_from_tap)
-        return out
-
-    @classmethod
-    def unpack(cls, data: bytes) -> TcpFlowRecord:
-        if len(data) != cls.SIZE:
-            raise ValueError(f"TCP flow record is {len(data)} bytes, need {cls.SIZE}")
-        s0 = cls._SIDE.unpack_from(data, 2)
-        s1 = cls._SIDE.unpack_from(data, 38)
-        tail = cls._TAIL.unpack_from(data, 74)
-        return cls((data[0], data[1]), (s0, s1), *tail)
 
 
 def _mapped(addr: bytes) -> bytes:
