@@ -2,7 +2,8 @@
 
 Declared once here, next to its codec: reference/passt-migration.md section 2.5
 and docs/migration-format.md describe the layout.  The event bits are passt's
-(tcp_conn.h) as they travel, 0x08 with both of its meanings.
+(tcp_conn.h) as they travel; tether's own names for them, which tell apart the
+two meanings passt gives 0x08, are in net/tcp_state.py.
 """
 
 from __future__ import annotations
