@@ -273,9 +273,14 @@ class TcpConn(TcpState):
             self.pending += data
             self.pending_fin = fin
             return
-        written = self._to_host(data)
-        if written is None:
+        # Written here and in host_writable rather than in a helper: this is
+        # once per guest segment.  Only what the host took is covered by
+        # seq_from_tap, so only that is acknowledged.
+        written = self._write(data) if data else 0
+        if written < 0:
+            self.reset_guest()
             return
+        self.seq_from_tap = (self.seq_from_tap + written) & 0xFFFFFFFF
         if written < len(data):
             self.shared.socket_full += 1
             self.sock_blocked = True
@@ -289,18 +294,6 @@ class TcpConn(TcpState):
             return
         self._ack_data()
 
-    def _to_host(self, data: bytes | bytearray | memoryview) -> int | None:
-        """Write guest data to the host: bytes taken (and now covered by
-        seq_from_tap), or None when the socket failed and the guest was reset."""
-        if not data:
-            return 0
-        written = self._write(data)
-        if written < 0:
-            self.reset_guest()
-            return None
-        self.seq_from_tap = (self.seq_from_tap + written) & 0xFFFFFFFF
-        return written
-
     def _guest_fin(self) -> None:
         self.seq_from_tap = (self.seq_from_tap + 1) & 0xFFFFFFFF
         self._event(TAP_FIN_RCVD)
@@ -312,9 +305,11 @@ class TcpConn(TcpState):
         """The socket has room again: write what was held, then acknowledge it."""
         pending = self.pending
         assert isinstance(pending, bytearray)  # set when the socket became full
-        written = self._to_host(pending)
-        if written is None:
+        written = self._write(pending)
+        if written < 0:
+            self.reset_guest()
             return
+        self.seq_from_tap = (self.seq_from_tap + written) & 0xFFFFFFFF
         del pending[:written]
         if pending:
             self.control(wtcp.ACK)

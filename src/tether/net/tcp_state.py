@@ -8,8 +8,9 @@ ESTABLISHED and SOCK_FIN_RCVD after.  In memory the two get bits of their own,
 and `to_wire` / `from_wire` fold them into 0x08 and back, so the migration
 record stays byte-identical (net/tcp_record.py).
 
-Every change goes through `TcpConn._event` (net/tcp_core.py), which logs it
-by these names.
+Every change goes through `TcpState._event` below, which logs it by these
+names; `TcpState` is the rest of what a connection knows, and net/tcp_core.py
+the decisions made on it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ TAP_FIN_ACKED = wire.TAP_FIN_ACKED
 SOCK_FIN_RCVD = 0x100
 """The host socket read end-of-file (after ESTABLISHED; passt's 0x08 on the wire)."""
 
-ALL = 0x1FF
+ALL = 0x1FF  # every bit above: `_event(on, off=ALL)` replaces the state
 
 NAMES: tuple[tuple[int, str], ...] = (
     (SOCK_ACCEPTED, "SOCK_ACCEPTED"), (TAP_SYN_RCVD, "TAP_SYN_RCVD"),
