@@ -55,7 +55,7 @@ from tether.config import build_parser, from_args
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.transport.tap import inside
 
 GUEST = socket.inet_aton("10.77.0.2")

@@ -111,7 +111,7 @@ from tether.loop import Loop
 from tether.migrate.stream import parse
 from tether.net.params import NetParams, PortRange
 from tether.net.stack import Stack
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
 from tether.repair.client import RepairHelper
 
 GUEST = socket.inet_aton("10.0.2.15")

@@ -42,6 +42,16 @@ class Timer:
 
 
 class Loop:
+    """epoll, timers and deferred calls on one thread, run until stopped.
+
+    Each pass waits for file events (no longer than the next timer), calls
+    the handler of every ready descriptor, fires the timers that are due and
+    then the callbacks queued with call_soon(), which therefore run after all
+    the I/O of the pass (the stack's flush of frames to the guest is one).
+    Handlers and callbacks run to completion and must not block.  now() is
+    the monotonic clock the timers use.
+    """
+
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._handlers: dict[int, FdHandler] = {}

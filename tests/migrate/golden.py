@@ -17,7 +17,7 @@ from tests.migrate.formats import U32Codec
 from tether.handover.format import GUEST_ADDRESSES, TCP_FLOWS, TETHER_FORMAT, UDP_FLOWS
 from tether.handover.records import GuestAddresses, TcpFlow
 from tether.migrate.stream import Bindings, Format, Stage, save
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
 from tether.repair.kernel import TcpState
 from tether.repair.record import OPT_SACK, OPT_TIMESTAMPS, OPT_WSCALE, TcpConnState

@@ -18,7 +18,7 @@ from tests.net.conftest import GATEWAY, GUEST, configure_guest, delete_netns, ma
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.net.tcp import ESTABLISHED, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, TcpFlowRecord
 from tether.transport.tap import TapTransport, create_tap
 
 GUEST_CLIENT = r"""

@@ -29,7 +29,7 @@ from scapy.packet import Packet
 
 from tests.net.conftest import Netns, delete_netns, make_netns
 from tether.loop import Loop
-from tether.net import tcp as tcp_module
+from tether.net import tcp_core as tcp_module
 from tether.net.params import NetParams, PortRange
 from tether.net.stack import Stack
 from tether.transport.tap import inside

@@ -46,7 +46,7 @@ from tether.migrate.unframed import FormatReader
 from tether.net.addresses import RECORD as ADDRESS_RECORD
 from tether.net.flows import TableFull
 from tether.net.stack import Stack
-from tether.net.tcp import TcpFlowRecord
+from tether.net.tcp_record import TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
 from tether.ratelimit import limited
 from tether.repair import kernel as repair_kernel

@@ -51,7 +51,7 @@ from tether.handover.records import (
 )
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import Buffer, Format, Stage
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
 from tether.repair.kernel import FIN_RECEIVED, FIN_SENT, MIGRATABLE, WSCALE_MAX, TcpState
 from tether.repair.record import _OPT_KNOWN, OPT_WSCALE, QUEUE_MAX, TcpConnState
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tether.migrate.errors import MigrationError
 from tether.migrate.records import FixedRecords, expect_size
 from tether.migrate.stream import Buffer
-from tether.net.tcp import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
+from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
 from tether.repair import record as tcp_record
 from tether.repair.record import TcpConnState

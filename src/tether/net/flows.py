@@ -28,6 +28,15 @@ class Flow(Protocol):
 
 
 class FlowTable:
+    """Every flow of one stack by its FlowKey, at most `capacity` of them.
+
+    Translators look a guest packet's flow up here, ask check_room() before
+    they open a host socket for a new one, and remove() a flow to close it:
+    the table owns its flows, so close_all() releases every socket and timer.
+    detach() lets go of a flow whose resources were handed elsewhere
+    (migration) without closing them.
+    """
+
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("flow table capacity must be at least 1")

@@ -22,26 +22,33 @@ from tether.frames import FrameSink
 from tether.net import dhcp as dhcp_server
 from tether.net import dhcpv6 as dhcpv6_server
 from tether.net.addresses import GuestAddresses
+from tether.net.context import RoomWaiter
 from tether.net.flows import FlowTable
 from tether.net.icmp import IcmpTranslator
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams, PortRange
-from tether.net.tcp import TcpConn, TcpFlowRecord, TcpTranslator
+from tether.net.tcp import TcpTranslator
+from tether.net.tcp_record import TcpFlowRecord
 from tether.net.udp import UdpFlowRecord, UdpTranslator
 from tether.ratelimit import limited
-from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, ipv4, ipv6, ndp, udp
+from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, inany, ipv4, ipv6, ndp, udp
 
 log = logging.getLogger(__name__)
 
 ACCEPT_BACKOFF = 0.5  # s a -t listener rests after accept() failed (EMFILE...)
 
-_V4_MAPPED = bytes(10) + b"\xff\xff"  # RFC 4291 section 2.5.5.2
 _IP_FREEBIND = 15  # linux/in.h
 _IPV6_FREEBIND = 78  # linux/in6.h
 
 
 class Stack:
-    """Implements frames.GuestPort."""
+    """One guest's network: implements frames.GuestPort, provides context.NetContext.
+
+    Frames from the guest are parsed here and answered (ARP, DHCP, DHCPv6, NDP)
+    or handed to the translators (TCP, UDP, ICMP echo), which reach the stack
+    only through the NetContext interface; frames to the guest leave through
+    `send`, flushed once per loop pass.
+    """
 
     def __init__(self, loop: evloop.Loop, params: NetParams) -> None:
         self.loop = loop
@@ -56,7 +63,8 @@ class Stack:
         self.internal_errors = 0
         self._sink: FrameSink | None = None
         self._flush_due = False
-        self._waiting: dict[int, TcpConn] = {}
+        # Insertion-ordered set: each waiter once, in the order they stopped.
+        self._waiting: dict[RoomWaiter, None] = {}
         self._listeners: list[socket.socket] = []
 
     # -- wiring ------------------------------------------------------------
@@ -181,8 +189,8 @@ class Stack:
 
     def guest_room_available(self) -> None:
         waiting, self._waiting = self._waiting, {}
-        for conn in waiting.values():
-            self.tcp.room_available(conn)
+        for waiter in waiting:
+            waiter.room_available()
 
     # -- used by the translators -------------------------------------------
 
@@ -211,8 +219,8 @@ class Stack:
     def has_room(self) -> bool:
         return self._sink is not None and self._sink.has_room()
 
-    def wait_for_room(self, conn: TcpConn) -> None:
-        self._waiting[conn.fd] = conn
+    def wait_for_room(self, waiter: RoomWaiter) -> None:
+        self._waiting[waiter] = None
 
     def guest_addr4(self) -> bytes:
         """Where inbound traffic goes: what the guest uses, else what DHCP gives it."""
@@ -222,7 +230,7 @@ class Stack:
         """The host address a guest destination maps to, None for nowhere."""
         p = self.params
         if len(dst) == 16:
-            if dst[:12] == _V4_MAPPED:
+            if inany.is_v4_mapped(dst):
                 # An IPv6 socket reaches ::ffff:a.b.c.d as IPv4's a.b.c.d: the same
                 # rules, or the mapped form would reach what they keep from the guest.
                 target4 = self._host_target4(dst[12:], port)

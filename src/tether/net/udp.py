@@ -11,16 +11,13 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tether import loop as evloop
+from tether.net.context import NetContext
 from tether.net.flows import FlowKey, TableFull, expire_when_idle
 from tether.net.output import L2L3_V6, UDP_PAYLOAD, l4_offset
 from tether.ratelimit import limited
 from tether.wire import ipv4, udp
-
-if TYPE_CHECKING:
-    from tether.net.stack import Stack
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +41,54 @@ class UdpFlowRecord:
 
 
 class UdpFlow:
-    __slots__ = ("key", "last_used", "owns_socket", "peer", "sock", "timer", "translator")
+    """One guest (address, port) <-> remote (address, port) pair and its host socket:
+    its own connected socket (outbound) or a -u port's shared one (inbound)."""
 
-    def __init__(self, translator: UdpTranslator, key: FlowKey, sock: socket.socket,
+    __slots__ = ("key", "last_used", "loop", "owns_socket", "peer", "sock", "timer")
+
+    def __init__(self, loop: evloop.Loop, key: FlowKey, sock: socket.socket,
                  peer: tuple[str, int] | tuple[str, int, int, int] | None) -> None:
-        self.translator = translator
+        self.loop = loop
         self.key = key
         self.sock = sock
         self.peer = peer  # None: sock is connected to the remote
         self.owns_socket = peer is None
-        self.last_used = translator.stack.loop.now()
+        self.last_used = loop.now()
         self.timer: evloop.Timer | None = None
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
         if self.owns_socket:
-            self.translator.stack.loop.remove(self.sock.fileno())
+            self.loop.remove(self.sock.fileno())
             self.sock.close()
 
 
 class UdpTranslator:
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-        self.sent_to_guest = 0
+    """The stack's UDP: guest datagrams to host sockets and back, one flow per pair.
+
+    Datagrams from the host are read straight into one frame buffer shared by
+    all flows, behind the room for the headers: the sink copies each frame
+    before `send` returns (frames.FrameSink), so no datagram costs 64 KiB.
+    """
+
+    def __init__(self, ctx: NetContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self._frame_buf = bytearray(L2L3_V6 + udp.HLEN + MAX_PAYLOAD)
+        self._frame_view = memoryview(self._frame_buf)
 
     def from_guest(self, src: bytes, dst: bytes, datagram: memoryview) -> None:
         sport, dport, length = udp.parse(datagram)
         payload = datagram[udp.HLEN:length]
         key = (ipv4.PROTO_UDP, src, sport, dst, dport)
-        flow = self.stack.flows.get(key)
+        flow = self.ctx.flows.get(key)
         if flow is None:
             flow = self._open(key)
             if flow is None:
                 return
         assert isinstance(flow, UdpFlow)
-        flow.last_used = self.stack.loop.now()
+        flow.last_used = self.loop.now()
         try:
             if flow.peer is None:
                 flow.sock.send(payload)
@@ -90,18 +99,18 @@ class UdpTranslator:
             log.debug("udp send to port %d: %s", dport, exc)
 
     def _open(self, key: FlowKey) -> UdpFlow | None:
-        stack = self.stack
-        target = stack.host_target(key[3], key[4])
+        ctx = self.ctx
+        target = ctx.host_target(key[3], key[4])
         if target is None:
             return None
         try:
-            stack.flows.check_room()
+            ctx.flows.check_room()
         except TableFull as exc:
             limited(log, logging.WARNING, "dropping UDP datagram: %s", exc)
             return None
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
         try:
-            sock = stack.outbound_socket(family, socket.SOCK_DGRAM)
+            sock = ctx.outbound_socket(family, socket.SOCK_DGRAM)
         except OSError as exc:
             log.debug("udp socket: %s", exc)
             return None
@@ -112,18 +121,17 @@ class UdpTranslator:
             log.debug("udp connect to %s:%d: %s", target, key[4], exc)
             sock.close()
             return None
-        flow = UdpFlow(self, key, sock, None)
-        stack.flows.add(flow)
-        stack.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        flow = UdpFlow(self.loop, key, sock, None)
+        ctx.flows.add(flow)
+        self.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
         self._schedule_expiry(flow)
         return flow
 
     def _readable(self, flow: UdpFlow) -> None:
+        into = self._frame_view[l4_offset(flow.key[1]) + udp.HLEN:]
         for _ in range(64):  # a bounded batch per wake-up keeps other flows served
-            off = l4_offset(flow.key[1]) + udp.HLEN
-            frame = bytearray(off + MAX_PAYLOAD)
             try:
-                n = flow.sock.recv_into(memoryview(frame)[off:], MAX_PAYLOAD)
+                n = flow.sock.recv_into(into, MAX_PAYLOAD)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -131,55 +139,56 @@ class UdpTranslator:
                 continue
             # No room towards the guest: the datagram is dropped (UDP may lose it), but it
             # is read, or the level-triggered socket would wake the loop without end.
-            if self.stack.has_room():
-                self._to_guest(flow, frame, n)
+            if self.ctx.has_room():
+                self._to_guest(flow, n)
 
-    def _to_guest(self, flow: UdpFlow, frame: bytearray, n: int) -> None:
+    def _to_guest(self, flow: UdpFlow, n: int) -> None:
+        """The datagram of n bytes in the frame buffer to the guest (copied by send)."""
         _, guest_addr, guest_port, remote_addr, remote_port = flow.key
-        flow.last_used = self.stack.loop.now()
-        self.sent_to_guest += 1
-        view = self.stack.output.udp(frame, n, remote_addr, remote_port, guest_addr, guest_port)
-        self.stack.send(view)
+        flow.last_used = self.loop.now()
+        ctx = self.ctx
+        ctx.send(ctx.output.udp(self._frame_buf, n, remote_addr, remote_port, guest_addr,
+                                guest_port))
 
     def _schedule_expiry(self, flow: UdpFlow) -> None:
-        expire_when_idle(self.stack.loop, self.stack.flows, flow, self.stack.params.udp_timeout)
+        expire_when_idle(self.loop, self.ctx.flows, flow, self.ctx.params.udp_timeout)
 
     # -- inbound (-u) ------------------------------------------------------
 
     def inbound(self, sock: socket.socket, guest_port: int) -> None:
         """A forwarded port's socket is readable: datagrams from host peers to the guest."""
-        stack = self.stack
+        ctx = self.ctx
         off = UDP_PAYLOAD if sock.family == socket.AF_INET else L2L3_V6 + udp.HLEN
+        into = self._frame_view[off:]
         for _ in range(64):
-            frame = bytearray(off + MAX_PAYLOAD)
             try:
-                n, peer = sock.recvfrom_into(memoryview(frame)[off:], MAX_PAYLOAD)
+                n, peer = sock.recvfrom_into(into, MAX_PAYLOAD)
             except BlockingIOError:
                 break
             except OSError:
                 continue
-            remote = stack.guest_view_of(peer[0])
-            guest_addr = stack.guest_addr_for(sock.family, remote)
-            if guest_addr is None or not stack.has_room():
+            remote = ctx.guest_view_of(peer[0])
+            guest_addr = ctx.guest_addr_for(sock.family, remote)
+            if guest_addr is None or not ctx.has_room():
                 continue  # nobody to deliver to yet: datagrams may be dropped
             key = (ipv4.PROTO_UDP, guest_addr, guest_port, remote, peer[1])
-            flow = stack.flows.get(key)
+            flow = ctx.flows.get(key)
             if flow is None:
                 try:
-                    stack.flows.check_room()
+                    ctx.flows.check_room()
                 except TableFull:
                     continue
-                flow = UdpFlow(self, key, sock, peer)
-                stack.flows.add(flow)
+                flow = UdpFlow(self.loop, key, sock, peer)
+                ctx.flows.add(flow)
                 self._schedule_expiry(flow)
             assert isinstance(flow, UdpFlow)
-            self._to_guest(flow, frame, n)
+            self._to_guest(flow, n)
 
     # -- migration -----------------------------------------------------------
 
     def dump(self) -> list[UdpFlowRecord]:
         out = []
-        for flow in self.stack.flows:
+        for flow in self.ctx.flows:
             if not isinstance(flow, UdpFlow):
                 continue
             _, guest, gport, remote, rport = flow.key
@@ -194,9 +203,9 @@ class UdpTranslator:
 
     def forget_outbound(self) -> int:
         """Close every flow that owns its socket, so another instance can take its port."""
-        flows = [f for f in self.stack.flows if isinstance(f, UdpFlow) and f.owns_socket]
+        flows = [f for f in self.ctx.flows if isinstance(f, UdpFlow) and f.owns_socket]
         for flow in flows:
-            self.stack.flows.remove(flow)
+            self.ctx.flows.remove(flow)
         return len(flows)
 
     def restore(self, record: UdpFlowRecord, forwarded: dict[int, socket.socket]) -> None:
@@ -204,15 +213,15 @@ class UdpTranslator:
         nothing behind.  `forwarded` maps the -u ports to their sockets."""
         key = (ipv4.PROTO_UDP, record.guest_addr, record.guest_port, record.remote_addr,
                record.remote_port)
-        if self.stack.flows.get(key) is not None:
+        if self.ctx.flows.get(key) is not None:
             raise ValueError("the flow exists already")
-        self.stack.flows.check_room()
+        self.ctx.flows.check_room()
         if record.inbound:
             sock = forwarded.get(record.local[1])
             if sock is None:
                 raise ValueError(f"no -u socket for port {record.local[1]} here")
-            flow = UdpFlow(self, key, sock, record.peer)
-            self.stack.flows.add(flow)
+            flow = UdpFlow(self.loop, key, sock, record.peer)
+            self.ctx.flows.add(flow)
             self._schedule_expiry(flow)
             return
         family = socket.AF_INET6 if ":" in record.local[0] else socket.AF_INET
@@ -225,7 +234,7 @@ class UdpTranslator:
         except OSError:
             sock.close()
             raise
-        flow = UdpFlow(self, key, sock, None)
-        self.stack.flows.add(flow)
-        self.stack.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        flow = UdpFlow(self.loop, key, sock, None)
+        self.ctx.flows.add(flow)
+        self.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
         self._schedule_expiry(flow)
