@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +44,7 @@ from tether.migrate.stream import (
 from tether.migrate.unframed import FormatReader
 from tether.net.addresses import RECORD as ADDRESS_RECORD
 from tether.net.flows import TableFull
+from tether.net.sockets import reset_on_close
 from tether.net.stack import Stack
 from tether.net.tcp_record import TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
@@ -340,7 +340,7 @@ class Handover:
         if outgoing.left_behind:
             # The guest is gone and its peers would wait on these forever: tell them.
             for sock in self.stack.forget_tcp_flows():
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(sock)
                 sock.close()
             limited(log, logging.WARNING,
                     "migration: reset %d TCP connection(s) that could not move",

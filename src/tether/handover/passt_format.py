@@ -47,13 +47,13 @@ from tether.handover.records import (
     GuestAddressesCodec,
     TcpFlow,
     TcpFlowsCodec,
-    raw_v4,
 )
 from tether.migrate.errors import MigrationError
 from tether.migrate.stream import Buffer, Format, Stage
 from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, SOCK_ACCEPTED, TcpFlowRecord
 from tether.repair.kernel import FIN_RECEIVED, FIN_SENT, MIGRATABLE, WSCALE_MAX, TcpState
 from tether.repair.record import _OPT_KNOWN, OPT_WSCALE, QUEUE_MAX, TcpConnState
+from tether.wire import inany
 
 PASST_MAGIC = 0xB1BB1D1B0BB1D1B0
 FLOW_MAX = (1 << 17) - 1  # passt's flow table (2.6)
@@ -199,7 +199,7 @@ def _tap_record(raw: bytes, offset: int, index: int) -> TcpFlowRecord:
                              f"found {record.tap_mss}", offset=offset + 78)
     tap = pif.index(PIF_TAP)
     remote, guest, _, _ = record.sides[tap]
-    if (raw_v4(guest) is None) != (raw_v4(remote) is None):
+    if (inany.v4_of(guest) is None) != (inany.v4_of(remote) is None):
         raise MigrationError(errno.EINVAL, f"flow {index}: guest and remote addresses mix IPv4 "
                              "and IPv6", offset=offset + 2 + 36 * tap)
     # tether keeps SOCK_ACCEPTED on an inbound flow for good (passt clears it).
@@ -207,7 +207,7 @@ def _tap_record(raw: bytes, offset: int, index: int) -> TcpFlowRecord:
 
 
 def _text(raw: bytes) -> tuple[int, str]:
-    v4 = raw_v4(raw)
+    v4 = inany.v4_of(raw)
     if v4 is not None:
         return socket.AF_INET, socket.inet_ntop(socket.AF_INET, v4)
     return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, raw)

@@ -19,6 +19,7 @@ from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
 from tether.net.udp import UdpFlowRecord
 from tether.repair import record as tcp_record
 from tether.repair.record import TcpConnState
+from tether.wire import inany
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class TcpFlowsCodec:
                 raise MigrationError(errno.EINVAL, f"expected a unicast {name} address, "
                                      f"found {ipaddress.IPv6Address(raw)}",
                                      offset=offset + where)
-        if (raw_v4(guest) is None) != (raw_v4(remote) is None):
+        if (inany.v4_of(guest) is None) != (inany.v4_of(remote) is None):
             raise MigrationError(errno.EINVAL, "guest and remote addresses mix IPv4 and IPv6",
                                  offset=offset + 16)
         guest_side = (remote, guest, remote_port, guest_port)
@@ -184,23 +185,13 @@ class TcpFlowsCodec:
 _ANY6 = bytes(16)
 
 
-def raw_v4(address: bytes) -> bytes | None:
-    """The IPv4 address inside an IPv4-mapped IPv6 address, if it is one."""
-    return address[12:] if address[:12] == bytes(10) + b"\xff\xff" else None
-
-
-def _raw(address: bytes) -> bytes:
-    """4 or 16 bytes on the wire -> 16 bytes in the stream (IPv4-mapped)."""
-    return address if len(address) == 16 else bytes(10) + b"\xff\xff" + address
-
-
 def _host(text: str) -> bytes:
-    return ipaddress.ip_address(text).packed if ":" in text else _raw(
+    return ipaddress.ip_address(text).packed if ":" in text else inany.mapped(
         ipaddress.IPv4Address(text).packed)
 
 
 def _host_text(raw: bytes) -> str:
-    v4 = raw_v4(raw)
+    v4 = inany.v4_of(raw)
     return str(ipaddress.IPv4Address(v4)) if v4 is not None else str(ipaddress.IPv6Address(raw))
 
 
@@ -212,8 +203,9 @@ class UdpFlowsCodec:
 
     def encode(self, value: Sequence[UdpFlowRecord]) -> Sequence[Buffer]:
         return self.TABLE.encode([(int(f.inbound), 0, f.guest_port, f.remote_port, f.local[1],
-                                   f.peer[1], 0, _raw(f.guest_addr), _raw(f.remote_addr),
-                                   _host(f.local[0]), _host(f.peer[0])) for f in value])
+                                   f.peer[1], 0, inany.mapped(f.guest_addr),
+                                   inany.mapped(f.remote_addr), _host(f.local[0]),
+                                   _host(f.peer[0])) for f in value])
 
     def decode(self, payload: memoryview) -> list[UdpFlowRecord]:
         out = []
@@ -225,7 +217,7 @@ class UdpFlowsCodec:
             if inbound > 1 or reserved or reserved2:
                 raise MigrationError(errno.EINVAL, "expected direction 0 or 1 and zero "
                                      "reserved fields", offset=offset)
-            if (raw_v4(guest) is None) != (raw_v4(remote) is None):
+            if (inany.v4_of(guest) is None) != (inany.v4_of(remote) is None):
                 raise MigrationError(errno.EINVAL, "guest and remote addresses mix IPv4 and "
                                      "IPv6", offset=offset + 12)
             for name, raw, where in (("guest", guest, 12), ("remote", remote, 28),
@@ -236,9 +228,9 @@ class UdpFlowsCodec:
                                          f"found {address}", offset=offset + where)
             if 0 in (guest_port, remote_port, local_port, peer_port):
                 raise MigrationError(errno.EINVAL, "expected non-zero ports", offset=offset + 2)
-            v4 = raw_v4(guest)
+            v4 = inany.v4_of(guest)
             out.append(UdpFlowRecord(bool(inbound), v4 if v4 is not None else guest, guest_port,
-                                     raw_v4(remote) or remote, remote_port,
+                                     inany.v4_of(remote) or remote, remote_port,
                                      (_host_text(local), local_port),
                                      (_host_text(peer), peer_port)))
         return out

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from tether.repair.kernel import MIGRATABLE, WSCALE_MAX, TcpState
+from tether.wire import inany
 
 FORMAT_VERSION = 1
 
@@ -56,7 +57,6 @@ _OPT_KNOWN = OPT_TIMESTAMPS | OPT_SACK | OPT_WSCALE
 # below this.
 QUEUE_MAX = 64 << 20
 
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 _V4_ANY = bytes(4)
 _V4_BROADCAST_RAW = b"\xff" * 4
 _V6_ANY = bytes(16)
@@ -147,7 +147,7 @@ class TcpConnState:
 
 def _addr_bytes(family: int, text: str) -> bytes:
     if family == socket.AF_INET:
-        return _V4_MAPPED + socket.inet_pton(socket.AF_INET, text)
+        return inany.V4_MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, text)
     return socket.inet_pton(socket.AF_INET6, text)
 
 
@@ -241,7 +241,7 @@ def _addr_text(family: int, raw: bytes, offset: int) -> str:
     # Byte tests and inet_ntop rather than ipaddress objects: a target decodes
     # every connection's two addresses inside the VM's downtime, and
     # ipaddress made this a third of the whole decode.
-    mapped = raw[:12] == _V4_MAPPED
+    mapped = raw[:12] == inany.V4_MAPPED_PREFIX
     if family == socket.AF_INET:
         if not mapped:
             raise RecordError(offset, "IPv4 record with an address that is not IPv4-mapped")
