@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.net.conftest import Netns, delete_netns, make_netns, require, wait_for
+from tests.net.conftest import Netns, delete_netns, make_netns
+from tests.support import require, wait_for
 from tether.cli import _OneOff
 from tether.handover.device_state import Handover
 from tether.loop import Loop
@@ -85,6 +86,7 @@ def _pid(pid_file: Path) -> int:
 
 
 @pytest.mark.parametrize("vhost_user", [False, True], ids=["stream", "vhost-user"])
+@pytest.mark.root
 def test_start_returns_listening_and_one_off_exits_with_qemu(
         ns: Netns, rundir: Path, vhost_user: bool) -> None:
     sock, pid_file = rundir / "net0.socket", rundir / "net0.pid"
@@ -104,28 +106,31 @@ def test_start_returns_listening_and_one_off_exits_with_qemu(
     # QEMU connects, then goes away (virsh destroy): --one-off ends tether.
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(str(sock))
-    wait_for(lambda: _gone(pid), "tether to exit after its one client", timeout=10)
+    wait_for(lambda: _gone(pid), 10, "tether to exit after its one client")
     assert not sock.exists()
 
 
+@pytest.mark.root
 def test_sigterm_is_a_clean_exit(ns: Netns, rundir: Path) -> None:
     sock, pid_file, log = rundir / "s", rundir / "p", rundir / "log"
     done = _start(ns, "--socket", str(sock), "--pid", str(pid_file), "-l", str(log), *BASE)
     assert done.returncode == 0, done.stderr
     pid = _pid(pid_file)
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: _gone(pid), "tether to exit on SIGTERM", timeout=10)
+    wait_for(lambda: _gone(pid), 10, "tether to exit on SIGTERM")
     assert not sock.exists()
     text = log.read_text()
     assert "exiting:" in text and "Traceback" not in text
 
 
+@pytest.mark.root
 def test_a_failed_start_is_one_line_and_status_1(ns: Netns, rundir: Path) -> None:
     done = _start(ns, "--one-off", "--socket", str(rundir / "no" / "such" / "dir"), *BASE)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("tether: ")
 
 
+@pytest.mark.root
 def test_unprivileged_without_capabilities_as_libvirt_runs_it(ns: Netns, rundir: Path) -> None:
     require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
     require(os.access(SYSTEM_PYTHON, os.X_OK), f"needs {SYSTEM_PYTHON}")
@@ -139,9 +144,10 @@ def test_unprivileged_without_capabilities_as_libvirt_runs_it(ns: Netns, rundir:
     assert _listening(pid, sock) and int(_status(pid)["CapEff"], 16) == 0
     with socket.socket(socket.AF_UNIX) as client:
         client.connect(str(sock))
-    wait_for(lambda: _gone(pid), "tether to exit after its one client", timeout=10)
+    wait_for(lambda: _gone(pid), 10, "tether to exit after its one client")
 
 
+@pytest.mark.root
 def test_fd_serves_an_inherited_socket_and_exits_when_it_closes(ns: Netns) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {**os.environ, "PYTHONPATH": SRC}
@@ -167,6 +173,7 @@ def test_fd_serves_an_inherited_socket_and_exits_when_it_closes(ns: Netns) -> No
     assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
 
 
+@pytest.mark.root
 def test_fd_serves_an_inherited_vhost_user_connection(ns: Netns) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {**os.environ, "PYTHONPATH": SRC}
@@ -188,6 +195,7 @@ def test_fd_serves_an_inherited_vhost_user_connection(ns: Netns) -> None:
     assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
 
 
+@pytest.mark.root
 def test_version_and_capabilities_on_stdout(ns: Netns) -> None:
     done = _start(ns, "--version")
     assert done.returncode == 0 and done.stdout.startswith("tether ")

@@ -36,6 +36,7 @@ def _ranges(config: dict[str, Any], proto: str) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize("vhost_user", [True, False], ids=["vhostuser", "user"])
+@pytest.mark.root
 def test_the_interface_with_everything(host: Host, vhost_user: bool) -> None:
     c = host.config(*(["--vhost-user"] if vhost_user else []), *EVERYTHING)
     assert "error" not in c, c
@@ -60,6 +61,7 @@ def test_the_interface_with_everything(host: Host, vhost_user: bool) -> None:
     assert n["mtu"] == 65520 and n["announce_mtu"] is True
 
 
+@pytest.mark.root
 def test_the_interface_with_nothing_copies_the_host(host: Host) -> None:
     s1 = f"{RUN}/-1-QEMUGuest1-net1.socket"
     c = host.config("--vhost-user", "--one-off", "--socket", s1,
@@ -74,6 +76,7 @@ def test_the_interface_with_nothing_copies_the_host(host: Host) -> None:
     assert n["tcp_forward"] == [] and n["udp_forward"] == []
 
 
+@pytest.mark.root
 def test_a_source_dev_chooses_the_host_interface(host: Host) -> None:
     c = host.config("--vhost-user", "--one-off", "--socket", f"{RUN}/-1-QEMUGuest1-net2.socket",
                     "--pid", f"{RUN}/-1-QEMUGuest1-net2-passt.pid", "--interface", "eth43")
@@ -83,11 +86,13 @@ def test_a_source_dev_chooses_the_host_interface(host: Host) -> None:
     assert n["addr6"] is None  # and no global IPv6 address
 
 
+@pytest.mark.root
 def test_a_missing_source_dev_is_one_clear_error(host: Host) -> None:
     c = host.config("--one-off", "--socket", S0, "--interface", "eth99")
     assert c == {"error": "--interface: no host interface 'eth99'"}
 
 
+@pytest.mark.root
 def test_older_libvirt_mac_addr_and_mtu(host: Host) -> None:
     c = host.config("--one-off", "--socket", S0, "--mac-addr", "00:11:22:33:44:55",
                     "--mtu", "1500", "--address", "172.17.2.0", "--netmask", "24")
@@ -101,12 +106,14 @@ def test_older_libvirt_mac_addr_and_mtu(host: Host) -> None:
     ("2022:22", [(2022, 2022, 22, None, None)]),
     ("2000-2002:3000-3002", [(2000, 2002, 3000, None, None)]),
 ])
+@pytest.mark.root
 def test_port_specs_libvirt_writes(host: Host, spec: str,
                                    expected: list[tuple[Any, ...]]) -> None:
     c = host.config("--socket", S0, "-t", spec)
     assert _ranges(c, "tcp") == expected
 
 
+@pytest.mark.root
 def test_all_and_exclusions_are_best_effort(host: Host) -> None:
     c = host.config("--socket", S0, "-t", "all", "-u", "~22")
     tcp = c["net"]["tcp_forward"]
@@ -114,6 +121,7 @@ def test_all_and_exclusions_are_best_effort(host: Host) -> None:
     assert not any(r["first"] <= 22 <= r["last"] for r in c["net"]["udp_forward"])
 
 
+@pytest.mark.root
 def test_passt_switches(host: Host) -> None:
     c = host.config("--socket", S0, "-4", "--no-dhcp", "--no-tcp", "--no-icmp", "--no-ra",
                     "--no-dhcpv6", "-o", "192.0.2.10", "--map-guest-addr", "192.0.2.99",
@@ -136,11 +144,13 @@ def test_passt_switches(host: Host) -> None:
     (["--dns-forward", "fd00::53"], "IPv6 address is not supported"),
     (["-4", "-6"], "exclude each other"),
 ])
+@pytest.mark.root
 def test_what_tether_refuses_is_said(host: Host, argv: list[str], message: str) -> None:
     c = host.config("--socket", S0, *argv)
     assert message in c.get("error", ""), c
 
 
+@pytest.mark.root
 def test_no_ipv4_route_falls_back_to_passts_link_local_addresses(host: Host) -> None:
     c = host.config("--socket", S0, "--interface", "eth44")
     n = c["net"]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import Netns as BaseNetns
+from tests.support import make_netns as make_base_netns
+from tests.support import require, wait_for
 
 GUEST = "10.77.0.2"
 GATEWAY = "10.77.0.1"
@@ -27,38 +29,8 @@ GUEST_TOOL = str(HERE / "guest_tool.py")
 _counter = itertools.count()
 
 
-def require(condition: bool, why: str) -> None:
-    """Skip outside CI; in CI a missing prerequisite is a failure, said out loud."""
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"prerequisite missing under CI=true: {why}")
-    pytest.skip(why)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Netns:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cmd(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def run(self, *argv: str, timeout: float = 60, check: bool = True,
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.cmd(*argv), capture_output=True, text=True,
-                              timeout=timeout, check=check)
-
-    def popen(self, *argv: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.cmd(*argv), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+class Netns(BaseNetns):
+    """The suite's Netns, as a guest of the stack: plus the guest-side tool."""
 
     def guest_tool(self, *args: str, timeout: float = 120) -> str:
         done = self.run(sys.executable, GUEST_TOOL, *args, timeout=timeout, check=False)
@@ -67,17 +39,13 @@ class Netns:
 
 
 def make_netns(prefix: str = "tnet") -> Netns:
-    require(os.geteuid() == 0, "needs root to create network namespaces")
-    require(shutil.which("ip") is not None, "needs iproute2 (ip)")
+    """A fresh namespace (lo up) for a test marked root; delete_netns removes it."""
     require(os.path.exists("/dev/net/tun"), "needs /dev/net/tun")
-    name = f"{prefix}{os.getpid()}x{next(_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    return Netns(name)
+    return Netns(make_base_netns(prefix).name)
 
 
 def delete_netns(ns: Netns) -> None:
-    subprocess.run(["ip", "netns", "del", ns.name], check=False)
+    ns.delete()
 
 
 class Tether:
@@ -93,7 +61,7 @@ class Tether:
             argv = host_ns.cmd(*argv)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        wait_for(self._ready, "tether to start")
+        wait_for(self._ready, 10, "tether to start")
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:

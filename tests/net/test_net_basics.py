@@ -27,10 +27,9 @@ from tests.net.conftest import (
     configure_guest,
     delete_netns,
     make_netns,
-    require,
-    wait_for,
 )
 from tests.net.hostside import TcpPeer, UdpEchoPeer, free_port, pattern
+from tests.support import require, wait_for
 
 UDHCPC_SCRIPT = """#!/bin/sh
 # Called by busybox udhcpc: record what the server said, then configure like a distro.
@@ -42,6 +41,7 @@ ip route add default via "$router"
 """
 
 
+@pytest.mark.root
 def test_busybox_udhcpc_gets_the_configuration(start_tether: Callable[..., Tether],
                                                tmp_path: Path) -> None:
     require(shutil.which("busybox") is not None, "needs busybox (apt install busybox)")
@@ -70,6 +70,7 @@ def test_busybox_udhcpc_gets_the_configuration(start_tether: Callable[..., Tethe
     peer.close()
 
 
+@pytest.mark.root
 def test_arp_resolves_every_address_but_the_guests_own(
         start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
@@ -78,9 +79,10 @@ def test_arp_resolves_every_address_but_the_guests_own(
         t.ns.run("python3", "-c", "import socket; socket.socket(socket.AF_INET, "
                  f"socket.SOCK_DGRAM).sendto(b'x', ('{addr}', 9))")
         wait_for(lambda a=addr: "9a:55:9a:55:9a:55 REACHABLE" in  # type: ignore[misc]
-                 t.ns.run("ip", "neigh", "show", a).stdout, f"ARP reply for {addr}")
+                 t.ns.run("ip", "neigh", "show", a).stdout, 10, f"ARP reply for {addr}")
 
 
+@pytest.mark.root
 def test_ping_gateway_through_ping_sockets(tmp_path: Path) -> None:
     # Ping sockets need net.ipv4.ping_group_range to admit tether's group.  Rather than
     # change the machine's setting, tether runs in a namespace of the test's own.
@@ -97,7 +99,7 @@ def test_ping_gateway_through_ping_sockets(tmp_path: Path) -> None:
         assert "3 packets received" in out, out
         # ICMPv6 echo to tether's link-local address: ping sockets on the host's ::1.
         wait_for(lambda: "tentative" not in guest.run("ip", "-6", "addr", "show", "dev",
-                                                      "tap0").stdout, "IPv6 DAD")
+                                                      "tap0").stdout, 10, "IPv6 DAD")
         out = guest.run("busybox", "ping", "-6", "-c", "3", "-W", "2", "-I", "tap0",
                         ROUTER6).stdout
         assert "3 packets received" in out, out
@@ -108,6 +110,7 @@ def test_ping_gateway_through_ping_sockets(tmp_path: Path) -> None:
         delete_netns(host)
 
 
+@pytest.mark.root
 def test_ping_group_range_warning_at_start(start_tether: Callable[..., Tether]) -> None:
     with open("/proc/sys/net/ipv4/ping_group_range") as f:
         low, high = (int(x) for x in f.read().split())
@@ -116,6 +119,7 @@ def test_ping_group_range_warning_at_start(start_tether: Callable[..., Tether]) 
         assert "ping_group_range" in t.log_text()
 
 
+@pytest.mark.root
 def test_udp_echo_to_host(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     peer = UdpEchoPeer()
@@ -124,11 +128,12 @@ def test_udp_echo_to_host(start_tether: Callable[..., Tether]) -> None:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.root
 def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether], host: str) -> None:
     port = free_port()
     t = start_tether("-t", str(port))
     if ":" in host:
-        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, "IPv6 DAD")
+        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, 10, "IPv6 DAD")
     server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
                         "tcp-server", str(port), str(3 << 20))
     assert server.stdout is not None
@@ -148,11 +153,12 @@ def test_inbound_tcp_forwarding(start_tether: Callable[..., Tether], host: str) 
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.root
 def test_inbound_udp_forwarding(start_tether: Callable[..., Tether], host: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     t = start_tether("-u", str(port))
     if ":" in host:
-        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, "IPv6 DAD")
+        wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, 10, "IPv6 DAD")
     server = t.ns.popen(sys.executable, str(Path(__file__).parent / "guest_tool.py"),
                         "udp-server", str(port))
     assert server.stdout is not None
@@ -167,6 +173,7 @@ def test_inbound_udp_forwarding(start_tether: Callable[..., Tether], host: str) 
     server.communicate(timeout=10)
 
 
+@pytest.mark.root
 def test_pcap_is_readable_by_scapy(start_tether: Callable[..., Tether],
                                    tmp_path: Path) -> None:
     capture = tmp_path / "cap.pcap"
@@ -207,10 +214,11 @@ def test_missing_namespace_is_one_clear_line() -> None:
     assert "no-such-ns" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.root
 def test_pid_file_and_clean_exit(start_tether: Callable[..., Tether], tmp_path: Path) -> None:
     pid_file = tmp_path / "tether.pid"
     t = start_tether("-P", str(pid_file))
-    wait_for(pid_file.exists, "pid file")
+    wait_for(pid_file.exists, 10, "pid file")
     assert int(pid_file.read_text()) == t.proc.pid
     t.stop()
     assert t.proc.returncode == 0
@@ -220,6 +228,7 @@ def test_pid_file_and_clean_exit(start_tether: Callable[..., Tether], tmp_path: 
     assert not pid_file.exists()
 
 
+@pytest.mark.root
 def test_config_net_sets_address_and_route(start_tether: Callable[..., Tether]) -> None:
     t = start_tether("--config-net", configure=False)
     addrs = t.ns.run("ip", "-4", "addr", "show", "tap0").stdout
@@ -251,6 +260,7 @@ def test_command_runs_in_a_new_namespace_on_tether(tmp_path: Path) -> None:
     assert "LOOPBACK,UP" in lo.stdout
 
 
+@pytest.mark.root
 def test_dns_forward_reaches_the_hosts_resolver(tmp_path: Path) -> None:
     # The "host" is a namespace of the test's own whose resolv.conf (ip netns exec
     # bind-mounts /etc/netns/NAME/resolv.conf) names a resolver on its loopback.

@@ -26,15 +26,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from tests.net.conftest import (
-    GATEWAY,
-    Netns,
-    Recorder,
-    Tether,
-    delete_netns,
-    make_netns,
-    wait_for,
-)
+from tests.net.conftest import GATEWAY, Netns, Recorder, Tether, delete_netns, make_netns
+from tests.support import wait_for
 from tether import ratelimit
 from tether.loop import Loop
 from tether.net import tcp as tcp_module
@@ -101,6 +94,7 @@ def syn(dport: int, sport: int = 40000, dst: str = BLACKHOLE) -> bytes:
                      options=[("MSS", 1460)]))
 
 
+@pytest.mark.root
 def test_a_connect_nobody_answers_gives_its_flow_back(
         rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tcp_module, "CONNECT_TIMEOUT", 0.2)
@@ -111,6 +105,7 @@ def test_a_connect_nobody_answers_gives_its_flow_back(
     assert any(TCP in f and f[TCP].flags.R and f[TCP].ack == 1001 for f in resets)
 
 
+@pytest.mark.root
 def test_a_syn_flood_to_a_blackhole_frees_the_table_and_logs_once(
         rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(tcp_module, "CONNECT_TIMEOUT", 0.2)
@@ -135,6 +130,7 @@ def replies(rig: Rig) -> list[Ether]:
     return [Ether(f) for f in rig.out.frames]
 
 
+@pytest.mark.root
 def test_dhcpv6_with_a_huge_client_id_gets_no_reply_and_no_exception(
         blackhole_netns: Netns) -> None:
     rig = Rig(blackhole_netns, mtu=65520,
@@ -153,6 +149,7 @@ def test_dhcpv6_with_a_huge_client_id_gets_no_reply_and_no_exception(
 
 
 @pytest.mark.parametrize("mtu", [1280, 1500, 65520])
+@pytest.mark.root
 def test_every_reply_fits_the_mtu(blackhole_netns: Netns, mtu: int) -> None:
     dns6 = tuple(socket.inet_pton(socket.AF_INET6, f"fd00:53::{i:x}") for i in range(1, 300))
     dns4 = tuple(socket.inet_aton(f"10.53.{i // 250}.{i % 250 + 1}") for i in range(600))
@@ -213,6 +210,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.root
 def test_forward_accept_out_of_fds_rests_instead_of_spinning(
         start_tether: Callable[..., Tether]) -> None:
     """A -t listener whose accept() fails (EMFILE) used to stay ready in epoll: the
@@ -228,7 +226,7 @@ def test_forward_accept_out_of_fds_rests_instead_of_spinning(
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
         with inside(f"/run/netns/{host.name}"):
             client = socket.create_connection(("127.0.0.1", port), timeout=10)
-        wait_for(lambda: "accept: [Errno 24]" in t.log_text(), "EMFILE on accept")
+        wait_for(lambda: "accept: [Errno 24]" in t.log_text(), 10, "EMFILE on accept")
         before = _cpu_seconds(pid)
         time.sleep(1.0)  # a measurement window, not a synchronisation
         assert _cpu_seconds(pid) - before < 0.5, "the daemon spins on a ready listener"

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tests.net.conftest import GATEWAY, GUEST, configure_guest, delete_netns, make_netns
 from tether.loop import Loop
 from tether.net.params import NetParams
@@ -78,6 +80,7 @@ class EchoPeer(threading.Thread):
         conn.close()
 
 
+@pytest.mark.root
 def test_live_connection_survives_dump_and_load() -> None:
     ns = make_netns("tho")
     loop = Loop()

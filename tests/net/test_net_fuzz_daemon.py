@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.dhcp6 import DHCP6_Solicit, DHCP6OptClientId, DHCP6OptIA_NA
@@ -88,6 +89,7 @@ SPECIAL = [huge_dhcpv6(), *(syn("10.250.0.9", 1000 + i) for i in range(40)),
 EXAMPLES = 300
 
 
+@pytest.mark.root
 def test_hostile_frames_on_the_tap(start_tether: Callable[..., Tether]) -> None:
     lab = Lab(start_tether)
     try:

@@ -88,6 +88,7 @@ def empty_netns() -> Iterator[Netns]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.data())
+@pytest.mark.root
 def test_mangled_frames_never_escape_the_stack(empty_netns: Netns, data: st.DataObject) -> None:
     fds_before = _open_sockets()
     with inside(f"/run/netns/{empty_netns.name}"):
@@ -108,6 +109,7 @@ def test_mangled_frames_never_escape_the_stack(empty_netns: Netns, data: st.Data
     assert _open_sockets() <= fds_before
 
 
+@pytest.mark.root
 def test_garbage_on_the_wire_leaves_the_daemon_serving(
         start_tether: Callable[..., Tether]) -> None:
     """Raw frames written to the guest's tap: random bytes and broken headers."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import pytest
 from scapy.layers.dhcp6 import (
     DUID_LL,
     DHCP6_Advertise,
@@ -18,8 +19,9 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import Ether
 
-from tests.net.conftest import GUEST6, ROUTER6, Recorder, Tether, wait_for
+from tests.net.conftest import GUEST6, ROUTER6, Recorder, Tether
 from tests.net.hostside import TcpPeer, pattern
+from tests.support import wait_for
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
@@ -28,6 +30,7 @@ MiB = 1 << 20
 GUEST_MAC = "02:00:00:00:00:02"
 
 
+@pytest.mark.root
 def test_slaac_from_router_advertisement(start_tether: Callable[..., Tether]) -> None:
     t = start_tether(configure=False)
 
@@ -35,14 +38,15 @@ def test_slaac_from_router_advertisement(start_tether: Callable[..., Tether]) ->
         out = t.ns.run("ip", "-6", "addr", "show", "dev", "tap0").stdout
         return "fd00:77:" in out and "dynamic" in out
 
-    wait_for(slaac_done, "a SLAAC address from tether's router advertisement", timeout=20)
+    wait_for(slaac_done, 20, "a SLAAC address from tether's router advertisement")
     routes = t.ns.run("ip", "-6", "route", "show", "default").stdout
     assert f"via {ROUTER6}" in routes
 
 
+@pytest.mark.root
 def test_tcp_over_ipv6_to_host_loopback(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
-    wait_for(lambda: _link_local_ready(t), "the guest's link-local address (DAD)")
+    wait_for(lambda: _link_local_ready(t), 10, "the guest's link-local address (DAD)")
     peer = TcpPeer("transfer", send=4 * MiB, family=socket.AF_INET6)
     out = t.ns.guest_tool("tcp-client", f"{ROUTER6}%tap0", str(peer.port), str(4 * MiB),
                           str(4 * MiB))

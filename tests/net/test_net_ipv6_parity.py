@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.net.conftest import Netns, Tether, delete_netns, make_netns, wait_for
+from tests.net.conftest import Netns, Tether, delete_netns, make_netns
 from tests.net.hostside import free_port
+from tests.support import wait_for
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
@@ -91,7 +92,7 @@ class Lab:
     def server(self, kind: str, addr: str, port: int) -> Server:
         server = Server(self.host, kind, addr, port)
         self.servers.append(server)  # first: close() ends it whatever happens next
-        wait_for(lambda: "listening" in server.lines, f"a {kind} server on {addr}:{port}")
+        wait_for(lambda: "listening" in server.lines, 10, f"a {kind} server on {addr}:{port}")
         return server
 
     def attempt(self, kind: str, addr: str, port: int) -> subprocess.CompletedProcess[str]:
@@ -132,6 +133,7 @@ def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.root
 def test_the_ipv6_gateway_is_the_hosts_ipv6_loopback(lab_factory: Callable[..., Lab],
                                                       kind: str) -> None:
     lab = lab_factory()
@@ -145,6 +147,7 @@ def test_the_ipv6_gateway_is_the_hosts_ipv6_loopback(lab_factory: Callable[..., 
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.root
 def test_v4_mapped_loopback_stays_closed_without_map_gw(lab_factory: Callable[..., Lab],
                                                         kind: str) -> None:
     lab = lab_factory("--no-map-gw")
@@ -156,12 +159,13 @@ def test_v4_mapped_loopback_stays_closed_without_map_gw(lab_factory: Callable[..
     lab.inject(kind, f"::ffff:{HOST4}", control_port)  # the host's own address may
     # tether handles the guest's frames in order: once the second arrived, the first
     # had its chance.
-    wait_for(control.accepted, "the control frame to reach the host's address")
+    wait_for(control.accepted, 10, "the control frame to reach the host's address")
     assert control.stop() == 1
     assert loopback.stop() == 0
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.root
 def test_v4_mapped_gateway_maps_like_the_ipv4_gateway(lab_factory: Callable[..., Lab],
                                                       kind: str) -> None:
     lab = lab_factory()
@@ -169,11 +173,12 @@ def test_v4_mapped_gateway_maps_like_the_ipv4_gateway(lab_factory: Callable[...,
     port = free_port(stype)
     loopback = lab.server(kind, "127.0.0.1", port)
     lab.inject(kind, f"::ffff:{GW4}", port)
-    wait_for(loopback.accepted, "::ffff:GATEWAY to reach the host's 127.0.0.1")
+    wait_for(loopback.accepted, 10, "::ffff:GATEWAY to reach the host's 127.0.0.1")
     assert loopback.stop() == 1
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.root
 def test_outbound_binds_the_host_side_source_address(lab_factory: Callable[..., Lab],
                                                      kind: str) -> None:
     # -o: passt's --outbound; the host namespace has a second address to bind to.

@@ -175,6 +175,7 @@ except OSError as e:
 
 
 @pytest.mark.parametrize("freebind", [False, True])
+@pytest.mark.root
 def test_freebind_listens_on_an_address_the_host_does_not_have(freebind: bool) -> None:
     ns = make_netns("tfree")  # the address is nobody's: try it in a namespace of our own
     try:

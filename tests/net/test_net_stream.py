@@ -21,8 +21,9 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from tests.net.conftest import GATEWAY, GUEST, Netns, delete_netns, make_netns, wait_for
+from tests.net.conftest import GATEWAY, GUEST, Netns, delete_netns, make_netns
 from tests.net.hostside import TcpPeer, pattern
+from tests.support import wait_for
 from tether.transport.tap import inside
 
 MiB = 1 << 20
@@ -80,13 +81,14 @@ def stream_tether(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, 
     proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "-f", "-l", str(log),
                              "--runas", "root", "--socket", path, "-a", GUEST, "-n", "24",
                              "-g", GATEWAY], text=True)
-    wait_for(lambda: log.exists() and "running" in log.read_text(), "tether to start")
+    wait_for(lambda: log.exists() and "running" in log.read_text(), 10, "tether to start")
     yield proc, path, log
     proc.terminate()
     proc.wait(10)
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.root
 def test_namespace_kernel_over_stream_transport(
         stream_tether: tuple[subprocess.Popen[str], str, Path]) -> None:
     _, path, _ = stream_tether
@@ -126,7 +128,7 @@ def test_bad_length_drops_that_client_only(
         reply = Ether(good.recv(n, socket.MSG_WAITALL))
         assert reply[ARP].op == 2 and reply[ARP].psrc == GATEWAY
     # One guest at a time: the next may connect once tether has seen this one go.
-    wait_for(lambda: "stream client disconnected" in log.read_text(), "tether to see EOF")
+    wait_for(lambda: "stream client disconnected" in log.read_text(), 10, "tether to see EOF")
     # A frame with broken headers is dropped, the client stays.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(path)

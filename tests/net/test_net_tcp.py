@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.net.conftest import GATEWAY, Tether, require
+from tests.net.conftest import GATEWAY, Tether
 from tests.net.hostside import LineEchoPeer, TcpPeer, free_port, pattern
+from tests.support import require
 
 MiB = 1 << 20
 
 
+@pytest.mark.root
 def test_transfer_both_ways_byte_exact(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     peer = TcpPeer("transfer", send=24 * MiB)
@@ -30,6 +32,7 @@ def test_transfer_both_ways_byte_exact(start_tether: Callable[..., Tether]) -> N
     assert t.alive()
 
 
+@pytest.mark.root
 def test_transfer_at_mtu_1500(start_tether: Callable[..., Tether]) -> None:
     t = start_tether("-m", "1500", mtu=1500)
     peer = TcpPeer("transfer", send=4 * MiB)
@@ -37,6 +40,7 @@ def test_transfer_at_mtu_1500(start_tether: Callable[..., Tether]) -> None:
     assert peer.done.wait(30) and peer.received == [pattern(4 * MiB)]
 
 
+@pytest.mark.root
 def test_slow_readers_lose_nothing(start_tether: Callable[..., Tether]) -> None:
     """Both receivers hold off reading until every buffer and window is full: tether
     must stop acknowledging guest data the host socket has no room for, and must
@@ -49,6 +53,7 @@ def test_slow_readers_lose_nothing(start_tether: Callable[..., Tether]) -> None:
     assert peer.received == [pattern(12 * MiB)]
 
 
+@pytest.mark.root
 def test_refused_connection_is_reset(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     port = free_port()  # nothing listens there
@@ -56,12 +61,14 @@ def test_refused_connection_is_reset(start_tether: Callable[..., Tether]) -> Non
     assert t.alive()
 
 
+@pytest.mark.root
 def test_host_reset_reaches_guest(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     peer = TcpPeer("reset")
     assert "ok" in t.ns.guest_tool("tcp-expect-reset", GATEWAY, str(peer.port))
 
 
+@pytest.mark.root
 def test_thousand_concurrent_connections(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     peer = LineEchoPeer()
@@ -71,6 +78,7 @@ def test_thousand_concurrent_connections(start_tether: Callable[..., Tether]) ->
     peer.close()
 
 
+@pytest.mark.root
 def test_full_flow_table_refuses_cleanly(start_tether: Callable[..., Tether]) -> None:
     t = start_tether("--max-flows", "3")
     peer = TcpPeer("echo-line")
@@ -90,6 +98,7 @@ for s in held:
     assert t.alive()
 
 
+@pytest.mark.root
 def test_curl_fetches_from_a_host_http_server(start_tether: Callable[..., Tether],
                                               tmp_path: Path) -> None:
     require(shutil.which("curl") is not None, "needs curl (apt install curl)")
@@ -109,6 +118,7 @@ def test_curl_fetches_from_a_host_http_server(start_tether: Callable[..., Tether
         server.server_close()
 
 
+@pytest.mark.root
 def test_guest_reset_reaches_host(start_tether: Callable[..., Tether]) -> None:
     t = start_tether()
     peer = socket.socket()
@@ -140,6 +150,7 @@ print("reset sent")
     peer.close()
 
 
+@pytest.mark.root
 def test_lossy_guest_link_loses_nothing(start_tether: Callable[..., Tether]) -> None:
     """The guest's firewall drops 5% of TCP segments each way: tether must retransmit
     what the guest did not get (rewinding its peek offset) and cope with gaps in

@@ -60,6 +60,7 @@ def _checksums_valid(pkt: Ether) -> bool:
     return bool(fresh[IP].chksum == pkt[IP].chksum and fresh[TCP].chksum == pkt[TCP].chksum)
 
 
+@pytest.mark.root
 def test_pure_acks_are_valid_segments_with_partial_checksums(netns: Netns) -> None:
     """Pure ACKs come from a per-connection template: each must carry its own
     seq, ack and window, and complete to a correct checksum."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
@@ -18,6 +19,7 @@ from tether.net.stack import Stack
 from tether.transport.tap import inside
 
 
+@pytest.mark.root
 def test_udp_flow_answers_then_expires() -> None:
     ns = make_netns("tudp")
     try:
