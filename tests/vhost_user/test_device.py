@@ -36,6 +36,24 @@ class Rig:
         self.guest.close()
         self.loop.close()
 
+    def serves_an_honest_front_end(self, fresh: bool = False) -> bool:
+        """Whatever came before, the device serves an honest front-end: a
+        connection (a new one if the old was dropped, or if `fresh`), ring
+        start, and one TX frame through to the port."""
+        if fresh or not self.device.connected:
+            self.fe.close()
+            if self.device.connected:
+                self.device.disconnect("example over")
+            self.fe = Frontend(self.loop, self.device)
+        self.guest.avail_idx = [0, 0]
+        self.guest.used_seen = [0, 0]
+        self.fe.start(self.guest)
+        self.guest.write(BUF_BASE, HDR + b"alive")
+        self.guest.set_desc(TX, 0, BUF_BASE, 17, 0)
+        self.guest.offer(TX, 0)
+        self.fe.kick_queue(TX)
+        return self.port.frames[-1:] == [b"alive"]
+
 
 @pytest.fixture
 def rig() -> Iterator[Rig]:

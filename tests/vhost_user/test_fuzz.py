@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tether.transport.vhost_user import protocol as p
 
 from .frontend import BUF_BASE, MEM_SIZE, QSIZE, Frontend
-from .test_device import HDR, RX, TX, Rig
+from .test_device import RX, TX, Rig
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -118,16 +118,7 @@ def test_hostile_messages_end_in_replies_or_a_clean_disconnect(
         except BlockingIOError:
             pass
         rig.fe.sock.settimeout(5)
-        if not rig.device.connected:
-            rig.fe.close()
-            rig.fe = Frontend(rig.loop, rig.device)
-        rig.guest.avail_idx = [0, 0]
-        rig.fe.start(rig.guest)
-        rig.guest.write(BUF_BASE, HDR + b"alive")
-        rig.guest.set_desc(TX, 0, BUF_BASE, 17, 0)
-        rig.guest.offer(TX, 0)
-        rig.fe.kick_queue(TX)
-        assert rig.port.frames[-1:] == [b"alive"]
+        assert rig.serves_an_honest_front_end()
     finally:
         rig.close()
     assert open_fds() == fds_before, "the device leaked file descriptors"

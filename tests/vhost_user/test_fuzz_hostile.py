@@ -28,8 +28,8 @@ from tether.transport.vhost_user import protocol as p
 from tether.transport.vhost_user import state_transfer
 from tether.transport.vhost_user.device import VhostUserNetDevice
 
-from .frontend import BUF_BASE, QVA_BASE, Frontend, Guest, RecordingPort
-from .test_device import HDR, TX, Rig
+from .frontend import QVA_BASE, Frontend, Guest, RecordingPort
+from .test_device import Rig
 
 FUZZ = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -125,23 +125,6 @@ def payload_for(request: int, data: st.DataObject) -> bytes:
     return data.draw(st.binary(max_size=16))
 
 
-def serves_an_honest_front_end(rig: Rig) -> None:
-    if rig.device.connected:
-        rig.fe.close()
-        rig.device.disconnect("example over")
-    else:
-        rig.fe.close()
-    rig.fe = Frontend(rig.loop, rig.device)
-    rig.guest.avail_idx = [0, 0]
-    rig.guest.used_seen = [0, 0]
-    rig.fe.start(rig.guest)
-    rig.guest.write(BUF_BASE, HDR + b"alive")
-    rig.guest.set_desc(TX, 0, BUF_BASE, 17, 0)
-    rig.guest.offer(TX, 0)
-    rig.fe.kick_queue(TX)
-    assert rig.port.frames[-1:] == [b"alive"]
-
-
 RUNS = {"fd messages": 0, "state transfers": 0}
 MEMORY_SLACK = 64 << 20
 
@@ -182,7 +165,7 @@ def test_messages_with_fds_of_every_kind(data: st.DataObject) -> None:
         except (BlockingIOError, ConnectionResetError):
             pass
         rig.fe.sock.settimeout(5)
-        serves_an_honest_front_end(rig)
+        assert rig.serves_an_honest_front_end(fresh=True)
     finally:
         rig.close()
     # At most: objects of earlier tests (subprocess pipes) may be collected meanwhile.
@@ -269,7 +252,7 @@ def test_the_device_state_channel(data: st.DataObject) -> None:
                                              errno.EFBIG, errno.EBADMSG, errno.ETIMEDOUT)
             if hold:
                 os.close(ours)
-        serves_an_honest_front_end(rig)
+        assert rig.serves_an_honest_front_end(fresh=True)
     finally:
         rig.close()
         state_transfer.CHECK_GRACE = saved_grace

@@ -28,7 +28,7 @@ from tether.transport.vhost_user import protocol as p
 from tether.transport.vhost_user import state_transfer
 
 from .daemon import Client, Daemon
-from .frontend import BUF_BASE, Frontend, Guest
+from .frontend import BUF_BASE, Guest
 from .test_device import HDR, RX, TX, Rig
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "migration"
@@ -44,21 +44,6 @@ def rig() -> Iterator[Rig]:
     r = Rig()
     yield r
     r.close()
-
-
-def works(rig: Rig) -> bool:
-    """The device serves an honest front-end: a fresh connection, start, one TX frame."""
-    if not rig.device.connected:
-        rig.fe.close()
-        rig.fe = Frontend(rig.loop, rig.device)
-    rig.guest.avail_idx = [0, 0]
-    rig.guest.used_seen = [0, 0]
-    rig.fe.start(rig.guest)
-    rig.guest.write(BUF_BASE, HDR + b"alive")
-    rig.guest.set_desc(TX, 0, BUF_BASE, 17, 0)
-    rig.guest.offer(TX, 0)
-    rig.fe.kick_queue(TX)
-    return rig.port.frames[-1:] == [b"alive"]
 
 
 # -- files of every kind, for every fd role ----------------------------------------
@@ -119,7 +104,7 @@ def test_a_kick_fd_of_the_wrong_kind_is_refused(rig: Rig, tmp_path: Path,
     rig.fe.send(p.Request.SET_VRING_KICK, p.U64.pack(TX), [fd])
     os.close(fd)
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
     assert open_fds() <= before + 2  # the new connection's socket pair
 
 
@@ -131,7 +116,7 @@ def test_a_call_fd_of_the_wrong_kind_is_refused(rig: Rig, tmp_path: Path,
     rig.fe.send(p.Request.SET_VRING_CALL, p.U64.pack(RX), [fd])
     os.close(fd)
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 def test_err_fd_of_the_wrong_kind_is_refused(rig: Rig, tmp_path: Path) -> None:
@@ -139,7 +124,7 @@ def test_err_fd_of_the_wrong_kind_is_refused(rig: Rig, tmp_path: Path) -> None:
     rig.fe.send(p.Request.SET_VRING_ERR, p.U64.pack(0), [fd])
     os.close(fd)
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 def test_a_call_pipe_nobody_reads_never_blocks_the_device(rig: Rig) -> None:
@@ -189,7 +174,7 @@ def test_a_device_state_fd_of_the_wrong_kind_fails_the_transfer(
     assert reply & 0xFF, "the reply must report the failure"
     assert fe.call_u64(p.Request.CHECK_DEVICE_STATE) == errno.EBADF
     assert rig.state.loaded == []
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 def test_memory_fd_that_is_not_a_file_is_refused(rig: Rig, tmp_path: Path) -> None:
@@ -199,7 +184,7 @@ def test_memory_fd_that_is_not_a_file_is_refused(rig: Rig, tmp_path: Path) -> No
     os.close(r)
     os.close(w)
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 def test_memory_file_smaller_than_its_region_is_refused(rig: Rig) -> None:
@@ -209,7 +194,7 @@ def test_memory_file_smaller_than_its_region_is_refused(rig: Rig) -> None:
     rig.fe.send(p.Request.SET_MEM_TABLE, p.MEM_TABLE_HEAD.pack(1, 0) + region, [fd])
     os.close(fd)
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 # -- guest memory that could shrink ---------------------------------------------------
@@ -223,7 +208,7 @@ def test_a_sealable_memfd_is_sealed_so_the_front_end_cannot_shrink_it() -> None:
         rig.fe.start(rig.guest)
         with pytest.raises(PermissionError):
             os.ftruncate(rig.guest.fd, 4096)  # what killed tether with SIGBUS
-        assert works(rig)
+        assert rig.serves_an_honest_front_end()
     finally:
         rig.close()
 
@@ -235,7 +220,7 @@ def test_a_memfd_sealed_by_the_front_end_is_taken_as_it_is() -> None:
     fcntl.fcntl(rig.guest.fd, fcntl.F_ADD_SEALS,
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)  # as QEMU does
     try:
-        assert works(rig)
+        assert rig.serves_an_honest_front_end()
     finally:
         rig.close()
 
@@ -262,7 +247,7 @@ def test_a_plain_file_as_guest_memory_works_as_memory_backend_file_sends_it(
         os.ftruncate(fd, rig.guest.mem_size)
         rig.guest.fd = fd
         rig.guest.mem = mmap.mmap(fd, rig.guest.mem_size)
-        assert works(rig)
+        assert rig.serves_an_honest_front_end()
         assert "cannot be sealed" in caplog.text  # what shrinking it would do is said
     finally:
         rig.close()
@@ -270,7 +255,7 @@ def test_a_plain_file_as_guest_memory_works_as_memory_backend_file_sends_it(
 
 def test_unsealable_memory_is_mapped_by_default_with_a_warning(
         rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
     assert "cannot be sealed" in caplog.text
 
 
@@ -297,7 +282,7 @@ def test_fds_on_every_payload_byte_are_closed_at_once(rig: Rig) -> None:
         rig.fe.pump()
         assert open_fds() <= before + 8
     assert rig.fe.closed_by_device()
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 @pytest.mark.root
@@ -396,7 +381,7 @@ def test_check_waits_at_most_the_grace_period(rig: Rig, monkeypatch: pytest.Monk
     rig.loop.run(until=lambda: not rig.device.transfer.check_waiting, timeout=5)
     assert int(p.U64.unpack(fe.reply(p.Request.CHECK_DEVICE_STATE))[0]) == errno.ETIMEDOUT
     os.close(w)
-    assert works(rig)
+    assert rig.serves_an_honest_front_end()
 
 
 @pytest.mark.root
