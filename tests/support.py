@@ -16,9 +16,11 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -66,6 +68,19 @@ class _RootMark:
 
 
 ROOT_MARK = _RootMark()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10,
+                 signum: int = signal.SIGTERM) -> int | None:
+    """Ask a child to end (signum), kill it if it has not within timeout s; its status."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def sh(*argv: str) -> str:

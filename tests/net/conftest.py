@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import Netns as BaseNetns
 from tests.support import make_netns as make_base_netns
-from tests.support import require, wait_for
+from tests.support import require, stop_process, wait_for
 
 GUEST = "10.77.0.2"
 GATEWAY = "10.77.0.1"
@@ -81,13 +81,7 @@ class Tether:
 
     def stop(self) -> None:
         """Stop tether; any internal error it logged fails the test that ran it."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         text = self.log_text()
         assert "Traceback" not in text and "internal error" not in text, text[-3000:]
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support import require_root, wait_for
+from tests.support import require_root, stop_process, wait_for
 from tether.transport.vhost_user import protocol as p
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -67,15 +67,10 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        status = stop_process(self.proc)
         self._log.close()
-        return self.proc.returncode
+        assert status is not None
+        return status
 
 
 class Client:

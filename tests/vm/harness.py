@@ -14,7 +14,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from tests.support import wait_for
+from tests.support import stop_process, wait_for
 
 from .guest import READY_MARKER, GuestImage
 
@@ -234,13 +233,7 @@ class Backend:
 
     def stop(self) -> str:
         """Stop it and return its whole log (ends with its stats line)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 20)
         self._log.close()
         return self.text()
 
