@@ -9,6 +9,7 @@ two meanings passt gives 0x08, are in net/tcp_state.py.
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 from dataclasses import dataclass
 
 # passt's connection event bits (tcp_conn.h), as the record carries them.
@@ -56,11 +57,11 @@ class TcpFlowRecord:
 
     # Offset 0: pif[2]; 2 and 38: the two flowsides (oaddr, eaddr, oport, eport),
     # ports in the sender's native byte order in passt (section 2.5): "=H".
-    _SIDE = struct.Struct("=16s16sHH")
+    _SIDE: ClassVar[struct.Struct] = struct.Struct("=16s16sHH")
     # Offset 74: retries, ws_from_tap, ws_to_tap, events, tap_mss, sndbuf, flags,
     # seq_dup_ack_approx, wnd_from_tap, wnd_to_tap, then the five sequence numbers.
-    _TAIL = struct.Struct("!BBBBIIBBHHIIIII")
-    SIZE = 112
+    _TAIL: ClassVar[struct.Struct] = struct.Struct("!BBBBIIBBHHIIIII")
+    SIZE: ClassVar[int] = 112
 
     def pack(self) -> bytes:
         out = bytes(self.pif)
