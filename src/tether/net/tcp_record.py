@@ -9,8 +9,8 @@ two meanings passt gives 0x08, are in net/tcp_state.py.
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 # passt's connection event bits (tcp_conn.h), as the record carries them.
 SOCK_ACCEPTED = 0x01
