@@ -49,9 +49,11 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
     """The host side of a flow as a flowside: (our address, peer address, ports)."""
-    family = sock.family
     local = sock.getsockname()
     peer = sock.getpeername()
+    # The family from the address's shape: sock.family builds an enum per call,
+    # and a migration asks once per connection.
+    family = socket.AF_INET6 if len(local) == 4 else socket.AF_INET
     return (inany.mapped(socket.inet_pton(family, local[0])),
             inany.mapped(socket.inet_pton(family, peer[0])), local[1], peer[1])
 
