@@ -46,7 +46,10 @@ def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,
     A TCP or UDP frame gets NEEDS_CSUM with csum_start/csum_offset; a TCP
     frame whose IP packet is larger than `gso_mtu` (0: never) also gets the
     GSO fields that cut it into segments of that MTU.  Any other frame
-    leaves `hdr` as it is, which the caller keeps zeroed between frames.
+    leaves `hdr` as it is, which the caller keeps zeroed between frames,
+    and so does one whose checksum field would not lie inside it (a reader
+    rejects csum_start + csum_offset + 2 beyond the frame: Linux's
+    virtio_net_hdr_to_skb fails the write with EINVAL).
     Inline byte tests, no parsing objects: this runs for every frame.
     """
     if len(frame) < _MIN_FRAME:
@@ -58,11 +61,13 @@ def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,
     else:
         return
     if proto == 6:
-        if gso_mtu and len(frame) - _ETH > gso_mtu and len(frame) >= l4 + 20:
+        if len(frame) < l4 + 20:  # not even a TCP header: nothing to complete
+            return
+        if gso_mtu and len(frame) - _ETH > gso_mtu:
             tcp_hlen = (frame[l4 + 12] >> 4) * 4
             HDR.pack_into(hdr, 0, F_NEEDS_CSUM, gso, l4 + tcp_hlen,
                           gso_mtu - (l4 - _ETH) - tcp_hlen, l4, _CSUM_OFFSET_TCP)
         else:
             HDR.pack_into(hdr, 0, F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, _CSUM_OFFSET_TCP)
-    elif proto == 17:
+    elif proto == 17 and len(frame) >= l4 + 8:
         HDR.pack_into(hdr, 0, F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, _CSUM_OFFSET_UDP)

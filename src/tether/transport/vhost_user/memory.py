@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 4096  # VHOST_LOG_PAGE: one log bit per 4 KiB guest-physical page
 
 
+_NO_VIEW = memoryview(b"")
+
+
 class GuestMemoryError(Exception):
     """A guest or front-end supplied address/length does not fit guest memory."""
 
@@ -97,7 +100,10 @@ class MemoryTable:
         finally:
             for fd in fds:
                 os.close(fd)
-        self._last = self._regions[0] if self._regions else None
+        self._last: _Mapped | None = None
+        self.span: tuple[int, int, memoryview, int] = (1, 0, _NO_VIEW, 0)
+        if self._regions:
+            self._use(self._regions[0])
         if self.unpinned:
             ratelimit.limited(log, logging.WARNING,
                               "%d memory region(s) in files that cannot be sealed: a "
@@ -116,9 +122,18 @@ class MemoryTable:
             return last.view, last.start + gpa - last.gpa
         for r in self._regions:
             if r.gpa <= gpa and gpa + length <= r.end:
-                self._last = r
+                self._use(r)
                 return r.view, r.start + gpa - r.gpa
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is outside guest memory")
+
+    def _use(self, r: _Mapped) -> None:
+        """Make r the region gpa() tries first, and `span`'s."""
+        self._last = r
+        # (start, end, view, shift): for loops that translate each buffer
+        # inline, without a call: g in [start, end) is at view offset
+        # g + shift; anything else goes through gpa(), which checks it
+        # against every region (and raises).  Empty while there is none.
+        self.span = (r.gpa, r.end, r.view, r.start - r.gpa)
 
     def qva(self, qva: int, length: int) -> tuple[memoryview, int]:
         """Translate a front-end virtual range (ring addresses) inside one region."""
@@ -136,6 +151,7 @@ class MemoryTable:
                 r.map.close()
         self._regions = []
         self._last = None
+        self.span = (1, 0, _NO_VIEW, 0)
 
 
 class DirtyLog:
