@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.net.conftest import GATEWAY, ROUTER6, Tether, wait_for
+from tests.net.conftest import GATEWAY, ROUTER6, Tether
+from tests.support import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -95,7 +96,7 @@ def _free_udp_port() -> int:
 
 
 def _wait_dad(t: Tether) -> None:
-    wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, "IPv6 DAD")
+    wait_for(lambda: "tentative" not in t.ns.run("ip", "-6", "addr").stdout, 10, "IPv6 DAD")
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])

@@ -44,7 +44,8 @@ CONNECT_TIMEOUT = 10.0  # a host-side connect with no answer gives its flow back
 WINDOW_FLOOR = 1 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
 _OUTQ = bytearray(4)
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: IntFlag costs per call
+_TRUNC = int(socket.MSG_TRUNC)
 
 
 def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
@@ -133,7 +134,7 @@ class SocketConn(TcpConn):
     def _consume(self, n: int) -> bool:
         while n > 0:
             try:
-                got = self.sock.recv_into(_DISCARD, min(n, len(_DISCARD)), socket.MSG_TRUNC)
+                got = self.sock.recv_into(_DISCARD, min(n, len(_DISCARD)), _TRUNC)
             except OSError as exc:
                 log.debug("consume: %s", exc)
                 return False
