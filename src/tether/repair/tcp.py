@@ -98,28 +98,30 @@ def freeze(socks: Sequence[socket.socket], switch: RepairSwitch,
            each_batch: BatchDone | None = None) -> None:
     """Stop the connections dead: no segment in or out changes their state.
 
-    The filter goes on first so that nothing arrives between the dump and
-    the moment the socket is closed (or lingers, across hosts).  Where the
-    kernel lets only CAP_NET_ADMIN attach one (EPERM), tether-repair attaches
-    it with repair mode; a helper that does not (passt-repair) leaves the
-    sockets unsilenced, and the freeze is undone and fails with EPERM, so
-    that the caller can decide between failing and not moving them.
+    Repair mode first, then a drop-all filter on each socket before anything
+    reads it: repair mode alone still queues (and ACKs) what arrives, and
+    that is harmless until the dump, which takes the queue as it is; after
+    the dump nothing may arrive, so the filter must be on by then.
+    tether-repair attaches the filter itself with repair mode, on its own
+    core while this process dumps the batch before (a filter costs the
+    kernel about 13 us a socket); a helper that does not (passt-repair)
+    leaves it to this process, and where the kernel lets only CAP_NET_ADMIN
+    attach one (EPERM) the freeze is undone and fails with EPERM, so that
+    the caller can decide between failing and not moving them.
 
     each_batch(start, batch) runs on each batch once it is frozen (to dump
     it while the helper freezes the next); if it raises, the freeze is
     undone and the exception goes on.
     """
-    attached = 0
-    try:
-        for s in socks:
-            k.silence(s)
-            attached += 1
-    except PermissionError:
-        for s in socks[:attached]:  # (none, unless the kernel changed its mind midway)
-            k.unsilence(s)
 
     def frozen(start: int, batch: Sequence[socket.socket]) -> None:
-        bare = sum(1 for s in batch if not k.silenced(s))
+        bare = 0
+        for s in batch:
+            if not k.silenced(s):
+                try:
+                    k.silence(s)
+                except PermissionError:
+                    bare += 1
         if bare:
             raise RepairError(errno.EPERM, f"{bare} of {len(batch)} socket(s) cannot be "
                               "silenced: this kernel lets only CAP_NET_ADMIN attach socket "
