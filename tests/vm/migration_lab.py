@@ -68,8 +68,26 @@ class Lab:
         p = Passt(self.work, name, ns or self.ns, *extra)
         self.processes.append(p)
         if helper is not None:
-            self.processes.append(self.helper(f"{name}-helper", p.repair_path, helper))
+            self._attach_helper(p, name, helper)
         return p
+
+    def _attach_helper(self, passt: Passt, name: str, kind: str) -> None:
+        """A helper connected to passt, or AssertionError.
+
+        passt logs its repair socket as bound before it listens on it: a
+        helper started in between is refused and exits, and passt would then
+        migrate with no helper (no connection moves).  So the helper is
+        started again until passt says it accepted one."""
+        accepted = "Accepted TCP_REPAIR helper"
+        for attempt in range(1, 11):
+            h = self.helper(f"{name}-helper" + (f"-{attempt}" if attempt > 1 else ""),
+                            passt.repair_path, kind)
+            self.processes.append(h)
+            wait_for(lambda h=h: accepted in passt.text() or not h.alive(), 30,  # type: ignore[misc]
+                     f"{name} to accept its {kind}")
+            if accepted in passt.text():
+                return
+        raise AssertionError(f"{name} never accepted a {kind}:\n{passt.text()[-2000:]}")
 
     def helper(self, name: str, repair_path: Path, kind: str) -> Process:
         if kind == "passt-repair":

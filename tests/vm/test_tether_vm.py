@@ -102,7 +102,7 @@ def guest_result(lab: Lab, tag: str, timeout: float) -> str:
 
 def host_peer(lab: Lab, name: str, *args: str) -> Peer:
     peer = Peer(lab.workdir, name, lab.ns, lab.tstream, *args)
-    if args[0] == "serve":
+    if "serve" in args:  # after any options (-t 30 serve ...): listening before a guest connects
         peer.wait_log(r"TSTREAM listening", 30)
     return peer
 
