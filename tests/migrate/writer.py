@@ -21,7 +21,9 @@ def write_stream(fd: int, chunks: Sequence[Buffer], timeout: float) -> int:
                 n = os.write(fd, view)
             except BlockingIOError:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([], [fd], [], left)[1]:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                if left <= 0 or not poller.poll(left * 1000):
                     raise TimeoutError(f"writer stuck after {written} bytes") from None
                 continue
             written += n

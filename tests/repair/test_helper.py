@@ -353,11 +353,15 @@ def test_a_small_request_does_not_shrink_later_batches(ns: Netns, backend: Repai
     socket switched alone must not make every later migration 1 per message."""
     fake = FakeHelper(backend.path, lambda n, _: b"\xff" if n == 0 else b"\x01")
     backend.wait(5)
-    socks = [a for a, _ in tcp_pairs(2 * SCM_MAX_FD + 1)]
+    pairs = tcp_pairs(2 * SCM_MAX_FD + 1)
+    socks = [a for a, _ in pairs]
     backend.set_repair(socks[:1], k.REPAIR_ON)
     seen: list[tuple[int, int]] = []
     backend.set_repair(socks, k.REPAIR_ON, lambda start, batch: seen.append((start, len(batch))))
     fake.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
     assert fake.counts == [SCM_MAX_FD, 1, SCM_MAX_FD, SCM_MAX_FD, 1]
     assert seen == [(0, SCM_MAX_FD), (SCM_MAX_FD, SCM_MAX_FD), (2 * SCM_MAX_FD, 1)]
 
@@ -381,6 +385,8 @@ def test_a_helper_dying_under_pipelined_batches_fails_the_whole_restore(
     assert info.value.switched == 2 * SCM_MAX_FD
     assert len(os.listdir("/proc/self/fd")) <= before  # every new socket closed
     fake.close()
+    for _, peer in pairs:  # now, not when a collector breaks the traceback's cycle
+        peer.close()
 
 
 @pytest.mark.parametrize("prime", [True, False])

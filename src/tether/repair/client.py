@@ -125,7 +125,11 @@ class RepairHelper:
                     f"no repair helper connected to {self.path} within {timeout:g} s "
                     f"(start tether-repair {self.path} as root)",
                 )
-            select.select([self._listener], [], [], left)
+            # poll, not select: a daemon with thousands of connections has fds
+            # past select's 1024, and a migration is exactly when it waits here.
+            poller = select.poll()
+            poller.register(self._listener, select.POLLIN)
+            poller.poll(left * 1000)
 
     def disconnect(self) -> None:
         """Hang up on the helper: it exits 0."""
