@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tether.loop import READ, Loop
 from tether.ratelimit import limited
@@ -218,20 +218,18 @@ class RepairHelper:
             what += f" ({done} of {total} already switched)"
         return what
 
-    def _connection(self, what: str, done: int) -> socket.socket:
+    def _connection(self, done: int) -> socket.socket:
         if self._conn is None:
             raise RepairHelperError(
                 errno.ENOTCONN, f"no repair helper connected to {self.path}", done
             )
         return self._conn
 
-    def _request(self, byte: bytes, fds: list[int], done: int, total: int) -> None:
-        what = self._what(byte, len(fds), done, total)
-        conn = self._connection(what, done)
-        deadline = time.monotonic() + self.reply_timeout
+    @contextlib.contextmanager
+    def _hanging_up_on_failure(self, what: str, done: int) -> Iterator[None]:
+        """Any failure on the helper's connection ends it, as a RepairHelperError."""
         try:
-            self._wait(conn, write=True, deadline=deadline, what=what, done=done)
-            conn.sendmsg([byte], rights(fds), socket.MSG_NOSIGNAL)
+            yield
         except RepairHelperError:
             self.disconnect()
             raise
@@ -241,23 +239,23 @@ class RepairHelper:
                 e.errno or errno.EIO, f"repair helper connection failed during {what}: {e}", done
             ) from e
 
+    def _request(self, byte: bytes, fds: list[int], done: int, total: int) -> None:
+        what = self._what(byte, len(fds), done, total)
+        conn = self._connection(done)
+        deadline = time.monotonic() + self.reply_timeout
+        with self._hanging_up_on_failure(what, done):
+            self._wait(conn, write=True, deadline=deadline, what=what, done=done)
+            conn.sendmsg([byte], rights(fds), socket.MSG_NOSIGNAL)
+
     def _reply(self, byte: bytes, count: int, done: int, total: int) -> None:
         what = self._what(byte, count, done, total)
-        conn = self._connection(what, done)
+        conn = self._connection(done)
         deadline = time.monotonic() + self.reply_timeout
-        try:
+        with self._hanging_up_on_failure(what, done):
             self._wait(conn, write=False, deadline=deadline, what=what, done=done)
             # One byte, never more: with two requests out, the next reply may
             # already be here, and it belongs to the next batch.
             reply = conn.recv(1)
-        except RepairHelperError:
-            self.disconnect()
-            raise
-        except OSError as e:
-            self.disconnect()
-            raise RepairHelperError(
-                e.errno or errno.EIO, f"repair helper connection failed during {what}: {e}", done
-            ) from e
         if reply == byte:
             # passt-repair can never again receive more descriptors than in
             # the first message of a connection: cap batches to it (the first
