@@ -12,7 +12,7 @@ checks every byte against its pattern and reports a reset as an error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,20 +214,30 @@ def check_streams(lab: Lab, streams: Streams, vm: Vm) -> StreamResults:
     return r
 
 
-def migrate(lab: Lab, source: Vm, target: Vm) -> dict[str, object]:
+def migrate(lab: Lab, source: Vm, target: Vm, *,
+            at_switchover: Callable[[], None] | None = None) -> dict[str, object]:
+    """Migrate source to target; at_switchover runs once the source VM has
+    stopped and before any device state (the back-end's) is sent."""
     # With a return path the source hears of a target that failed to load,
     # and resumes the VM itself (libvirt enables it too).
     for vm in (source, target):
         vm.qmp("migrate-set-capabilities",
                capabilities=[{"capability": "return-path", "state": True}])
+    if at_switchover is not None:
+        source.qmp("migrate-set-capabilities",
+                   capabilities=[{"capability": "pause-before-switchover", "state": True}])
     source.qmp("migrate", uri=f"unix:{lab.work}/{target.name}.migrate")
-    wait_for(lambda: source.qmp("query-migrate").get("status") in ("completed", "failed",
-                                                                   "cancelled"),
+    ended = ("completed", "failed", "cancelled")
+    if at_switchover is not None:
+        wait_for(lambda: source.qmp("query-migrate").get("status") in ("pre-switchover", *ended),
+                 120, "the source to pause before its switch-over")
+        if source.qmp("query-migrate").get("status") == "pre-switchover":
+            at_switchover()
+            source.qmp("migrate-continue", state="pre-switchover")
+    wait_for(lambda: source.qmp("query-migrate").get("status") in ended,
              120, "the migration to end")
     info: dict[str, object] = source.qmp("query-migrate")
     return info
-
-
 
 
 HALF_CLOSED_DELAY = "10"  # seconds the late readers wait: longer than the migration
