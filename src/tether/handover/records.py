@@ -75,7 +75,11 @@ class GuestAddressesCodec:
         return GuestAddresses(mac, ipv4, ipv6, link_local)
 
 
-@dataclass(frozen=True)
+# Not frozen, though used as a value (copy with dataclasses.replace, never
+# assign): a frozen dataclass's __init__ sets each field through
+# object.__setattr__, ten times slower, and a migration builds this for
+# every connection inside the VM's downtime.
+@dataclass(slots=True)
 class TcpFlow:
     """One TCP connection: the guest-facing half and the host socket's half."""
 

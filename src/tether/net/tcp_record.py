@@ -28,7 +28,11 @@ PIF_HOST = 1
 PIF_TAP = 2
 
 
-@dataclass(frozen=True)
+# Not frozen, though used as a value (copy with dataclasses.replace, never
+# assign): a frozen dataclass's __init__ sets each field through
+# object.__setattr__, ten times slower, and a migration builds this for
+# every connection inside the VM's downtime.
+@dataclass(slots=True)
 class TcpFlowRecord:
     """One flow as passt's `struct tcp_tap_transfer` (112 bytes) describes it.
 

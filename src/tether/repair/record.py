@@ -71,7 +71,11 @@ class RecordError(ValueError):
         self.offset = offset
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though used as a value (copy with dataclasses.replace, never
+# assign): a frozen dataclass's __init__ sets each field through
+# object.__setattr__, ten times slower, and a migration builds this for
+# every connection inside the VM's downtime.
+@dataclass(slots=True)
 class TcpConnState:
     """Everything needed to re-create one connection with TCP_REPAIR.
 

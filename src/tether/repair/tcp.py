@@ -161,7 +161,9 @@ _MIGRATABLE_STATES = {int(state): state for state in MIGRATABLE}
 def dump(sock: socket.socket) -> TcpConnState:
     """Capture a connection whose socket is in repair mode (see freeze).
 
-    Leaves the socket in repair mode with its queue selector reset.
+    Leaves the socket in repair mode with the receive queue selected (the
+    selector matters only to repair-mode reads and writes, and whoever
+    touches a queue next selects it first).
     """
     try:
         return _dump(sock)
@@ -183,26 +185,29 @@ def _dump(sock: socket.socket) -> TcpConnState:
         options |= OPT_WSCALE
     else:
         snd_ws = rcv_ws = 0
-    # A caller's peek offset would make the MSG_PEEK reads below start late.
-    sock.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
     mss = sock.getsockopt(k.SOL_TCP, k.TCP_MAXSEG)  # mss_clamp in repair mode
     window = k.REPAIR_WINDOW.unpack(
         sock.getsockopt(k.SOL_TCP, k.TCP_REPAIR_WINDOW, k.REPAIR_WINDOW.size)
     )
-    # Repair mode leaves the kernel's timers running: a tail loss probe or a
-    # window probe may still transmit never-sent data, and the peer would
-    # then acknowledge bytes the record calls unsent (the target drops such
-    # ACKs, with their data).  A zero send window stops new data for good;
-    # the record keeps the real one.  Retransmissions of sent data may go on,
-    # which is harmless.
-    wl1, _, max_window, rcv_wnd, rcv_wup = window
-    sock.setsockopt(
-        k.SOL_TCP, k.TCP_REPAIR_WINDOW, k.REPAIR_WINDOW.pack(wl1, 0, max_window, rcv_wnd, rcv_wup)
-    )
+    notsent = k.ioctl_int(sock, k.SIOCOUTQNSD)  # write_seq - snd_nxt
+    if notsent:
+        # Repair mode leaves the kernel's timers running: a tail loss probe
+        # or a window probe may still transmit never-sent data, and the peer
+        # would then acknowledge bytes the record calls unsent (the target
+        # drops such ACKs, with their data).  A zero send window stops new
+        # data for good; the record keeps the real one.  Retransmissions of
+        # sent data may go on, which is harmless.  With nothing unsent (an
+        # idle connection) there is nothing to stop: nobody writes to a
+        # frozen socket, so that system call is saved.
+        wl1, _, max_window, rcv_wnd, rcv_wup = window
+        sock.setsockopt(
+            k.SOL_TCP, k.TCP_REPAIR_WINDOW,
+            k.REPAIR_WINDOW.pack(wl1, 0, max_window, rcv_wnd, rcv_wup),
+        )
+        notsent = k.ioctl_int(sock, k.SIOCOUTQNSD)  # a probe may have sent some meanwhile
 
     sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
     outq = k.ioctl_int(sock, k.SIOCOUTQ)  # write_seq - snd_una
-    notsent = k.ioctl_int(sock, k.SIOCOUTQNSD)  # write_seq - snd_nxt
     write_seq = sock.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ) & _SEQ_MASK
     fin_out = state in FIN_SENT
     if state in FIN_UNACKED:
@@ -219,9 +224,12 @@ def _dump(sock: socket.socket) -> TcpConnState:
     rcv_nxt = sock.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ) & _SEQ_MASK
     if not 0 <= inq <= QUEUE_MAX:
         raise OSError(0, f"inconsistent receive queue: {inq} bytes")
+    if inq:
+        # A caller's peek offset would make this read start late (the send
+        # queue's peek ignores it).  Whoever resumes the socket sets its own.
+        sock.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
     recv_queue = _peek(sock, inq, "receive")
     rcv_seq = (rcv_nxt - int(state in FIN_RECEIVED) - inq) & _SEQ_MASK
-    sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_NO_QUEUE)
     # Last: whatever was retransmitted meanwhile carried an older timestamp,
     # so the target's clock never starts behind what the peer has seen.
     timestamp = sock.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & _SEQ_MASK
