@@ -62,6 +62,10 @@ class Stream:
         self.eof = False
         self.error: str | None = None
         self._stop = threading.Event()
+        # Set by the thread once it has seen receiving False at the top of
+        # its loop: from then on it reads nothing (a recv it had started
+        # before the flag changed is over).
+        self.reading_paused = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         sock.setblocking(False)
 
@@ -77,6 +81,8 @@ class Stream:
         while not self._stop.is_set() and self.error is None:
             want_w = [self.sock] if self.sending else []
             want_r = [self.sock] if self.receiving and not self.eof else []
+            if not self.receiving:
+                self.reading_paused.set()
             r, w, _ = select.select(want_r, want_w, [], 0.05)
             try:
                 if w:
@@ -192,6 +198,7 @@ def run_source(addr: str, port: int) -> None:
             helper.wait(10.0)
             # Stop reading while the peer keeps sending: unread data piles up.
             stream.receiving = False
+            stream.reading_paused.wait(5.0)
             unread = wait_until(lambda: k.ioctl_int(sock, k.SIOCINQ) > 0, 5.0)
             # Silence the socket while data is in flight: the peer's ACKs for
             # it are dropped, so it is provably sent and unacknowledged when
