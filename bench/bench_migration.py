@@ -592,9 +592,12 @@ class MigrationLab:
     """A worker's object that runs scenarios, each in a fresh namespace, for a caller
     that keeps its own (bench/targets.py)."""
 
-    def run(self, n: int, busy: bool, rcvq: int, sndq: int, check: int) -> Result:
+    def run(self, n: int, busy: bool, queues: tuple[int, int], check: int,
+            linger: bool) -> Result:
+        """queues: (rcvq, sndq) of a busy connection."""
+        rcvq, sndq = queues
         with private_netns():
-            return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=False,
+            return scenario(n, busy, argparse.Namespace(rcvq=rcvq, sndq=sndq, linger=linger,
                                                         check=check))
 
 

@@ -10,7 +10,8 @@ Sections (in the order they run; --only / --skip take a comma-separated list):
              new connections per second;
   migration  10,000 connections migrated in-process (bench_migration's
              scenario: peers, source and target stacks in three processes,
-             real tether-repair helpers), idle and busy;
+             real tether-repair helpers), idle and busy in tether's default
+             mode, and idle as on one host (--migrate-no-linger);
   flows      the default flow-table capacity from the real code, and tether's
              memory per established TCP flow with 100,000 flows in one Stack
              (bench_flow_memory: real sockets up to the fd limit, stand-ins
@@ -194,20 +195,29 @@ def namespace_rows(plan: Plan) -> list[Row]:
 # -- migration at 10,000 connections ----------------------------------------------------
 
 
+# tether's default mode (cross-host, as KubeVirt moves a VM): the source keeps
+# its frozen sockets until the front-end goes.  On one host (--migrate-no-linger)
+# the source also closes them and holds each outbound one's address inside
+# save, before the target may bind it.
+MIGRATION_RUNS = (("idle", False, True), ("busy", True, True), ("idle, one host", False, False))
+
+
 def migration_rows(plan: Plan) -> list[Row]:
     n = plan.migration_n
     # In a worker of its own: the lab moves its process into a private namespace.
     lab = bench_migration.Worker("migration lab", bench_migration.MigrationLab)
-    results: dict[bool, list[bench_migration.Result]] = {False: [], True: []}
+    results: dict[str, list[bench_migration.Result]] = {name: [] for name, _, _ in
+                                                         MIGRATION_RUNS}
     try:
         for _ in range(plan.migration_repeat):
-            for busy in (False, True):
-                results[busy].append(lab.call("run", n, busy, plan.busy_rcvq, plan.busy_sndq,
-                                              plan.migration_check))
+            for name, busy, linger in MIGRATION_RUNS:
+                results[name].append(lab.call("run", n, busy, (plan.busy_rcvq, plan.busy_sndq),
+                                              plan.migration_check, linger))
     finally:
         lab.close()
     rows = []
-    for busy, rs in results.items():
+    for name, busy, linger in MIGRATION_RUNS:
+        rs = results[name]
         total = statistics.median(r.save + r.load + r.thaw for r in rs)
         r = rs[0]
         parts = (f"save {statistics.median(x.save for x in rs) * 1e3:.0f} + load "
@@ -215,16 +225,19 @@ def migration_rows(plan: Plan) -> list[Row]:
                  f"{statistics.median(x.thaw for x in rs) * 1e3:.0f} ms")
         load = (f"busy, {plan.busy_rcvq} B to tether + {plan.busy_sndq} B from it queued per "
                 f"conn ({r.queued / n:.0f} B in the state)" if busy else "idle")
-        note = (f"{load}: {parts}, median of {len(rs)}; state {r.size} B; {r.checked} "
-                "connections checked byte-exact both ways after the thaw; peers, source and "
-                f"target in three processes, at most {r.max_fds} descriptors in one (hard "
-                f"limit {resource.getrlimit(resource.RLIMIT_NOFILE)[1]})")
-        if busy:
-            rows.append(Row(f"migration {n} busy: save+load+thaw", f"{total * 1e3:.0f} ms",
-                            "", None, "report", None, note))
+        mode = ("default (linger) mode" if linger else
+                "--migrate-no-linger: save also closes the sockets and holds the addresses")
+        note = (f"{load}, {mode}: {parts}, median of {len(rs)}; state {r.size} B; "
+                f"{r.checked} connections checked byte-exact both ways after the thaw; "
+                "peers, source and target in three processes, at most "
+                f"{r.max_fds} descriptors in one (hard limit "
+                f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]})")
+        label = f"migration {n} {name}: save+load+thaw"
+        if name == "idle":
+            rows.append(Row(label, f"{total * 1e3:.0f} ms", "bound 1000 ms", total / 1.0,
+                            "< 1x", total < 1.0, note))
         else:
-            rows.append(Row(f"migration {n} idle: save+load+thaw", f"{total * 1e3:.0f} ms",
-                            "bound 1000 ms", total / 1.0, "< 1x", total < 1.0, note))
+            rows.append(Row(label, f"{total * 1e3:.0f} ms", "", None, "report", None, note))
     return rows
 
 

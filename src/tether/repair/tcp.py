@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -306,9 +305,9 @@ def hold_address(state: TcpConnState) -> socket.socket:
 
 def new_socket(state: TcpConnState) -> socket.socket:
     """An unconnected socket for state, to be switched into repair mode."""
-    s = socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    return s
+    # No SO_REUSEADDR: bind in repair mode forces reuse (SK_FORCE_REUSE),
+    # and resume() sets it once repair mode is off.
+    return socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
 
 def restore(state: TcpConnState, switch: RepairSwitch) -> socket.socket:
@@ -386,12 +385,13 @@ def _apply(sock: socket.socket, st: TcpConnState) -> None:
 
     if st.recv_queue:
         _fill_queue(sock, st.recv_queue, send=False)  # still on the receive queue
-    sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
     if st.sent_len:
         # Data written in repair mode counts as sent, not transmitted: it
         # waits in the retransmit queue for the peer's ACK or the RTO.
+        sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
         _fill_queue(sock, memoryview(st.send_queue)[: st.sent_len], send=True)
-    sock.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_NO_QUEUE)
+    # The queue left selected matters to nothing but repair-mode writes,
+    # and there are none after this: not deselecting saves a system call.
 
     opts = [(k.TCPOPT_MAXSEG, st.mss)]
     if st.options & OPT_WSCALE:
@@ -410,7 +410,7 @@ def _apply(sock: socket.socket, st: TcpConnState) -> None:
 
 def _as_int(seq: int) -> int:
     """setsockopt takes a C int: wrap sequence numbers into its range."""
-    return int(struct.unpack("=i", struct.pack("=I", seq))[0])
+    return seq - (1 << 32) if seq & 0x80000000 else seq
 
 
 def _fill_queue(sock: socket.socket, data: bytes | memoryview, *, send: bool) -> None:
