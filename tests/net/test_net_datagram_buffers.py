@@ -15,11 +15,11 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.net.conftest import GATEWAY, GUEST, Recorder
-from tether.loop import Loop
+from tether.loop import Loop, ReadPace
 from tether.net.icmp import EchoFlow
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.net.udp import UdpFlow
+from tether.net.udp import READ_BATCH, UdpFlow
 from tether.wire import ipv4
 
 REMOTE = "192.0.2.7"
@@ -51,7 +51,9 @@ def test_udp_datagrams_of_mixed_sizes_each_arrive_intact(rig: tuple[Stack, Recor
     stack.flows.add(flow)
     for i, size in enumerate(SIZES):
         peer.send(payload(i, size))
-    stack.udp._readable(flow)  # one wake-up reads them all into the same buffer
+    pace = ReadPace(stack.loop, READ_BATCH)
+    pace.budget = READ_BATCH  # a burst (loop.ReadPace): it drains the socket
+    stack.udp._readable(flow, pace)  # one wake-up reads them all into the same buffer
     assert len(sink.frames) == len(SIZES)
     for i, (frame, size) in enumerate(zip(sink.frames, SIZES, strict=True)):
         pkt = Ether(frame)

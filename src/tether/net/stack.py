@@ -29,6 +29,7 @@ from tether.net.output import L2L3_V6, UDP_PAYLOAD, Output
 from tether.net.params import NetParams, PortRange
 from tether.net.tcp import TcpTranslator
 from tether.net.tcp_record import TcpFlowRecord
+from tether.net.udp import READ_BATCH as UDP_READ_BATCH
 from tether.net.udp import UdpFlowRecord, UdpTranslator
 from tether.ratelimit import limited
 from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, inany, ipv4, ipv6, ndp, udp
@@ -122,7 +123,8 @@ class Stack:
         return lambda _events: self._accept(s, guest_port)
 
     def _receiver(self, s: socket.socket, guest_port: int) -> evloop.FdHandler:
-        return lambda _events: self.udp.inbound(s, guest_port)
+        pace = evloop.ReadPace(self.loop, UDP_READ_BATCH)
+        return lambda _events: self.udp.inbound(s, guest_port, pace)
 
     def _listen(self, family: int, kind: int, port: int, rng: PortRange) -> socket.socket:
         s = socket.socket(family, kind)

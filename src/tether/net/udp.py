@@ -22,6 +22,7 @@ from tether.wire import ipv4, udp
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 65535 - ipv4.HLEN - udp.HLEN
+READ_BATCH = 64  # datagrams per wake-up of a busy socket, at most
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,19 @@ class UdpTranslator:
             return None
         flow = UdpFlow(self.loop, key, sock, None)
         ctx.flows.add(flow)
-        self.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        self._watch(flow)
         self._schedule_expiry(flow)
         return flow
 
-    def _readable(self, flow: UdpFlow) -> None:
+    def _watch(self, flow: UdpFlow) -> None:
+        """Read the flow's own socket when it is readable."""
+        pace = evloop.ReadPace(self.loop, READ_BATCH)
+        self.loop.add(flow.sock.fileno(), evloop.READ, lambda ev: self._readable(flow, pace))
+
+    def _readable(self, flow: UdpFlow, pace: evloop.ReadPace) -> None:
         into = self._frame_view[l4_offset(flow.key[1]) + udp.HLEN:]
-        for _ in range(64):  # a bounded batch per wake-up keeps other flows served
+        got = 0
+        for _ in range(pace.wake()):  # bounded per wake-up: other flows are served too
             try:
                 n = flow.sock.recv_into(into, MAX_PAYLOAD)
             except BlockingIOError:
@@ -137,10 +144,12 @@ class UdpTranslator:
             except OSError as exc:
                 log.debug("udp recv: %s", exc)  # e.g. ECONNREFUSED from an ICMP error
                 continue
+            got += 1
             # No room towards the guest: the datagram is dropped (UDP may lose it), but it
             # is read, or the level-triggered socket would wake the loop without end.
             if self.ctx.has_room():
                 self._to_guest(flow, n)
+        pace.done(got)
 
     def _to_guest(self, flow: UdpFlow, n: int) -> None:
         """The datagram of n bytes in the frame buffer to the guest (copied by send)."""
@@ -155,18 +164,20 @@ class UdpTranslator:
 
     # -- inbound (-u) ------------------------------------------------------
 
-    def inbound(self, sock: socket.socket, guest_port: int) -> None:
+    def inbound(self, sock: socket.socket, guest_port: int, pace: evloop.ReadPace) -> None:
         """A forwarded port's socket is readable: datagrams from host peers to the guest."""
         ctx = self.ctx
         off = UDP_PAYLOAD if sock.family == socket.AF_INET else L2L3_V6 + udp.HLEN
         into = self._frame_view[off:]
-        for _ in range(64):
+        got = 0
+        for _ in range(pace.wake()):
             try:
                 n, peer = sock.recvfrom_into(into, MAX_PAYLOAD)
             except BlockingIOError:
                 break
             except OSError:
                 continue
+            got += 1
             remote = ctx.guest_view_of(peer[0])
             guest_addr = ctx.guest_addr_for(sock.family, remote)
             if guest_addr is None or not ctx.has_room():
@@ -183,6 +194,7 @@ class UdpTranslator:
                 self._schedule_expiry(flow)
             assert isinstance(flow, UdpFlow)
             self._to_guest(flow, n)
+        pace.done(got)
 
     # -- migration -----------------------------------------------------------
 
@@ -236,5 +248,5 @@ class UdpTranslator:
             raise
         flow = UdpFlow(self.loop, key, sock, None)
         self.ctx.flows.add(flow)
-        self.loop.add(sock.fileno(), evloop.READ, lambda ev: self._readable(flow))
+        self._watch(flow)
         self._schedule_expiry(flow)

@@ -179,6 +179,7 @@ class TapTransport:
         self._file = io.FileIO(fd, "r+b", closefd=False)
         self._buffers = [bytearray(FRAME_MAX) for _ in range(BATCH)]
         self._views = [memoryview(b) for b in self._buffers]
+        self._pace = evloop.ReadPace(loop, BATCH)
         self._blocked = False
         self.frames_in = 0
         self.frames_out = 0
@@ -195,7 +196,9 @@ class TapTransport:
 
     def _read_batch(self) -> None:
         batch: list[memoryview] = []
-        for view in self._views:
+        views = self._views
+        for i in range(self._pace.wake()):
+            view = views[i]
             try:
                 n = self._file.readinto(view)
             except OSError as exc:
@@ -207,6 +210,7 @@ class TapTransport:
                 break
             if n > self._skip:
                 batch.append(view[self._skip:n])
+        self._pace.done(len(batch))
         if batch:
             self.frames_in += len(batch)
             self.port.frames_from_guest(batch)
