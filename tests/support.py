@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 _counter = itertools.count()
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
 
 
 def require(condition: bool, why: str) -> None:
@@ -45,6 +50,17 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)  # the pace of polling a condition, not a synchronisation
+
+
+def readable(fd: int | HasFileno, timeout: float) -> bool:
+    """Whether fd has something to read within timeout seconds.
+
+    poll, not select: the suite runs with a raised descriptor limit, and
+    select() refuses any descriptor from 1024 up.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
 def require_root(why: str = "network namespaces") -> None:

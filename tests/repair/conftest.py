@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import resource
-import select
 import shutil
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Netns, make_netns, require, require_root
+from tests.support import Netns, make_netns, readable, require, require_root
 from tether.repair.client import RepairHelper
 
 HERE = Path(__file__).resolve().parent
@@ -67,8 +66,7 @@ class Proc:
 
     def read(self, timeout: float = 30.0) -> dict[str, Any]:
         assert self.p.stdout is not None
-        r, _, _ = select.select([self.p.stdout], [], [], timeout)
-        if not r:
+        if not readable(self.p.stdout, timeout):
             raise AssertionError(f"{self.argv}: no answer in {timeout} s")
         line = self.p.stdout.readline()
         if not line:

@@ -17,7 +17,6 @@ sockets on the loopback of a namespace each test creates.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
 from tests.net.conftest import Netns, delete_netns, make_netns
+from tests.support import readable
 from tether.loop import Loop
 from tether.net import tcp_core as tcp_module
 from tether.net.params import NetParams, PortRange
@@ -166,7 +166,7 @@ def _tcp_flags(flags: str) -> Callable[[Packet], bool]:
 
 
 def _readable(sock: socket.socket) -> bool:
-    return bool(select.select([sock], [], [], 0)[0])
+    return readable(sock, 0)
 
 
 def _listener() -> socket.socket:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from tests.support import stop_process, wait_for
+from tests.support import readable, stop_process, wait_for
 
 from .guest import READY_MARKER, GuestImage
 
@@ -57,8 +56,7 @@ class Console:
         self._pos = 0  # start of the unconsumed part of text
 
     def _read(self, timeout: float) -> None:
-        ready, _, _ = select.select([self._out], [], [], max(0.0, timeout))
-        if not ready:
+        if not readable(self._out, timeout):
             return
         try:
             data = os.read(self._out, 65536)
