@@ -14,7 +14,10 @@ rate and time to first byte (connect until the server's first byte), TCP and
 UDP request/response latency (1 byte each way, median) and the back-end's CPU
 per transaction, tether CPU seconds per GB moved.
 
-    python bench/bench_net.py [--time SECONDS]      (root; needs iperf3)
+    python bench/bench_net.py [--time SECONDS] [--baseline DIR]   (root; needs iperf3)
+
+--baseline DIR runs the tether of another checkout as a fourth column, and
+adds this tree's figure over the baseline's: the ratio to quote for a change.
 """
 
 from __future__ import annotations
@@ -180,7 +183,9 @@ def cpu_seconds(pid: int) -> float:
 class Setup:
     """A guest namespace and where its peer lives (server_ns None: the initial one)."""
 
-    def __init__(self, kind: str, mtu: int) -> None:
+    def __init__(self, kind: str, mtu: int, src: Path | None = None) -> None:
+        """kind "tether" runs this tree's tether, or the one under src (a checkout's
+        src/, for kind "baseline")."""
         self.kind = kind
         self.mtu = mtu
         tag = f"{os.getpid()}{kind[0]}{mtu}"
@@ -205,12 +210,14 @@ class Setup:
                     raise SystemExit("pasta did not start")
                 time.sleep(0.05)
             dev = "tap0"
-        elif kind == "tether":
+        elif kind in ("tether", "baseline"):
             log = f"/tmp/bench-net-{tag}.log"
+            Path(log).unlink(missing_ok=True)  # a stale "running" would pass the wait below
+            env = os.environ | ({"PYTHONPATH": str(src)} if src is not None else {})
             self.tether = subprocess.Popen(
                 [sys.executable, "-m", "tether.cli", "-f", "-l", log, "--netns", self.guest,
                  "-a", GUEST, "-n", "24", "-g", GATEWAY, "-m", str(mtu)],
-                cwd=ROOT)
+                cwd=ROOT, env=env)
             deadline = time.monotonic() + 10
             while "running" not in (Path(log).read_text() if Path(log).exists() else ""):
                 if time.monotonic() > deadline or self.tether.poll() is not None:
@@ -321,6 +328,9 @@ class Setup:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--time", type=float, default=5.0, help="seconds per iperf3 run")
+    p.add_argument("--baseline", type=Path,
+                   help="also run the tether of this checkout (e.g. `git worktree add "
+                        "/tmp/base COMMIT`) beside this tree's, runs alternating")
     p.add_argument("--gib", action="store_true",
                    help="only the 1 GiB byte-exact transfer, both ways at once, via tether")
     args = p.parse_args()
@@ -335,7 +345,8 @@ def main() -> None:
         print(f"1 GiB each way at once through tether: {'byte-exact' if intact else 'CORRUPT'}"
               f", {seconds:.1f} s, {2 * 8 * (1 << 30) / seconds / 1e9:.2f} Gbit/s total")
         raise SystemExit(0 if intact else 1)
-    kinds = ["tether"] + (["pasta"] if PASTA.is_file() else []) + ["veth"]
+    kinds = ["tether"] + (["baseline"] if args.baseline else []) + \
+        (["pasta"] if PASTA.is_file() else []) + ["veth"]
     if "pasta" not in kinds:
         print("no pasta build (./dev setup makes one): tether against veth only")
     # figure -> kind -> (value, unit, lower is better)
@@ -345,7 +356,8 @@ def main() -> None:
         rows.setdefault(figure, {})[kind] = (value, unit, lower)
 
     for mtu in (65520, 1500):
-        setups = {kind: Setup(kind, mtu) for kind in kinds}
+        setups = {kind: Setup(kind, mtu, args.baseline / "src" if kind == "baseline" and
+                              args.baseline else None) for kind in kinds}
         try:
             for reverse, label in ((False, "guest->host"), (True, "host->guest")):
                 for kind, setup in setups.items():
@@ -385,6 +397,8 @@ def main() -> None:
         ratio = ""
         if "tether" in values and reference in values and values[reference][0]:
             ratio = f"{values['tether'][0] / values[reference][0]:.2f}x"
+        if "tether" in values and values.get("baseline", (0.0,))[0]:
+            ratio += f"  (/ baseline {values['tether'][0] / values['baseline'][0]:.2f}x)"
         print(f"{figure:<{width}}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {ratio}")
 
 
