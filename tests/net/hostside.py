@@ -91,10 +91,22 @@ class LineEchoPeer:
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.sock, selectors.EVENT_READ)
         self._stop = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         buffers: dict[socket.socket, bytes] = {}
+        try:
+            self._loop(buffers)
+        finally:
+            # Every connection the peers had not closed yet, the listener and
+            # the selector: a thousand of them would outlive the test.
+            for conn in buffers:
+                conn.close()
+            self._sel.close()
+            self.sock.close()
+
+    def _loop(self, buffers: dict[socket.socket, bytes]) -> None:
         while not self._stop:
             for key, _ in self._sel.select(0.2):
                 s = key.fileobj
@@ -124,6 +136,7 @@ class LineEchoPeer:
 
     def close(self) -> None:
         self._stop = True
+        self._thread.join(5)
 
 
 class UdpEchoPeer:
