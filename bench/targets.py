@@ -112,6 +112,13 @@ def ratio_row(target: str, ours: float, ref: float, *, unit: str, ref_name: str,
                f"{'<=' if at_most else '>='} {bound:g}x", met)
 
 
+def tether_build() -> str:
+    """Which tether ran: the compiled build (./dev compile) is used wherever it
+    is present, by the daemons and the in-process stacks alike."""
+    stamp = Path(__file__).resolve().parents[1] / "src" / "tether" / "_compiled.json"
+    return "tether's compiled build (mypyc)" if stamp.exists() else "pure-Python tether"
+
+
 def failed(target: str, why: str) -> Row:
     return Row(target, "error", "", None, "", False, why)
 
@@ -356,7 +363,7 @@ def main() -> int:
             lines = str(exc).strip().splitlines() or [""]
             rows.append(failed(section, f"{type(exc).__name__}: {lines[-1]}"))
         print(f"   {time.monotonic() - t0:.0f} s", flush=True)
-    print(f"\nperformance targets ({'--quick' if args.quick else 'full'} run, "
+    print(f"\nperformance targets ({'--quick' if args.quick else 'full'} run of {tether_build()}, "
           f"{time.monotonic() - started:.0f} s; each ratio from this run, side by side; "
           "a shared machine's noise included)")
     print_table(rows)

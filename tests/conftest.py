@@ -10,8 +10,24 @@ import os
 
 import pytest
 
+import tether.loop
 from tests.support import IN_CI, ROOT_MARK, require
 from tether import ratelimit
+
+COMPILED = not tether.loop.__file__.endswith(".py")
+"""Whether the compiled build (tools/compile.py) is what the suite runs."""
+
+
+def pytest_report_header() -> str:
+    return f"tether build: {'compiled (mypyc)' if COMPILED else 'pure Python'}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`./dev test --compiled` says which build it wants: a run that fell back
+    to the pure modules must not pass for a run of the compiled ones."""
+    if os.environ.get("TETHER_BUILD") == "compiled" and not COMPILED:
+        raise pytest.UsageError("TETHER_BUILD=compiled, but tether.loop is "
+                                f"{tether.loop.__file__}: the compiled build is missing")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -102,8 +102,8 @@ class IcmpTranslator:
             else:
                 sock = ctx.outbound_socket(socket.AF_INET6, socket.SOCK_DGRAM,
                                            socket.IPPROTO_ICMPV6)
-        except TableFull as exc:
-            limited(log, logging.WARNING, "dropping ping: %s", exc)
+        except TableFull as full:
+            limited(log, logging.WARNING, "dropping ping: %s", full)
             return None
         except OSError as exc:
             limited(log, logging.WARNING,

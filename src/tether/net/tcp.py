@@ -246,8 +246,8 @@ class TcpTranslator(TcpShared):
             return
         try:
             ctx.flows.check_room()
-        except TableFull as exc:
-            limited(log, logging.WARNING, "refusing TCP connection: %s", exc)
+        except TableFull as full:
+            limited(log, logging.WARNING, "refusing TCP connection: %s", full)
             self.raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6

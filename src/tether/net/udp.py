@@ -106,8 +106,8 @@ class UdpTranslator:
             return None
         try:
             ctx.flows.check_room()
-        except TableFull as exc:
-            limited(log, logging.WARNING, "dropping UDP datagram: %s", exc)
+        except TableFull as full:
+            limited(log, logging.WARNING, "dropping UDP datagram: %s", full)
             return None
         family = socket.AF_INET if len(key[3]) == 4 else socket.AF_INET6
         try:

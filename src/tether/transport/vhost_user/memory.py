@@ -92,8 +92,9 @@ class MemoryTable:
                     raise ProtocolError(f"memory region {region}: {e}") from e
                 try:
                     self._regions.append(_Mapped(region, fd))
-                except (OSError, ValueError, OverflowError) as e:
-                    raise ProtocolError(f"cannot map memory region {region}: {e}") from e
+                except (OSError, ValueError, OverflowError) as bad_map:
+                    raise ProtocolError(
+                        f"cannot map memory region {region}: {bad_map}") from bad_map
         except BaseException:
             self.close()
             raise
@@ -177,8 +178,9 @@ class DirtyLog:
             try:
                 self._map = mmap.mmap(fd, size, mmap.MAP_SHARED,
                                       mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-            except (OSError, ValueError, OverflowError) as e:
-                raise ProtocolError(f"cannot map dirty log ({size:#x}@{offset:#x}): {e}") from e
+            except (OSError, ValueError, OverflowError) as bad_map:
+                raise ProtocolError(
+                    f"cannot map dirty log ({size:#x}@{offset:#x}): {bad_map}") from bad_map
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
