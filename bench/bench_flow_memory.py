@@ -56,7 +56,7 @@ from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
 from tether.net.tcp_record import ESTABLISHED, PIF_HOST, PIF_TAP, TcpFlowRecord
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 GUEST = socket.inet_aton("10.77.0.2")
 GATEWAY = socket.inet_aton("10.77.0.1")

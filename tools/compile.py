@@ -31,8 +31,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 STAMP = SRC / "tether" / "_compiled.json"
 
 # What a frame passes through in both modes, guest to socket and back: the
-# loop, the stack and its translators, the wire formats and the vhost-user
-# data path.  The tap transport is left out: its NamespaceError is an OSError.
+# loop, the stack and its translators, the wire formats and the two
+# transports' data paths (tap and vhost-user).
 HOT_MODULES = (
     "tether/loop.py",
     "tether/frames.py",
@@ -63,6 +63,7 @@ HOT_MODULES = (
     "tether/wire/tcp.py",
     "tether/wire/udp.py",
     "tether/wire/virtio_net.py",
+    "tether/transport/tap.py",
     "tether/transport/vhost_user/datapath.py",
     "tether/transport/vhost_user/memory.py",
     "tether/transport/vhost_user/virtqueue.py",

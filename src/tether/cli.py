@@ -29,7 +29,8 @@ from tether.repair.client import RepairHelper
 from tether.spawn import Child
 from tether.state_channel import DeviceStateHandler, StateSink
 from tether.transport.stream import StreamTransport
-from tether.transport.tap import TapTransport, configure_ipv4, create_tap
+from tether.transport.tap import TapTransport
+from tether.transport.tap_setup import configure_ipv4, create_tap
 from tether.transport.vhost_user.device import VhostUserNetDevice
 from tether.transport.vhost_user.protocol import PASST_FEATURES
 from tether.transport.vhost_user.server import VhostUserServer

@@ -34,7 +34,7 @@ from tether.net import tcp as tcp_module
 from tether.net.params import NetParams
 from tether.net.stack import Stack
 from tether.transport.stream import StreamTransport
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 from tether.wire import ndp
 
 GUEST_MAC = "02:00:00:00:00:02"

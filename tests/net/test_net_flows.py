@@ -21,7 +21,8 @@ from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
 from tether.net.tcp_record import ESTABLISHED, TcpFlowRecord
-from tether.transport.tap import TapTransport, create_tap
+from tether.transport.tap import TapTransport
+from tether.transport.tap_setup import create_tap
 
 GUEST_CLIENT = r"""
 import socket, sys

@@ -30,7 +30,7 @@ from tests.net.conftest import (
 )
 from tests.net.hostside import UdpEchoPeer
 from tests.net.test_net_hostile import GUEST_MAC, OUR_MAC, mangle
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 
 def _status(pid: int, field: str) -> int:

@@ -27,7 +27,7 @@ from tests.net.hostside import UdpEchoPeer
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 GUEST_MAC = "02:00:00:00:00:02"
 OUR_MAC = "9a:55:9a:55:9a:55"

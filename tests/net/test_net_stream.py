@@ -24,7 +24,7 @@ from scapy.layers.l2 import ARP, Ether
 from tests.net.conftest import GATEWAY, GUEST, Netns, delete_netns, make_netns
 from tests.net.hostside import TcpPeer, pattern
 from tests.support import wait_for
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 MiB = 1 << 20
 

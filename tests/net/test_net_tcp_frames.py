@@ -18,7 +18,7 @@ from tests.net.conftest import GATEWAY, Netns, Recorder, delete_netns, make_netn
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 GUEST = "10.77.0.2"
 GUEST_MAC = "02:00:00:00:00:02"

@@ -16,7 +16,7 @@ from tests.net.conftest import GATEWAY, GUEST, Recorder, delete_netns, make_netn
 from tether.loop import Loop
 from tether.net.params import NetParams
 from tether.net.stack import Stack
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 
 
 @pytest.mark.root

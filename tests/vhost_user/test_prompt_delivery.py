@@ -32,7 +32,7 @@ from tether.loop import Loop
 from tether.net import tcp_core as tcp_module
 from tether.net.params import NetParams, PortRange
 from tether.net.stack import Stack
-from tether.transport.tap import inside
+from tether.transport.tap_setup import inside
 from tether.transport.vhost_user import protocol as p
 from tether.transport.vhost_user.device import VhostUserNetDevice
 
