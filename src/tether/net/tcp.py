@@ -274,7 +274,7 @@ class TcpTranslator(TcpShared):
             sock.close()
             self.raw_reset(key, 0, (hdr.seq + 1) & 0xFFFFFFFF, wtcp.RST | wtcp.ACK)
             return
-        conn = SocketConn(self, key, sock)
+        conn = SocketConn(self, self.ctx.flows.canonical(key), sock)
         conn.guest_syn(hdr, opts)
         ctx.flows.add(conn)
         self.conns[conn.fd] = conn
@@ -307,7 +307,7 @@ class TcpTranslator(TcpShared):
             return
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-        conn = SocketConn(self, key, sock)
+        conn = SocketConn(self, self.ctx.flows.canonical(key), sock)
         flows.add(conn)
         self.conns[conn.fd] = conn
         self.loop.add(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE, conn.on_socket_event)
@@ -367,7 +367,7 @@ class TcpTranslator(TcpShared):
         # peeking resumes right after it.  A FIN already sent takes no queue byte.
         fin_sent = bool(record.events & TAP_FIN_SENT)
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, max(in_flight - fin_sent, 0))
-        conn = SocketConn(self, key, sock)
+        conn = SocketConn(self, self.ctx.flows.canonical(key), sock)
         flows.add(conn)
         self.conns[conn.fd] = conn
         self.loop.add(conn.fd, evloop.READ | evloop.HANGUP | evloop.EDGE, conn.on_socket_event)
