@@ -30,9 +30,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 STAMP = SRC / "tether" / "_compiled.json"
 
-# What a frame passes through in both modes, guest to socket and back: the
-# loop, the stack and its translators, the wire formats and the two
-# transports' data paths (tap and vhost-user).
+# What a frame passes through, guest to socket and back, in every mode: the
+# loop, the stack and its translators, the wire formats and the
+# three transports' data paths (-netdev stream, tap and vhost-user).
 HOT_MODULES = (
     "tether/loop.py",
     "tether/frames.py",
@@ -63,6 +63,7 @@ HOT_MODULES = (
     "tether/wire/tcp.py",
     "tether/wire/udp.py",
     "tether/wire/virtio_net.py",
+    "tether/transport/stream.py",
     "tether/transport/tap.py",
     "tether/transport/vhost_user/datapath.py",
     "tether/transport/vhost_user/memory.py",
