@@ -17,8 +17,11 @@ def test_flows_to_one_service_share_their_addresses_and_port() -> None:
     first = table.canonical(_key("0a000002", 40000, "0a000001", 8080))
     second = table.canonical(_key("0a000002", 40001, "0a000001", 8080))
     assert first == _key("0a000002", 40000, "0a000001", 8080)  # the same key, by value
-    assert second[1] is first[1] and second[3] is first[3] and second[4] is first[4]
+    assert second[1] is first[1] and second[3] is first[3]
     assert second[2] == 40001
+    if flows.__file__.endswith(".py"):
+        # The compiled build keeps a tuple's ints unboxed, and boxes them afresh.
+        assert second[4] is first[4]
 
 
 def test_the_shared_objects_are_bounded_however_many_addresses_a_guest_uses() -> None:

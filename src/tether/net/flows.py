@@ -66,7 +66,9 @@ class FlowTable:
         addresses and ports: one object for each saves up to 128 bytes per
         established flow (bench_flow_memory).  The cache is bounded, so a
         guest that spreads flows over many addresses costs no more than it
-        did before; it is cleared when full, never searched.
+        did before; it is cleared when full, never searched.  (In the
+        compiled build the port is not shared: mypyc keeps a tuple's ints
+        unboxed and boxes them afresh.)
         """
         proto, guest, guest_port, remote, remote_port = key
         addresses, ports = self._addresses, self._ports
