@@ -9,7 +9,7 @@ virtio-net header or length prefix here: that framing belongs to the transport.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 
 class FrameSink(Protocol):
@@ -36,6 +36,45 @@ class FrameSink(Protocol):
         a frame (`Stack.send`), so a frame never waits for an unrelated event.
         """
         ...
+
+
+class InPlaceSink(Protocol):
+    """What a FrameSink may add: receive buffers a socket can fill directly.
+
+    Bulk TCP towards the guest is mostly copying: peeked from the socket
+    into a frame, then the frame into the guest's buffers.  A transport that
+    offers this (vhost-user) lets the stack peek several frames' payloads
+    straight into guest memory with one recvmsg, then write only the
+    headers.  Optional: the stack looks for the two methods at attach()
+    (`in_place_of`; no runtime_checkable: mypyc's protocols refuse it).
+    """
+
+    def claim(self, headroom: int, payload_max: int, total: int,
+              views: list[memoryview]) -> int:
+        """Plan frames of `headroom` header bytes and up to `payload_max`
+        payload bytes each, `total` payload bytes at most: append to `views`
+        where their payloads go, in order, and return how many bytes they
+        hold (0: none, send frames with send_frame).  Frame k holds payload
+        bytes k * payload_max onwards.  Nothing is consumed until commit();
+        the views are valid only until the caller returns to the loop, and
+        the caller drops them first.  A send_frame() in between voids the
+        claim.
+        """
+        ...
+
+    def commit(self, headers: memoryview, payload_len: int) -> bool:
+        """Queue the next claimed frame: `headers` (headroom bytes) in front
+        of the `payload_len` bytes received into its views.  A frame that
+        holds less than its claim is the last one committed.  False: the
+        claim no longer stands and nothing was queued."""
+        ...
+
+
+def in_place_of(sink: FrameSink) -> InPlaceSink | None:
+    """The sink as an InPlaceSink, if it is one."""
+    if callable(getattr(sink, "claim", None)) and callable(getattr(sink, "commit", None)):
+        return cast("InPlaceSink", sink)
+    return None
 
 
 class GuestPort(Protocol):

@@ -38,6 +38,16 @@ class NetContext(Protocol):
         """Whether the guest's queue takes another frame now."""
         ...
 
+    def claim(self, headroom: int, payload_max: int, total: int,
+              views: list[memoryview]) -> int:
+        """Room in the guest's own buffers for payloads received in place
+        (frames.InPlaceSink.claim); 0 where the transport has none."""
+        ...
+
+    def commit(self, headers: memoryview, payload_len: int) -> bool:
+        """Queue the next claimed frame (frames.InPlaceSink.commit)."""
+        ...
+
     def wait_for_room(self, waiter: RoomWaiter) -> None:
         """Call waiter.room_available() once the guest's queue has room."""
         ...

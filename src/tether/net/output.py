@@ -36,6 +36,9 @@ class Output:
         # When the transport also cuts big TCP segments to the guest's MTU (GSO), TCP
         # sends up to 64 KiB per frame: per-frame cost is most of the cost at MTU 1500.
         self.segment_offload = False
+        # When the transport lets TCP receive payloads straight into the guest's
+        # buffers (frames.InPlaceSink; Stack.attach sets it).
+        self.in_place = False
 
     def _l2l3(self, frame: bytearray, l4_len: int, proto: int, src: bytes, dst: bytes,  # noqa: PLR0917
               dst_mac: bytes | None = None, hop_limit: int = 64) -> int:

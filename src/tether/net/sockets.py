@@ -6,6 +6,7 @@ import socket
 import struct
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # asm-generic/socket.h
+SIOCINQ = 0x541B  # linux/sockios.h (FIONREAD): bytes in a receive queue, not yet read
 SIOCOUTQ = 0x5411  # linux/sockios.h: bytes in a socket's send queue, not yet acknowledged
 
 # struct linger {int l_onoff; int l_linger;}: on, zero seconds.

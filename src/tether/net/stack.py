@@ -18,7 +18,7 @@ import socket
 from collections.abc import Sequence
 
 from tether import loop as evloop
-from tether.frames import FrameSink
+from tether.frames import FrameSink, InPlaceSink, in_place_of
 from tether.net import dhcp as dhcp_server
 from tether.net import dhcpv6 as dhcpv6_server
 from tether.net.addresses import GuestAddresses
@@ -63,6 +63,7 @@ class Stack:
         self.bad_frames = 0
         self.internal_errors = 0
         self._sink: FrameSink | None = None
+        self._in_place: InPlaceSink | None = None  # the sink, when it offers claim()
         self._flush_due = False
         # Insertion-ordered set: each waiter once, in the order they stopped.
         self._waiting: dict[RoomWaiter, None] = {}
@@ -72,6 +73,8 @@ class Stack:
 
     def attach(self, sink: FrameSink) -> None:
         self._sink = sink
+        self._in_place = in_place_of(sink)
+        self.output.in_place = self._in_place is not None
 
     def start(self) -> None:
         """Open the inbound forwarding sockets (-t, -u); OSError if a port is taken
@@ -212,6 +215,26 @@ class Stack:
             self._flush_due = True
             self.loop.call_soon(self._flush)
         return self._sink.send_frame(frame)
+
+    def claim(self, headroom: int, payload_max: int, total: int,
+              views: list[memoryview]) -> int:
+        """frames.InPlaceSink.claim, where the sink offers it; else 0."""
+        sink = self._in_place
+        # The payload is never seen here, so only a guest that completes
+        # the checksums can take it (Output.partial_l4_checksums).
+        if sink is None or not self.output.partial_l4_checksums:
+            return 0
+        return sink.claim(headroom, payload_max, total, views)
+
+    def commit(self, headers: memoryview, payload_len: int) -> bool:
+        """frames.InPlaceSink.commit, flushed as send() is."""
+        sink = self._in_place
+        if sink is None:
+            return False
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+        return sink.commit(headers, payload_len)
 
     def _flush(self) -> None:
         self._flush_due = False

@@ -29,7 +29,7 @@ from tether import loop as evloop
 from tether.net.context import NetContext
 from tether.net.flows import FlowKey, TableFull
 from tether.net.output import l4_offset
-from tether.net.sockets import SIOCOUTQ, SO_PEEK_OFF, reset_on_close
+from tether.net.sockets import SIOCINQ, SIOCOUTQ, SO_PEEK_OFF, reset_on_close
 from tether.net.tcp_core import TcpConn, TcpShared
 from tether.net.tcp_record import ESTABLISHED, PIF_TAP, TAP_FIN_SENT, TcpFlowRecord
 from tether.net.tcp_state import PEEK_FAILED, PEEK_NOTHING, TAP_SYN_ACK_SENT, seq_diff
@@ -44,6 +44,7 @@ CONNECT_TIMEOUT = 10.0  # a host-side connect with no answer gives its flow back
 WINDOW_FLOOR = 1 << 20
 _DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
 _OUTQ = bytearray(4)
+_INQ = bytearray(4)
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: IntFlag costs per call
 _TRUNC = int(socket.MSG_TRUNC)
 
@@ -127,6 +128,22 @@ class SocketConn(TcpConn):
         except OSError as exc:
             log.debug("recv from host: %s", exc)
             return PEEK_FAILED
+
+    def _peek_into(self, views: list[memoryview]) -> int:
+        try:
+            return self.sock.recvmsg_into(views, 0, _PEEK)[0]
+        except BlockingIOError:
+            return PEEK_NOTHING
+        except OSError as exc:
+            log.debug("recv from host: %s", exc)
+            return PEEK_FAILED
+
+    def _unread(self) -> int:
+        try:
+            fcntl.ioctl(self.fd, SIOCINQ, _INQ)
+        except OSError:
+            return 0
+        return int.from_bytes(_INQ, "little")
 
     def _peek_from_head(self) -> bool:
         try:

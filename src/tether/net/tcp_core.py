@@ -81,6 +81,9 @@ class TcpShared:
         # frame costs no allocation and no zeroing.
         self.frame_buf = bytearray(l4_offset(bytes(16)) + wtcp.HLEN + 0xFFFF)
         self.frame_view = memoryview(self.frame_buf)
+        # Where push() has the transport list the guest buffers a claim gave
+        # it (frames.InPlaceSink); empty between pushes.
+        self.claimed: list[memoryview] = []
         # Counters for the log and the benchmarks: how often the slow paths run.
         self.socket_full = 0
         self.gaps_from_guest = 0
@@ -399,6 +402,7 @@ class TcpConn(TcpState):
             mss = min(self.tap_mss, self.mss_to_guest)
         window_field = -1
         payload_off = self.payload_off
+        output = ctx.output
         while True:
             room = window - seq_diff(self.seq_to_tap, self.seq_ack_from_tap)
             if room <= 0:
@@ -406,8 +410,27 @@ class TcpConn(TcpState):
             if not ctx.has_room():
                 ctx.wait_for_room(self)
                 return
-            want = min(mss, room)
-            got = self._peek(shared.frame_view[payload_off:], want)
+            views = shared.claimed
+            want = 0
+            if output.in_place:
+                total = room
+                if room > mss:  # several frames: claim no more than the socket holds
+                    total = min(room, self._unread()
+                                - seq_diff(self.seq_to_tap, self.seq_ack_from_tap))
+                if total > 0:
+                    want = ctx.claim(payload_off, mss, total, views)
+            in_place = want > 0
+            if in_place:
+                # Several frames' payloads peeked straight into the guest's
+                # buffers by one system call: no copy here, and one call
+                # for up to frames.InPlaceSink's claim instead of one per frame.
+                try:
+                    got = self._peek_into(views)
+                finally:
+                    views.clear()  # the guest's memory may go; no view may outlive this
+            else:
+                want = min(mss, room)
+                got = self._peek(shared.frame_view[payload_off:], want)
             if got <= 0:
                 if got == 0:
                     self._host_fin()
@@ -418,15 +441,38 @@ class TcpConn(TcpState):
                 window_field = 0 if self.sock_blocked else self._free_window()
             self.wnd_to_tap = window_field
             self.seq_ack_to_tap = self.seq_from_tap
-            ctx.send(ctx.output.tcp(
-                shared.frame_buf, got, self.remote_addr, self.remote_port, self.guest_addr,
-                self.guest_port, self.seq_to_tap, self.seq_from_tap,
-                wtcp.ACK | wtcp.PSH if got < want else wtcp.ACK, window_field))
-            self.seq_to_tap = (self.seq_to_tap + got) & 0xFFFFFFFF
+            if in_place:
+                self._commit_claimed(got, got < want, mss, window_field)
+            else:
+                ctx.send(ctx.output.tcp(
+                    shared.frame_buf, got, self.remote_addr, self.remote_port,
+                    self.guest_addr, self.guest_port, self.seq_to_tap, self.seq_from_tap,
+                    wtcp.ACK | wtcp.PSH if got < want else wtcp.ACK, window_field))
+                self.seq_to_tap = (self.seq_to_tap + got) & 0xFFFFFFFF
             if self.timer is None:
                 self._arm(ACK_TIMEOUT)
             if got < want:
                 return
+
+    def _commit_claimed(self, got: int, short: bool, mss: int, window_field: int) -> None:
+        """The frames of `got` bytes peeked into claimed buffers: headers only,
+        mss bytes each but the last; PSH on the last when the socket ran dry."""
+        ctx = self.ctx
+        output = ctx.output
+        frame_buf = self.shared.frame_buf
+        payload_off = self.payload_off
+        left = got
+        while left > 0:
+            size = mss if left > mss else left
+            left -= size
+            frame = output.tcp(
+                frame_buf, size, self.remote_addr, self.remote_port, self.guest_addr,
+                self.guest_port, self.seq_to_tap, self.seq_from_tap,
+                wtcp.ACK | wtcp.PSH if short and left == 0 else wtcp.ACK, window_field)
+            # Not sent when the claim was voided: like a frame the guest had
+            # no room for, the retransmission timer sends it again.
+            ctx.commit(frame[:payload_off], size)
+            self.seq_to_tap = (self.seq_to_tap + size) & 0xFFFFFFFF
 
     def _host_fin(self) -> None:
         """The host peer closed its side: FIN to the guest, after all its data."""

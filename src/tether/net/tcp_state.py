@@ -231,6 +231,15 @@ class TcpState:
         PEEK_FAILED."""
         raise NotImplementedError
 
+    def _peek_into(self, views: list[memoryview]) -> int:
+        """_peek, filling `views` in order (one recvmsg): bytes copied, 0 at end
+        of stream, PEEK_NOTHING or PEEK_FAILED."""
+        raise NotImplementedError
+
+    def _unread(self) -> int:
+        """Bytes the host sent that are still queued (peeked or not); 0 if unknown."""
+        raise NotImplementedError
+
     def _peek_from_head(self) -> bool:
         """Peek from the first byte the guest has not acknowledged again; False: failed."""
         raise NotImplementedError

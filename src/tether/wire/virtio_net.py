@@ -40,8 +40,11 @@ _IPV6_END = _ETH + 40  # IPv6 without extension headers (tether never sends them
 
 
 def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,
-                      gso_mtu: int = 0) -> None:
+                      gso_mtu: int = 0, length: int = -1) -> None:
     """The offload fields of `hdr` for a frame from tether's stack.
+
+    `length` is the frame's length when `frame` holds only its headers
+    (the payload was received into place elsewhere); -1: len(frame).
 
     A TCP or UDP frame gets NEEDS_CSUM with csum_start/csum_offset; a TCP
     frame whose IP packet is larger than `gso_mtu` (0: never) also gets the
@@ -52,7 +55,10 @@ def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,
     virtio_net_hdr_to_skb fails the write with EINVAL).
     Inline byte tests, no parsing objects: this runs for every frame.
     """
-    if len(frame) < _MIN_FRAME:
+    size = len(frame)
+    if length < 0:
+        length = size
+    if length < _MIN_FRAME or size < _MIN_FRAME:
         return
     if frame[12] == 0x08 and frame[13] == 0x00:  # IPv4: protocol at 9, IHL in words
         proto, l4, gso = frame[_ETH + 9], _ETH + (frame[_ETH] & 0xF) * 4, GSO_TCPV4
@@ -61,13 +67,13 @@ def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,
     else:
         return
     if proto == 6:
-        if len(frame) < l4 + 20:  # not even a TCP header: nothing to complete
+        if size < l4 + 20:  # not even a TCP header: nothing to complete
             return
-        if gso_mtu and len(frame) - _ETH > gso_mtu:
+        if gso_mtu and length - _ETH > gso_mtu:
             tcp_hlen = (frame[l4 + 12] >> 4) * 4
             HDR.pack_into(hdr, 0, F_NEEDS_CSUM, gso, l4 + tcp_hlen,
                           gso_mtu - (l4 - _ETH) - tcp_hlen, l4, _CSUM_OFFSET_TCP)
         else:
             HDR.pack_into(hdr, 0, F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, _CSUM_OFFSET_TCP)
-    elif proto == 17 and len(frame) >= l4 + 8:
+    elif proto == 17 and size >= l4 + 8:
         HDR.pack_into(hdr, 0, F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, _CSUM_OFFSET_UDP)

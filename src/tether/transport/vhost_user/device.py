@@ -81,6 +81,8 @@ class VhostUserNetDevice:
         self.send_frame = self.datapath.send_frame
         self.has_room = self.datapath.has_room
         self.flush = self.datapath.flush
+        self.claim = self.datapath.claim  # frames.InPlaceSink
+        self.commit = self.datapath.commit
         self.transfer = StateTransfer(loop, state, self._answer_check)
         self._front_end: FrontEnd | None = None
         self.connections = 0
@@ -474,6 +476,7 @@ class VhostUserNetDevice:
         return {
             "connections": self.connections, "tx_frames": dp.tx_frames,
             "rx_frames": dp.rx_frames, "rx_multi_buffer": dp.rx_multi_buffer,
+            "rx_in_place": dp.rx_in_place,
             "rx_dropped": dp.rx_dropped, "bad_chains": self.bad_chains,
             "logged_pages": dp.logged_pages + (
                 dp.dirty_log.marked if dp.dirty_log is not None else 0),

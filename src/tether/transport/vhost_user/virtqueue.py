@@ -92,14 +92,37 @@ class ChainError(Exception):
     """A descriptor chain that breaks the rules of §2.7.5 / §2.7.5.3."""
 
 
-class _ChainScratch:
-    """scatter()'s lists for a buffer that is not one plain descriptor."""
+class _RxScratch:
+    """What scatter() and claim() keep between buffers, kept off VirtQueue
+    (see the note on its attributes)."""
 
     def __init__(self) -> None:
+        # scatter(), for a buffer that is not one plain descriptor:
         self.segs: list[Segment] = []
         # Where the header goes when the first buffer does not hold it whole:
         # (view, offset, guest address, header bytes before, bytes there)
         self.header_spans: list[tuple[memoryview, int, int, int, int]] = []
+        # claim(): per claimed frame, the index (from `base`) of its first
+        # buffer, and one past the last frame's; its payload, the total and
+        # largest size of its buffers; where its headers go.
+        self.starts: list[int] = []
+        self.payloads: list[int] = []
+        self.capacities: list[int] = []
+        self.largest: list[int] = []
+        self.first_views: list[memoryview] = []
+        self.first_offs: list[int] = []
+        # The claimed frame commit_claimed() takes next; -1: no claim stands
+        # (scatter() or a new ring took the buffers it planned).
+        self.next_frame = -1
+        self.base = 0  # last_avail when the claim was made
+        self.headroom = 0  # the header bytes of every claimed frame, after ours
+
+    def clear_claim(self) -> None:
+        for kept in (self.starts, self.payloads, self.capacities, self.largest,
+                     self.first_offs):
+            kept.clear()
+        self.first_views.clear()
+        self.next_frame = -1
 
 
 class _RingCells:
@@ -163,7 +186,7 @@ class VirtQueue:
         # scatter()'s total and largest size of the buffers it used
         self.scatter_capacity = 0
         self.scatter_largest = 0
-        self._chain = _ChainScratch()
+        self._rx = _RxScratch()
         # Add attributes sparingly: CPython keeps a class's instance attributes
         # in one shared key table, with the fastest loads, only up to about 30
         # names; with 30 here every self.x got slower, and TX cost 10 % more
@@ -195,6 +218,7 @@ class VirtQueue:
         self.kicks_wanted = False
 
     def unmap_rings(self) -> None:
+        self._rx.clear_claim()  # its views are into the memory being let go
         if self._cells is not None:
             self._cells.release()
         self._desc_view = self._avail_view = self._used_view = self._cells = None
@@ -325,6 +349,7 @@ class VirtQueue:
         """
         cells = self._cells
         assert cells is not None and self._avail_view is not None
+        self._rx.next_frame = -1  # buffers a claim planned may go to this frame
         avail, desc, used = cells.avail, cells.desc, cells.used
         mask = self.num - 1  # a power of two (SET_VRING_NUM)
         position, used_idx = self.last_avail, self.used_idx
@@ -341,7 +366,7 @@ class VirtQueue:
         # inline, every buffer checked against it; anything else via gpa().
         lo, hi, region, shift = memory.span
         # The first buffer, when it is one descriptor that holds the whole
-        # header; else the header's place is in _chain.header_spans.
+        # header; else the header's place is in _rx.header_spans.
         first_view: memoryview | None = None
         first_off = first_addr = 0
         # The copy not yet made: frame[run_src:run_src + run_len] to
@@ -375,10 +400,10 @@ class VirtQueue:
                             off = addr + shift
             if off < 0:
                 # A chain, a header split over buffers, or a malformed buffer.
-                segs = self._chain.segs
+                segs = self._rx.segs
                 segs.clear()
                 if not taken:
-                    self._chain.header_spans.clear()
+                    self._rx.header_spans.clear()
                 try:
                     length = self.walk(head, memory, segs, writable=True)
                 except (ChainError, GuestMemoryError) as e:
@@ -427,7 +452,7 @@ class VirtQueue:
             if dirty is not None:
                 dirty.mark(first_addr, hdr_len)
         else:
-            for view, off, addr, start, n in self._chain.header_spans:
+            for view, off, addr, start, n in self._rx.header_spans:
                 k = min(hdr_len - start, n)
                 view[off:off + k] = header[start:start + k]
                 if dirty is not None:
@@ -452,7 +477,7 @@ class VirtQueue:
                 if stop > hdr_len:
                     k = hdr_len - pos
                     view[off + k:off + n] = frame[:stop - hdr_len]
-                self._chain.header_spans.append((view, off, addr, pos, n))
+                self._rx.header_spans.append((view, off, addr, pos, n))
             else:
                 view[off:off + n] = frame[pos - hdr_len:stop - hdr_len]
                 if dirty is not None:
@@ -473,6 +498,206 @@ class VirtQueue:
         self.last_avail = (self.last_avail + taken + 1) & 0xFFFF
         self.used_idx = (self.used_idx + taken) & 0xFFFF
         self.push_used(bad, 0, dirty)
+
+    # -- receiving in place ---------------------------------------------------
+
+    def claim(self, memory: MemoryTable, hdr_len: int, headroom: int,  # noqa: PLR0917
+              payload_max: int, total: int, max_frames: int, max_buffers: int,
+              views: list[memoryview]) -> int:
+        """Plan up to `max_frames` frames in the next receive buffers, so that
+        a socket can receive their payloads straight into guest memory.
+
+        Each frame is `hdr_len` (the virtio-net header) + `headroom` (its
+        Ethernet, IP and TCP headers) + up to `payload_max` payload bytes,
+        over at most `max_buffers` buffers, the first of which holds both
+        headers whole; `total` bounds the payload of all of them.  Appends
+        to `views` where the payloads go, in order (buffers adjacent in
+        guest memory share one view, as Linux carves them one after another
+        out of a page), and returns how many payload bytes they hold (0: not
+        one frame fits).  Only single device-writable descriptors are
+        claimed (how Linux posts receive buffers); planning stops before
+        anything else, which scatter() handles, malformed buffers included.
+
+        Nothing is consumed: commit_claimed() uses the frames in order, and
+        what it does not take stays available, as it was.  The used
+        elements of full frames are written here, once per buffer, beyond
+        used->idx where the guest does not look (as scatter() does): a
+        committed full frame then costs no second pass over its buffers.
+        """
+        rx = self._rx
+        rx.clear_claim()
+        rx.headroom = headroom
+        rx.base = self.last_avail
+        count = self.available()
+        cells = self._cells
+        if count == 0 or cells is None:
+            return 0
+        avail, desc, used = cells.avail, cells.desc, cells.used
+        mask = self.num - 1
+        position, used_idx = self.last_avail, self.used_idx
+        lo, hi, region, shift = memory.span
+        first = hdr_len + headroom
+        taken = claimed = frames = 0
+        while frames < max_frames and claimed < total:
+            want = total - claimed
+            if want > payload_max:  # noqa: PLR1730 (min() is a call, per frame)
+                want = payload_max
+            need = first + want
+            start = taken
+            kept = len(views)
+            pos = capacity = largest = 0
+            # The view not yet appended: run_view[run_lo:run_hi]
+            run_view = first_view = region
+            run_lo = run_hi = first_off = 0
+            while pos < need:
+                if taken == count or taken - start == max_buffers:
+                    break
+                head = avail[(position + taken) & mask]
+                if head > mask:
+                    break
+                word = desc[2 * head + 1]  # le32 len, le16 flags, le16 next
+                length = word & 0xFFFFFFFF
+                if word >> 32 & 0xFFFF != DESC_F_WRITE or not 0 < length <= MAX_CHAIN_BYTES:
+                    break
+                if pos == 0 and length <= first:
+                    break
+                addr = desc[2 * head]
+                if not (lo <= addr and addr + length <= hi):
+                    try:
+                        memory.gpa(addr, length)
+                    except GuestMemoryError:
+                        break
+                    lo, hi, region, shift = memory.span
+                off = addr + shift
+                n = need - pos
+                if n > length:  # noqa: PLR1730
+                    n = length
+                if pos == 0:
+                    first_view, first_off = region, off
+                    run_view, run_lo, run_hi = region, off + first, off + n
+                elif region is run_view and off == run_hi:
+                    run_hi = off + n
+                else:
+                    views.append(run_view[run_lo:run_hi])
+                    run_view, run_lo, run_hi = region, off, off + n
+                slot = (used_idx + taken) & mask
+                used[2 * slot] = head
+                used[2 * slot + 1] = n
+                capacity += length
+                if length > largest:  # noqa: PLR1730
+                    largest = length
+                pos += n
+                taken += 1
+            if pos < need:  # this frame does not fit: forget its buffers
+                del views[kept:]
+                taken = start
+                break
+            views.append(run_view[run_lo:run_hi])
+            rx.starts.append(start)
+            rx.payloads.append(want)
+            rx.capacities.append(capacity)
+            rx.largest.append(largest)
+            rx.first_views.append(first_view)
+            rx.first_offs.append(first_off)
+            claimed += want
+            frames += 1
+        rx.starts.append(taken)
+        rx.next_frame = 0
+        return claimed
+
+    def commit_claimed(self, header: memoryview, headers: memoryview, payload_len: int,
+                       dirty: DirtyLog | None) -> int:
+        """Use the next claimed frame: its buffers hold `payload_len` payload
+        bytes (received in place), `header` (the virtio-net header, whose
+        num_buffers this sets) and `headers` are written in front of them,
+        after the data and before used->idx, as in scatter().
+
+        Frames go in claim order, and one that holds less than its claim
+        must be the last (its unused buffers, and every later frame's, stay
+        available).  Returns the buffers used (`scatter_capacity` and
+        `scatter_largest` hold their total and largest size), 0 if no
+        claimed frame is left, the ring moved, or the payload does not fit.
+        """
+        rx = self._rx
+        k = rx.next_frame
+        starts = rx.starts
+        rx.next_frame = -1  # until this frame is used whole
+        if not 0 <= k < len(starts) - 1 or len(headers) != rx.headroom:
+            return 0
+        start, end = starts[k], starts[k + 1]
+        if start != (self.last_avail - rx.base) & 0xFFFF:
+            return 0  # the ring moved since the claim: its buffers are not ours to use
+        hdr_len = len(header)
+        payload = rx.payloads[k]
+        if payload_len > payload:
+            return 0  # a caller's bug: more than the claim holds
+        if payload_len == payload and dirty is None:
+            taken = end - start  # claim() wrote its used elements
+            self.scatter_capacity, self.scatter_largest = rx.capacities[k], rx.largest[k]
+        else:
+            taken = self._used_again(hdr_len + rx.headroom + payload_len, end - start, dirty)
+            if taken == 0:
+                return 0
+        if hdr_len == virtio_net.HDR_LEN_NUM_BUFFERS:
+            virtio_net.NUM_BUFFERS.pack_into(header, virtio_net.NUM_BUFFERS_OFFSET, taken)
+        view, off = rx.first_views[k], rx.first_offs[k]
+        view[off:off + hdr_len] = header
+        view[off + hdr_len:off + hdr_len + len(headers)] = headers
+        if dirty is not None:
+            dirty.mark(self._first_gpa(), hdr_len + len(headers))
+        self.last_avail = (self.last_avail + taken) & 0xFFFF
+        self.used_idx = (self.used_idx + taken) & 0xFFFF
+        self._pending_used = True
+        if taken == end - start and payload_len == payload:
+            rx.next_frame = k + 1  # else a partial frame: the last
+        return taken
+
+    def _used_again(self, need: int, most: int, dirty: DirtyLog | None) -> int:
+        """commit_claimed()'s used elements for a frame of `need` bytes from
+        last_avail (a partial one, or any while the dirty log is on, which
+        wants each page written): the ring read again, not remembered from
+        the claim.  A guest that rewrote buffers it gave the device only
+        garbles its own data; every address written to was checked by
+        claim().  Returns the buffers used, 0 if they no longer hold it."""
+        cells = self._cells
+        assert cells is not None
+        avail, desc, used = cells.avail, cells.desc, cells.used
+        mask = self.num - 1
+        position, used_idx = self.last_avail, self.used_idx
+        pos = capacity = largest = taken = 0
+        while pos < need and taken < most:
+            head = avail[position & mask]
+            if head > mask:
+                return 0
+            word = desc[2 * head + 1]
+            length = word & 0xFFFFFFFF
+            if word >> 32 & 0xFFFF != DESC_F_WRITE or not 0 < length <= MAX_CHAIN_BYTES:
+                return 0
+            n = min(need - pos, length)
+            slot = used_idx & mask
+            used[2 * slot] = head
+            used[2 * slot + 1] = n
+            if dirty is not None:
+                dirty.mark(desc[2 * head], n)
+                if self.log_used:
+                    dirty.mark(self.log_gpa + 4 + 8 * slot, 8)
+            capacity += length
+            largest = max(largest, length)
+            used_idx = (used_idx + 1) & 0xFFFF
+            position = (position + 1) & 0xFFFF
+            pos += n
+            taken += 1
+        if pos < need:
+            return 0
+        self.scatter_capacity, self.scatter_largest = capacity, largest
+        return taken
+
+    def _first_gpa(self) -> int:
+        """The guest address of the buffer at last_avail (a single descriptor)."""
+        cells = self._cells
+        assert cells is not None
+        head = cells.avail[self.last_avail & (self.num - 1)]
+        return int(cells.desc[2 * head]) if head < self.num else 0
 
     # -- the used side --------------------------------------------------------
 
