@@ -15,16 +15,17 @@ import logging
 import select
 import time
 from collections.abc import Callable
+from typing import Final
 
 log = logging.getLogger(__name__)
 
 FdHandler = Callable[[int], None]
 """Called with the epoll event mask that fired."""
 
-READ = select.EPOLLIN
-WRITE = select.EPOLLOUT
-HANGUP = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
-EDGE = select.EPOLLET  # report a file once per change, not while it stays ready
+READ: Final = select.EPOLLIN
+WRITE: Final = select.EPOLLOUT
+HANGUP: Final = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+EDGE: Final = select.EPOLLET  # report a file once per change, not while it stays ready
 
 
 class Timer:

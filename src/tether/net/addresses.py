@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-RECORD = struct.Struct("!16s16s4s6s")
-RECORD_LEN = RECORD.size  # 42
+RECORD: Final = struct.Struct("!16s16s4s6s")
+RECORD_LEN: Final = RECORD.size  # 42
 
 
 @dataclass

@@ -7,11 +7,13 @@ beyond a DUID's 130 bytes, RFC 8415 section 11.1) gets none.
 
 from __future__ import annotations
 
+from typing import Final
+
 from tether.net.params import NetParams
 from tether.wire import dhcpv6, ipv6, udp
 from tether.wire.dhcp import encode_search_list
 
-MAX_DUID = 130  # RFC 8415 section 11.1: "no more than 130 octets (including the type code)"
+MAX_DUID: Final = 130  # RFC 8415 section 11.1: "no more than 130 octets (including the type code)"
 
 
 def reply(params: NetParams, msg: dhcpv6.Message) -> bytes | None:

@@ -7,7 +7,7 @@ refusal (TableFull), not exhaust tether's file descriptors or memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Final, Protocol
 
 from tether.loop import Loop, Timer
 
@@ -15,7 +15,7 @@ FlowKey = tuple[int, bytes, int, bytes, int]
 """(IP protocol, guest address, guest port, remote address as the guest sees it, remote port)."""
 
 
-_SHARED_MAX = 4096  # distinct addresses and ports FlowTable.canonical keeps
+_SHARED_MAX: Final = 4096  # distinct addresses and ports FlowTable.canonical keeps
 
 
 class TableFull(Exception):  # noqa: N818 - reads as the condition it is

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import struct
+from typing import Final
 
 from tether import loop as evloop
 from tether.net.context import NetContext
@@ -21,7 +22,7 @@ from tether.wire import ethernet, icmp, ipv4, ipv6
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 65535 - ipv4.HLEN
+MAX_MESSAGE: Final = 65535 - ipv4.HLEN
 
 
 def ping_sockets_allowed() -> tuple[bool, str]:

@@ -9,14 +9,15 @@ bytes are copied at most once.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from tether.wire import ethernet, ipv4, ipv6, tcp, udp
 from tether.wire.checksum import finish, ones_sum, pseudo_sum
 
-L2L3 = ethernet.HLEN + ipv4.HLEN  # 34: where the L4 header starts over IPv4
-L2L3_V6 = ethernet.HLEN + ipv6.HLEN  # 54: over IPv6
-UDP_PAYLOAD = L2L3 + udp.HLEN
-TCP_PAYLOAD = L2L3 + tcp.HLEN  # for IPv4 segments without options
+L2L3: Final = ethernet.HLEN + ipv4.HLEN  # 34: where the L4 header starts over IPv4
+L2L3_V6: Final = ethernet.HLEN + ipv6.HLEN  # 54: over IPv6
+UDP_PAYLOAD: Final = L2L3 + udp.HLEN
+TCP_PAYLOAD: Final = L2L3 + tcp.HLEN  # for IPv4 segments without options
 
 
 def l4_offset(addr: bytes) -> int:

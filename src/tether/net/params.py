@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Final
 
-OUR_MAC = bytes.fromhex("9a559a559a55")  # the same locally administered MAC passt uses
-DEFAULT_MTU = 65520
-DEFAULT_MAX_FLOWS = (1 << 17) - 1
+OUR_MAC: Final = bytes.fromhex("9a559a559a55")  # the same locally administered MAC passt uses
+DEFAULT_MTU: Final = 65520
+DEFAULT_MAX_FLOWS: Final = (1 << 17) - 1
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import logging
 import resource
 import socket
 from collections.abc import Sequence
+from typing import Final
 
 from tether import loop as evloop
 from tether.frames import FrameSink, InPlaceSink, in_place_of
@@ -36,10 +37,10 @@ from tether.wire import ParseError, arp, dhcp, dhcpv6, ethernet, inany, ipv4, ip
 
 log = logging.getLogger(__name__)
 
-ACCEPT_BACKOFF = 0.5  # s a -t listener rests after accept() failed (EMFILE...)
+ACCEPT_BACKOFF: Final = 0.5  # s a -t listener rests after accept() failed (EMFILE...)
 
-_IP_FREEBIND = 15  # linux/in.h
-_IPV6_FREEBIND = 78  # linux/in6.h
+_IP_FREEBIND: Final = 15  # linux/in.h
+_IPV6_FREEBIND: Final = 78  # linux/in6.h
 
 
 class Stack:

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import socket
+from typing import Final
 
 from tether import loop as evloop
 from tether.net.context import NetContext
@@ -39,14 +40,14 @@ from tether.wire import tcp as wtcp
 
 log = logging.getLogger(__name__)
 
-SNDBUF_REFRESH = 64  # windows computed between two reads of SO_SNDBUF
+SNDBUF_REFRESH: Final = 64  # windows computed between two reads of SO_SNDBUF
 CONNECT_TIMEOUT = 10.0  # a host-side connect with no answer gives its flow back (passt: 10 s)
-WINDOW_FLOOR = 1 << 20
-_DISCARD = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
-_OUTQ = bytearray(4)
-_INQ = bytearray(4)
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: IntFlag costs per call
-_TRUNC = int(socket.MSG_TRUNC)
+WINDOW_FLOOR: Final = 1 << 20
+_DISCARD: Final = bytearray(1 << 20)  # MSG_TRUNC target: the kernel copies nothing into it
+_OUTQ: Final = bytearray(4)
+_INQ: Final = bytearray(4)
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: IntFlag costs per call
+_TRUNC: Final = int(socket.MSG_TRUNC)
 
 
 def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:

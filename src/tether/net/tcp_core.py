@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Final
 
 from tether.net.context import NetContext
 from tether.net.flows import FlowKey
@@ -50,19 +51,19 @@ ACK_TIMEOUT = 1.0  # seconds before unacknowledged data is sent again
 # Guest data short of two full segments is acknowledged within this (RFC 9293
 # section 3.8.6.3 allows 0.5 s; Linux waits at least 40 ms): short, because a
 # guest whose Nagle holds back a small tail waits for this ACK.
-DELAYED_ACK = 0.001
+DELAYED_ACK: Final = 0.001
 # Options a guest data segment may carry beyond what our MSS counts: still "full-sized".
-_SEGMENT_OPTIONS = 40
+_SEGMENT_OPTIONS: Final = 40
 SYN_TIMEOUT = 3.0
 MAX_RETRIES = 6
-WS_TO_GUEST = 8
+WS_TO_GUEST: Final = 8
 # Largest payloads when the transport segments for us: what fits the IP length fields.
-_GSO_PAYLOAD_V4 = 0xFFFF - ipv4.HLEN - wtcp.HLEN
-_GSO_PAYLOAD_V6 = 0xFFFF - wtcp.HLEN
-PENDING_MAX = 2 << 20
+_GSO_PAYLOAD_V4: Final = 0xFFFF - ipv4.HLEN - wtcp.HLEN
+_GSO_PAYLOAD_V6: Final = 0xFFFF - wtcp.HLEN
+PENDING_MAX: Final = 2 << 20
 # seq, ack, data offset, flags, window: the fields of a pure ACK that change
 # (wire/tcp.py's header from byte 4, RFC 9293 section 3.1).
-_ACK_FIELDS = struct.Struct("!IIBBH")
+_ACK_FIELDS: Final = struct.Struct("!IIBBH")
 
 
 class TcpShared:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Final
 
 from tether import loop as evloop
 from tether.net import tcp_record as wire
@@ -28,33 +29,33 @@ from tether.wire import tcp as wtcp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GUEST_MSS = 536  # RFC 9293 section 3.7.1, when the SYN carries none
+DEFAULT_GUEST_MSS: Final = 536  # RFC 9293 section 3.7.1, when the SYN carries none
 # What a host-side peek may return besides a byte count.
-PEEK_NOTHING = -1  # nothing to read now
-PEEK_FAILED = -2  # the socket failed
+PEEK_NOTHING: Final = -1  # nothing to read now
+PEEK_FAILED: Final = -2  # the socket failed
 
-SOCK_ACCEPTED = wire.SOCK_ACCEPTED
+SOCK_ACCEPTED: Final = wire.SOCK_ACCEPTED
 """A host peer connected to a -t port; we sent the guest SYN."""
-TAP_SYN_RCVD = wire.TAP_SYN_RCVD
+TAP_SYN_RCVD: Final = wire.TAP_SYN_RCVD
 """The guest sent SYN; the host socket is connecting."""
-ESTABLISHED = wire.ESTABLISHED
+ESTABLISHED: Final = wire.ESTABLISHED
 """The three-way handshake with the guest completed."""
-TAP_SYN_ACK_SENT = wire.SYN_ACK_SENT_OR_SOCK_FIN_RCVD
+TAP_SYN_ACK_SENT: Final = wire.SYN_ACK_SENT_OR_SOCK_FIN_RCVD
 """The host socket connected and we sent the guest SYN|ACK (before ESTABLISHED)."""
-SOCK_FIN_SENT = wire.SOCK_FIN_SENT
+SOCK_FIN_SENT: Final = wire.SOCK_FIN_SENT
 """The guest's FIN was passed on: the socket is shut down for writing."""
-TAP_FIN_RCVD = wire.TAP_FIN_RCVD
+TAP_FIN_RCVD: Final = wire.TAP_FIN_RCVD
 """The guest sent FIN and the socket took everything before it."""
-TAP_FIN_SENT = wire.TAP_FIN_SENT
+TAP_FIN_SENT: Final = wire.TAP_FIN_SENT
 """We sent the guest FIN (the host peer closed its side)."""
-TAP_FIN_ACKED = wire.TAP_FIN_ACKED
+TAP_FIN_ACKED: Final = wire.TAP_FIN_ACKED
 """The guest acknowledged our FIN."""
-SOCK_FIN_RCVD = 0x100
+SOCK_FIN_RCVD: Final = 0x100
 """The host socket read end-of-file (after ESTABLISHED; passt's 0x08 on the wire)."""
 
-ALL = 0x1FF  # every bit above: `_event(on, off=ALL)` replaces the state
+ALL: Final = 0x1FF  # every bit above: `_event(on, off=ALL)` replaces the state
 
-NAMES: tuple[tuple[int, str], ...] = (
+NAMES: Final[tuple[tuple[int, str], ...]] = (
     (SOCK_ACCEPTED, "SOCK_ACCEPTED"), (TAP_SYN_RCVD, "TAP_SYN_RCVD"),
     (ESTABLISHED, "ESTABLISHED"), (TAP_SYN_ACK_SENT, "TAP_SYN_ACK_SENT"),
     (SOCK_FIN_RCVD, "SOCK_FIN_RCVD"), (SOCK_FIN_SENT, "SOCK_FIN_SENT"),

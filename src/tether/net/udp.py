@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Final
 
 from tether import loop as evloop
 from tether.net.context import NetContext
@@ -21,8 +22,8 @@ from tether.wire import ipv4, udp
 
 log = logging.getLogger(__name__)
 
-MAX_PAYLOAD = 65535 - ipv4.HLEN - udp.HLEN
-READ_BATCH = 64  # datagrams per wake-up of a busy socket, at most
+MAX_PAYLOAD: Final = 65535 - ipv4.HLEN - udp.HLEN
+READ_BATCH: Final = 64  # datagrams per wake-up of a busy socket, at most
 
 
 @dataclass(frozen=True)

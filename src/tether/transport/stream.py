@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from tether import loop as evloop
 from tether.frames import GuestPort
@@ -21,11 +22,11 @@ from tether.ratelimit import limited
 
 log = logging.getLogger(__name__)
 
-ACCEPT_BACKOFF = 0.5  # s without accepting after EMFILE and the like
+ACCEPT_BACKOFF: Final = 0.5  # s without accepting after EMFILE and the like
 
-FRAME_MAX = 65536 + 14
-_LEN = struct.Struct("!I")
-_SNDBUF = 8 << 20
+FRAME_MAX: Final = 65536 + 14
+_LEN: Final = struct.Struct("!I")
+_SNDBUF: Final = 8 << 20
 
 
 class StreamTransport:

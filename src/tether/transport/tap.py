@@ -12,6 +12,7 @@ import errno
 import io
 import logging
 import os
+from typing import Final
 
 from tether import loop as evloop
 from tether.frames import GuestPort
@@ -22,11 +23,11 @@ log = logging.getLogger(__name__)
 
 # With IFF_VNET_HDR each frame carries the 10-byte struct virtio_net_hdr
 # (wire/virtio_net.py), little-endian after TUNSETVNETLE (tap_setup.py).
-VNET_HDR_LEN = virtio_net.HDR_LEN
-_PLAIN_HDR = bytes(VNET_HDR_LEN)
+VNET_HDR_LEN: Final = virtio_net.HDR_LEN
+_PLAIN_HDR: Final = bytes(VNET_HDR_LEN)
 
-FRAME_MAX = 65536 + 128  # a 64 KiB GSO frame, its Ethernet and virtio-net headers
-BATCH = 32  # frames read per wake-up before the stack sees them
+FRAME_MAX: Final = 65536 + 128  # a 64 KiB GSO frame, its Ethernet and virtio-net headers
+BATCH: Final = 32  # frames read per wake-up before the stack sees them
 
 
 class TapTransport:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-LEN = 28
-OP_REQUEST = 1
-OP_REPLY = 2
+LEN: Final = 28
+OP_REQUEST: Final = 1
+OP_REPLY: Final = 2
 
 # htype, ptype, hlen, plen, op, sender MAC, sender IP, target MAC, target IP
-_ARP = struct.Struct("!HHBBH6s4s6s4s")
+_ARP: Final = struct.Struct("!HHBBH6s4s6s4s")
 
 
 class Arp(NamedTuple):

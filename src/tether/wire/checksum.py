@@ -8,10 +8,12 @@ modulo run in C, so this is one linear pass with no per-word Python work.
 
 from __future__ import annotations
 
+from typing import Final
+
 BytesLike = bytes | bytearray | memoryview
 
 
-_CHUNK = 4096  # even, so every chunk starts on a 16-bit word boundary
+_CHUNK: Final = 4096  # even, so every chunk starts on a 16-bit word boundary
 
 
 def ones_sum(data: BytesLike, initial: int = 0) -> int:

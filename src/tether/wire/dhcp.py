@@ -7,44 +7,44 @@ from __future__ import annotations
 # would no longer find it.  Import it while tether can.
 import encodings.idna  # noqa: F401
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-SERVER_PORT = 67
-CLIENT_PORT = 68
-MAGIC = b"\x63\x82\x53\x63"  # RFC 2131 section 3
-FIXED_LEN = 236  # op .. file, before the magic cookie
-BOOTREQUEST = 1
-BOOTREPLY = 2
+SERVER_PORT: Final = 67
+CLIENT_PORT: Final = 68
+MAGIC: Final = b"\x63\x82\x53\x63"  # RFC 2131 section 3
+FIXED_LEN: Final = 236  # op .. file, before the magic cookie
+BOOTREQUEST: Final = 1
+BOOTREPLY: Final = 2
 
 # RFC 2132 option codes
-OPT_PAD = 0
-OPT_SUBNET_MASK = 1
-OPT_ROUTER = 3
-OPT_DNS = 6
-OPT_HOSTNAME = 12
-OPT_DOMAIN_NAME = 15
-OPT_MTU = 26
-OPT_CLIENT_FQDN = 81  # RFC 4702
-OPT_REQUESTED_IP = 50
-OPT_LEASE_TIME = 51
-OPT_MESSAGE_TYPE = 53
-OPT_SERVER_ID = 54
-OPT_DOMAIN_SEARCH = 119  # RFC 3397
-OPT_END = 255
+OPT_PAD: Final = 0
+OPT_SUBNET_MASK: Final = 1
+OPT_ROUTER: Final = 3
+OPT_DNS: Final = 6
+OPT_HOSTNAME: Final = 12
+OPT_DOMAIN_NAME: Final = 15
+OPT_MTU: Final = 26
+OPT_CLIENT_FQDN: Final = 81  # RFC 4702
+OPT_REQUESTED_IP: Final = 50
+OPT_LEASE_TIME: Final = 51
+OPT_MESSAGE_TYPE: Final = 53
+OPT_SERVER_ID: Final = 54
+OPT_DOMAIN_SEARCH: Final = 119  # RFC 3397
+OPT_END: Final = 255
 
-DISCOVER = 1
-OFFER = 2
-REQUEST = 3
-DECLINE = 4
-ACK = 5
-NAK = 6
-RELEASE = 7
-INFORM = 8
+DISCOVER: Final = 1
+OFFER: Final = 2
+REQUEST: Final = 3
+DECLINE: Final = 4
+ACK: Final = 5
+NAK: Final = 6
+RELEASE: Final = 7
+INFORM: Final = 8
 
 # op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr
-_FIXED = struct.Struct("!BBBBIHH4s4s4s4s16s")
+_FIXED: Final = struct.Struct("!BBBBIHH4s4s4s4s16s")
 
 
 class Message(NamedTuple):

@@ -7,32 +7,32 @@ Information-request with one address (IA_NA) and the DNS servers (RFC 3646).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-CLIENT_PORT = 546
-SERVER_PORT = 547
-ALL_SERVERS = bytes.fromhex("ff020000000000000000000000010002")  # section 7.1
+CLIENT_PORT: Final = 546
+SERVER_PORT: Final = 547
+ALL_SERVERS: Final = bytes.fromhex("ff020000000000000000000000010002")  # section 7.1
 
-SOLICIT = 1
-ADVERTISE = 2
-REQUEST = 3
-CONFIRM = 4
-RENEW = 5
-REBIND = 6
-REPLY = 7
-INFORMATION_REQUEST = 11
+SOLICIT: Final = 1
+ADVERTISE: Final = 2
+REQUEST: Final = 3
+CONFIRM: Final = 4
+RENEW: Final = 5
+REBIND: Final = 6
+REPLY: Final = 7
+INFORMATION_REQUEST: Final = 11
 
-OPT_CLIENTID = 1
-OPT_SERVERID = 2
-OPT_IA_NA = 3
-OPT_IAADDR = 5
-OPT_RAPID_COMMIT = 14
-OPT_DNS_SERVERS = 23  # RFC 3646
-OPT_CLIENT_FQDN = 39  # RFC 4704
+OPT_CLIENTID: Final = 1
+OPT_SERVERID: Final = 2
+OPT_IA_NA: Final = 3
+OPT_IAADDR: Final = 5
+OPT_RAPID_COMMIT: Final = 14
+OPT_DNS_SERVERS: Final = 23  # RFC 3646
+OPT_CLIENT_FQDN: Final = 39  # RFC 4704
 
-_OPT = struct.Struct("!HH")
+_OPT: Final = struct.Struct("!HH")
 
 
 class Message(NamedTuple):

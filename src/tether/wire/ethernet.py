@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from tether.wire import ParseError
 
-HLEN = 14
-TYPE_IPV4 = 0x0800
-TYPE_ARP = 0x0806
-TYPE_IPV6 = 0x86DD
-BROADCAST = b"\xff" * 6
+HLEN: Final = 14
+TYPE_IPV4: Final = 0x0800
+TYPE_ARP: Final = 0x0806
+TYPE_IPV6: Final = 0x86DD
+BROADCAST: Final = b"\xff" * 6
 
-_HDR = struct.Struct("!6s6sH")
+_HDR: Final = struct.Struct("!6s6sH")
 
 
 def parse(frame: memoryview) -> tuple[bytes, bytes, int]:

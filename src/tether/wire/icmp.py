@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-HLEN = 8
-V4_ECHO_REPLY = 0
-V4_ECHO_REQUEST = 8
-V6_ECHO_REQUEST = 128
-V6_ECHO_REPLY = 129
+HLEN: Final = 8
+V4_ECHO_REPLY: Final = 0
+V4_ECHO_REQUEST: Final = 8
+V6_ECHO_REQUEST: Final = 128
+V6_ECHO_REPLY: Final = 129
 
 # type, code, checksum, identifier, sequence number
-_ECHO = struct.Struct("!BBHHH")
+_ECHO: Final = struct.Struct("!BBHHH")
 
 
 class Echo(NamedTuple):

@@ -7,7 +7,9 @@ flow records use that form for both families, and so do tether's.
 
 from __future__ import annotations
 
-V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # RFC 4291 section 2.5.5.2
+from typing import Final
+
+V4_MAPPED_PREFIX: Final = bytes(10) + b"\xff\xff"  # RFC 4291 section 2.5.5.2
 
 
 def is_v4_mapped(addr: bytes) -> bool:

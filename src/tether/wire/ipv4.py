@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 from tether.wire.checksum import checksum
 
-HLEN = 20
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-FLAG_DF = 0x4000
-_FLAG_MF = 0x2000
-_OFFSET_MASK = 0x1FFF
+HLEN: Final = 20
+PROTO_ICMP: Final = 1
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+FLAG_DF: Final = 0x4000
+_FLAG_MF: Final = 0x2000
+_OFFSET_MASK: Final = 0x1FFF
 
 # version/IHL, TOS, total length, identification, flags/fragment offset, TTL,
 # protocol, header checksum, source, destination
-_HDR = struct.Struct("!BBHHHBBH4s4s")
+_HDR: Final = struct.Struct("!BBHHHBBH4s4s")
 
 
 class IPv4(NamedTuple):

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-HLEN = 40
-PROTO_ICMPV6 = 58
-ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
-UNSPECIFIED = bytes(16)
+HLEN: Final = 40
+PROTO_ICMPV6: Final = 58
+ALL_NODES: Final = bytes.fromhex("ff020000000000000000000000000001")
+UNSPECIFIED: Final = bytes(16)
 
 # version/class/flow label, payload length, next header, hop limit, source, destination
-_HDR = struct.Struct("!IHBB16s16s")
+_HDR: Final = struct.Struct("!IHBB16s16s")
 
 
 class IPv6(NamedTuple):

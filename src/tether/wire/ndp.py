@@ -8,24 +8,24 @@ ICMPv6 checksums (RFC 4443 section 2.3) are filled in by the caller.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-ROUTER_SOLICITATION = 133
-ROUTER_ADVERTISEMENT = 134
-NEIGHBOR_SOLICITATION = 135
-NEIGHBOR_ADVERTISEMENT = 136
-HOP_LIMIT = 255  # section 7.1.1: anything else was forwarded and must be ignored
+ROUTER_SOLICITATION: Final = 133
+ROUTER_ADVERTISEMENT: Final = 134
+NEIGHBOR_SOLICITATION: Final = 135
+NEIGHBOR_ADVERTISEMENT: Final = 136
+HOP_LIMIT: Final = 255  # section 7.1.1: anything else was forwarded and must be ignored
 
-OPT_SOURCE_LL = 1
-OPT_TARGET_LL = 2
-OPT_PREFIX = 3
-OPT_MTU = 5
-OPT_RDNSS = 25
+OPT_SOURCE_LL: Final = 1
+OPT_TARGET_LL: Final = 2
+OPT_PREFIX: Final = 3
+OPT_MTU: Final = 5
+OPT_RDNSS: Final = 25
 
-_NA_FLAGS = 0x60000000  # Solicited | Override (section 4.4); not Router: see build_na
-_NA_ROUTER = 0x80000000
+_NA_FLAGS: Final = 0x60000000  # Solicited | Override (section 4.4); not Router: see build_na
+_NA_ROUTER: Final = 0x80000000
 
 
 class Solicitation(NamedTuple):

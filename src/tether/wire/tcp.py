@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from tether.wire import ParseError
 
-HLEN = 20
-FIN = 0x01
-SYN = 0x02
-RST = 0x04
-PSH = 0x08
-ACK = 0x10
-URG = 0x20
+HLEN: Final = 20
+FIN: Final = 0x01
+SYN: Final = 0x02
+RST: Final = 0x04
+PSH: Final = 0x08
+ACK: Final = 0x10
+URG: Final = 0x20
 
-OPT_END = 0
-OPT_NOP = 1
-OPT_MSS = 2
-OPT_WS = 3
-MAX_WS = 14  # RFC 7323 section 2.3
+OPT_END: Final = 0
+OPT_NOP: Final = 1
+OPT_MSS: Final = 2
+OPT_WS: Final = 3
+MAX_WS: Final = 14  # RFC 7323 section 2.3
 
 # source port, destination port, sequence, acknowledgment, data offset, flags,
 # window, checksum, urgent pointer
-_HDR = struct.Struct("!HHIIBBHHH")
+_HDR: Final = struct.Struct("!HHIIBBHHH")
 
 
 class Tcp(NamedTuple):

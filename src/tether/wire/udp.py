@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from tether.wire import ParseError
 
-HLEN = 8
+HLEN: Final = 8
 
-_HDR = struct.Struct("!HHHH")
+_HDR: Final = struct.Struct("!HHHH")
 
 
 def parse(data: memoryview) -> tuple[int, int, int]:

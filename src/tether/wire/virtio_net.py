@@ -20,23 +20,24 @@ pseudo-header sum, and the receiver sums from csum_start to the end.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
-HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-HDR_LEN = HDR.size  # 10: the legacy header, and a tap's
-HDR_LEN_NUM_BUFFERS = 12  # with num_buffers
-NUM_BUFFERS = struct.Struct("<H")
-NUM_BUFFERS_OFFSET = 10
+HDR: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+HDR_LEN: Final = HDR.size  # 10: the legacy header, and a tap's
+HDR_LEN_NUM_BUFFERS: Final = 12  # with num_buffers
+NUM_BUFFERS: Final = struct.Struct("<H")
+NUM_BUFFERS_OFFSET: Final = 10
 
-F_NEEDS_CSUM = 1
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_TCPV6 = 4
+F_NEEDS_CSUM: Final = 1
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_TCPV6: Final = 4
 
-_CSUM_OFFSET_TCP = 16  # RFC 9293: the checksum field's offset in the TCP header
-_CSUM_OFFSET_UDP = 6  # RFC 768
-_MIN_FRAME = 14 + 20 + 8  # Ethernet + IPv4 + UDP: nothing shorter carries TCP or UDP
-_ETH = 14
-_IPV6_END = _ETH + 40  # IPv6 without extension headers (tether never sends them)
+_CSUM_OFFSET_TCP: Final = 16  # RFC 9293: the checksum field's offset in the TCP header
+_CSUM_OFFSET_UDP: Final = 6  # RFC 768
+_MIN_FRAME: Final = 14 + 20 + 8  # Ethernet + IPv4 + UDP: nothing shorter carries TCP or UDP
+_ETH: Final = 14
+_IPV6_END: Final = _ETH + 40  # IPv6 without extension headers (tether never sends them)
 
 
 def pack_offload_into(hdr: bytearray, frame: bytes | bytearray | memoryview,

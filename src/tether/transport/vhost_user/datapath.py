@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from ...frames import GuestPort
 from ...loop import Loop
@@ -30,10 +31,10 @@ from .virtqueue import MAX_QUEUE_SIZE, ChainError, Segment, VirtQueue
 log = logging.getLogger(__name__)
 
 RX, TX = 0, 1  # virtio-net queue pair 0 (virtio spec §5.1.2)
-NUM_QUEUES = 2
-_ZERO_HDR = bytes(virtio_net.HDR_LEN_NUM_BUFFERS)
-MAX_FRAME = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
-TX_BATCH = 64  # chains per pass before yielding to other fds
+NUM_QUEUES: Final = 2
+_ZERO_HDR: Final = bytes(virtio_net.HDR_LEN_NUM_BUFFERS)
+MAX_FRAME: Final = 65535 + 14  # largest Ethernet frame (MTU 65520 + header, with room)
+TX_BATCH: Final = 64  # chains per pass before yielding to other fds
 # TX mitigation, as QEMU's own virtio-net "tx=timer": after a batch with bulk
 # data in it, kicks stay off and the ring is looked at again after TX_POLL.
 # A guest streaming at 1.5 Gbit/s adds a frame every ~0.4 ms, so this takes
@@ -42,13 +43,13 @@ TX_BATCH = 64  # chains per pass before yielding to other fds
 # 0.69x (1.06 vs 1.54 CPU-s/GB) and the TCG guest's rate rose.  Small
 # frames (ACKs, requests) go back to kicks at once: no added latency for
 # them.  1 ms is epoll's granularity.
-TX_POLL = 0.001
-TX_POLL_BYTES = 32 << 10  # data in a batch that makes it bulk
-TX_SLOT = MAX_FRAME + virtio_net.HDR_LEN_NUM_BUFFERS  # a gathered frame with its header
-TX_ARENA_FRAMES = 16  # gathered frames per pass that need no allocation
+TX_POLL: Final = 0.001
+TX_POLL_BYTES: Final = 32 << 10  # data in a batch that makes it bulk
+TX_SLOT: Final = MAX_FRAME + virtio_net.HDR_LEN_NUM_BUFFERS  # a gathered frame with its header
+TX_ARENA_FRAMES: Final = 16  # gathered frames per pass that need no allocation
 # Frames one claim plans (their payloads in one recvmsg): 8 frames of 64 KiB
 # take 136 receive buffers, well under the kernel's 1024 iovecs per call.
-CLAIM_FRAMES = 8
+CLAIM_FRAMES: Final = 8
 
 
 class DataPath:

@@ -27,6 +27,7 @@ import logging
 import mmap
 import os
 from collections.abc import Sequence
+from typing import Final
 
 from ... import ratelimit
 from .fds import FdKindError, check_mappable, pin_size
@@ -34,10 +35,10 @@ from .protocol import MemRegion, ProtocolError
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 4096  # VHOST_LOG_PAGE: one log bit per 4 KiB guest-physical page
+PAGE_SIZE: Final = 4096  # VHOST_LOG_PAGE: one log bit per 4 KiB guest-physical page
 
 
-_NO_VIEW = memoryview(b"")
+_NO_VIEW: Final = memoryview(b"")
 
 
 class GuestMemoryError(Exception):

@@ -36,6 +36,7 @@ import os
 import struct
 import sys
 import threading
+from typing import Final
 
 from ...ratelimit import limited
 from ...wire import virtio_net
@@ -43,20 +44,20 @@ from .memory import DirtyLog, GuestMemoryError, MemoryTable
 
 log = logging.getLogger(__name__)
 
-DESC = struct.Struct("<QIHH")
-DESC_SIZE = 16
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")  # id, len
-USED_LEN = struct.Struct("<I")
+DESC: Final = struct.Struct("<QIHH")
+DESC_SIZE: Final = 16
+DESC_F_NEXT: Final = 1
+DESC_F_WRITE: Final = 2
+DESC_F_INDIRECT: Final = 4
+AVAIL_F_NO_INTERRUPT: Final = 1
+USED_F_NO_NOTIFY: Final = 1
+U16: Final = struct.Struct("<H")
+USED_ELEM: Final = struct.Struct("<II")  # id, len
+USED_LEN: Final = struct.Struct("<I")
 
-MAX_QUEUE_SIZE = 32768  # split rings: a power of two up to 32768 (§2.7)
-MAX_CHAIN_BYTES = 16 << 20  # no sane net buffer is larger; bounds work per chain
-MAX_INDIRECT = 1024  # entries in one indirect table (Linux never exceeds MAX_SKB_FRAGS+2)
+MAX_QUEUE_SIZE: Final = 32768  # split rings: a power of two up to 32768 (§2.7)
+MAX_CHAIN_BYTES: Final = 16 << 20  # no sane net buffer is larger; bounds work per chain
+MAX_INDIRECT: Final = 1024  # entries in one indirect table (Linux never exceeds MAX_SKB_FRAGS+2)
 
 if sys.byteorder != "little":
     # _RingCells stores virtio's little-endian u16s in native order.
@@ -66,7 +67,7 @@ if sys.byteorder != "little":
 Segment = tuple[memoryview, int, int, int]
 
 
-_FENCE_LOCK = threading.Lock()
+_FENCE_LOCK: Final = threading.Lock()
 
 
 def full_fence() -> None:
