@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
+from scapy.packet import Packet
 
 from tests.net.conftest import delete_netns, make_netns
 from tether.transport.tap_setup import inside
@@ -291,6 +292,25 @@ def test_frontend_helper_still_serves_plain_frames(rig: InPlaceRig) -> None:
     assert isinstance(rig.port, RecordingPort) and isinstance(rig.fe, Frontend)
 
 
+def _completed_checksum(frame: Packet) -> int:
+    """What the guest makes of a NEEDS_CSUM frame: the one's complement of the
+    sum from the TCP header on, the field holding the pseudo-header sum."""
+    segment = bytes(frame[TCP])
+    if len(segment) % 2:
+        segment += b"\0"
+    total: int = sum(struct.unpack(f"!{len(segment) // 2}H", segment))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _scapy_checksum(frame: Packet) -> int:
+    """scapy's own checksum of the same segment, as the oracle."""
+    again = frame[IP].copy()
+    del again[TCP].chksum
+    return int(IP(bytes(again))[TCP].chksum)
+
+
 @pytest.fixture
 def stack_rig() -> Iterator[StackRig]:
     ns = make_netns("tinp")
@@ -332,6 +352,7 @@ def test_bulk_host_data_reaches_the_guest_byte_for_byte_received_in_place(
                 for frame in rig.received:
                     if TCP in frame and bytes(frame[TCP].payload):
                         assert frame[TCP].seq == (ours + len(got)) & 0xFFFFFFFF
+                        assert _completed_checksum(frame) == _scapy_checksum(frame)
                         got += bytes(frame[TCP].payload)
                 rig.received.clear()
                 if len(got) > before:  # the guest acknowledges what it has

@@ -64,6 +64,7 @@ PENDING_MAX: Final = 2 << 20
 # seq, ack, data offset, flags, window: the fields of a pure ACK that change
 # (wire/tcp.py's header from byte 4, RFC 9293 section 3.1).
 _ACK_FIELDS: Final = struct.Struct("!IIBBH")
+_SEQ: Final = struct.Struct("!I")  # the sequence number, 4 bytes into the TCP header
 
 
 class TcpShared:
@@ -462,17 +463,26 @@ class TcpConn(TcpState):
         output = ctx.output
         frame_buf = self.shared.frame_buf
         payload_off = self.payload_off
+        headers = self.shared.frame_view[:payload_off]
+        built_size = built_flags = -1
         left = got
         while left > 0:
             size = mss if left > mss else left
             left -= size
-            frame = output.tcp(
-                frame_buf, size, self.remote_addr, self.remote_port, self.guest_addr,
-                self.guest_port, self.seq_to_tap, self.seq_from_tap,
-                wtcp.ACK | wtcp.PSH if short and left == 0 else wtcp.ACK, window_field)
+            flags = wtcp.ACK | wtcp.PSH if short and left == 0 else wtcp.ACK
+            if size == built_size and flags == built_flags:
+                # The frame before had the same length and flags: only the
+                # sequence number differs, since the checksum field holds the
+                # pseudo-header sum alone (claims need partial checksums).
+                _SEQ.pack_into(frame_buf, payload_off - wtcp.HLEN + 4, self.seq_to_tap)
+            else:
+                output.tcp(frame_buf, size, self.remote_addr, self.remote_port,
+                           self.guest_addr, self.guest_port, self.seq_to_tap,
+                           self.seq_from_tap, flags, window_field)
+                built_size, built_flags = size, flags
             # Not sent when the claim was voided: like a frame the guest had
             # no room for, the retransmission timer sends it again.
-            ctx.commit(frame[:payload_off], size)
+            ctx.commit(headers, size)
             self.seq_to_tap = (self.seq_to_tap + size) & 0xFFFFFFFF
 
     def _host_fin(self) -> None:
