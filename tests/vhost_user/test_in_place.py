@@ -159,6 +159,28 @@ def test_a_short_read_ends_the_batch_and_leaves_later_buffers_available(
     assert head == _buffers(10000) + _buffers(2000)
 
 
+def test_a_claim_across_the_end_of_the_ring_keeps_the_guests_order(rig: InPlaceRig) -> None:
+    # 40 ordinary frames, their buffers posted again: the avail ring now wraps.
+    for _ in range(40):
+        assert rig.device.send_frame(HEADERS + b"x" * 3000)
+    rig.device.flush()
+    assert len(rig.frames()) == 40
+    for head in range(40):
+        rig.guest.offer(RX, head)
+    views: list[memoryview] = []
+    payload = 30000  # 8 buffers a frame: 40 for five, more than one read of heads
+    claimed = rig.device.claim(len(HEADERS), payload, 5 * payload, views)
+    assert claimed == 5 * payload
+    data = os.urandom(claimed)
+    assert rig.receive(views, data) == claimed
+    for _ in range(5):
+        assert rig.device.commit(memoryview(HEADERS), payload)
+    rig.device.flush()
+    frames = rig.frames()
+    assert b"".join(bytes(Ether(f)[TCP].payload) for _, f, _ in frames) == data
+    assert [count for _, _, count in frames] == [_buffers(payload)] * 5
+
+
 def test_a_frame_sent_between_claim_and_commit_voids_the_claim(rig: InPlaceRig) -> None:
     views, claimed = rig.claim(PAYLOAD_MAX)
     assert claimed

@@ -60,6 +60,7 @@ MAX_CHAIN_BYTES: Final = 16 << 20  # no sane net buffer is larger; bounds work p
 # Buffers one claim() looks at, at most: more than 8 frames of 64 KiB in
 # 4 KiB buffers take, and a bound on the heads it reads from a large ring.
 CLAIM_BUFFERS: Final = 512
+HEADS_CHUNK: Final = 32  # heads claim() reads from the avail ring at a time
 MAX_INDIRECT: Final = 1024  # entries in one indirect table (Linux never exceeds MAX_SKB_FRAGS+2)
 
 if sys.byteorder != "little":
@@ -545,7 +546,7 @@ class VirtQueue:
         # The heads, read from the avail ring in one slice per wrap: a list
         # index is much cheaper in compiled code than a memoryview's.
         count = min(count, CLAIM_BUFFERS)
-        heads = self._heads(position, count)
+        heads = self._heads(position, min(count, HEADS_CHUNK))
         taken = claimed = frames = 0
         while frames < max_frames and claimed < total:
             want = total - claimed
@@ -561,6 +562,9 @@ class VirtQueue:
             while pos < need:
                 if taken == count or taken - start == max_buffers:
                     break
+                if taken == len(heads):
+                    heads.extend(self._heads(position + taken,
+                                             min(count - taken, HEADS_CHUNK)))
                 head = heads[taken]
                 if head > mask:
                     break
