@@ -12,12 +12,11 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
 from typing import NoReturn
 
 from tether import __version__, summary
 from tether.config import Config, ConfigError, build_parser, from_args
-from tether.frames import FrameSink, GuestPort
+from tether.frames import FrameSink, GuestPort, LatePort
 from tether.handover.device_state import Handover
 from tether.handover.format import FORMATS
 from tether.loop import READ, Loop
@@ -163,21 +162,6 @@ class _OneOff:
             self.loop.stop()
 
 
-class _Port:
-    """Late binding: the transport needs a port before the stack's wrappers exist."""
-
-    def __init__(self) -> None:
-        self.target: GuestPort | None = None
-
-    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
-        if self.target is not None:
-            self.target.frames_from_guest(frames)
-
-    def guest_room_available(self) -> None:
-        if self.target is not None:
-            self.target.guest_room_available()
-
-
 def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(BlockingIOError):
         sock.recv(4096)
@@ -194,7 +178,7 @@ def run(config: Config) -> int:
     _raise_fd_limit()
     loop = Loop()
     stack = Stack(loop, config.net)
-    port = _Port()
+    port = LatePort()
     sink: FrameSink
     server: VhostUserServer | None = None
     stream: StreamTransport | None = None

@@ -87,3 +87,21 @@ class GuestPort(Protocol):
     def guest_room_available(self) -> None:
         """The guest made room (posted receive buffers) after has_room() was False."""
         ...
+
+
+class LatePort:
+    """A GuestPort bound late: a transport needs its port before the stack's
+    wrappers (pcap) exist.  Here, in a compiled module, and not in cli.py:
+    every batch of guest frames passes through it, and an interpreted
+    method cost a bytecode frame per batch."""
+
+    def __init__(self) -> None:
+        self.target: GuestPort | None = None
+
+    def frames_from_guest(self, frames: Sequence[memoryview]) -> None:
+        if self.target is not None:
+            self.target.frames_from_guest(frames)
+
+    def guest_room_available(self) -> None:
+        if self.target is not None:
+            self.target.guest_room_available()
