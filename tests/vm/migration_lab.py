@@ -203,7 +203,16 @@ def stream_results(streams: Streams, vm: Vm) -> StreamResults:
 
 def check_streams(lab: Lab, streams: Streams, vm: Vm) -> StreamResults:
     """Both ends of both streams saw every byte, once, in order, and no reset."""
-    r = stream_results(streams, vm)
+    try:
+        r = stream_results(streams, vm)
+    except TimeoutError as exc:
+        # The guest's own ends fail on their idle limit within seconds, so a
+        # console that stays silent means a guest that stopped running: say
+        # what QEMU and the back-ends saw, for a failure that may not repeat.
+        status = vm.qmp("query-status")
+        qemu_log = (lab.work / f"{vm.name}.qemu.log").read_text(errors="replace")[-2000:]
+        raise AssertionError(f"{exc}\nQEMU {vm.name}: {status}\n{qemu_log}\n"
+                             f"{lab.logs()}") from exc
     up, guest_up, down, guest_down = r.up, r.guest_up, r.down, r.guest_down
     context = f"\nup {up} / {guest_up}\ndown {down} / {guest_down}\n{lab.logs()}"
     assert up["result"] == "ok" and guest_up["result"] == "sent", context
