@@ -232,8 +232,11 @@ def migration_rows(plan: Plan) -> list[Row]:
                  f"{statistics.median(x.thaw for x in rs) * 1e3:.0f} ms")
         load = (f"busy, {plan.busy_rcvq} B to tether + {plan.busy_sndq} B from it queued per "
                 f"conn ({r.queued / n:.0f} B in the state)" if busy else "idle")
+        unheld = max(x.unheld for x in rs)
         mode = ("default (linger) mode" if linger else
-                "--migrate-no-linger: save also closes the sockets and holds the addresses")
+                "--migrate-no-linger: save also closes the sockets and holds the addresses"
+                + (f" ({unheld} of {n} not held at most: another socket of the namespace "
+                   "shared the port)" if unheld else ""))
         note = (f"{load}, {mode}: {parts}, median of {len(rs)}; state {r.size} B; "
                 f"{r.checked} connections checked byte-exact both ways after the thaw; "
                 "peers, source and target in three processes, at most "
