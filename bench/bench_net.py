@@ -157,6 +157,14 @@ def free_port() -> int:
         return port
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of pid so far, from /proc/PID/stat: clock ticks
+    (10 ms), so only a sum over many runs splits a small figure well."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of every thread of pid so far.
 
@@ -303,7 +311,8 @@ class Setup:
         connection) or "udprr" (n UDP datagrams of size bytes, echoed).  The
         client's figures plus "cpu_us": the back-end's CPU per connection or
         transaction, read from /proc before and after the client ran (its
-        start-up included, which costs the back-end nothing but a flow).
+        start-up included, which costs the back-end nothing but a flow), and
+        "user_s"/"sys_s", its user and system CPU seconds in clock ticks.
         RuntimeError if no reply came back at all."""
         port = free_port()
         server = subprocess.Popen(ns_cmd(self.server_ns, sys.executable, "-c", SERVER, mode,
@@ -312,6 +321,8 @@ class Setup:
         try:
             assert server.stdout is not None
             server.stdout.readline()
+            assert self.tether is not None
+            split0 = cpu_split(self.tether.pid)
             cpu0 = self.cpu()
             out = sh(*ns_cmd(self.guest, sys.executable, "-c", CLIENT, mode, self.target,
                              str(port), str(n), str(size))).stdout
@@ -319,6 +330,9 @@ class Setup:
             if "failed" in figures:
                 raise RuntimeError(f"{self.kind} {mode}: {figures['failed']}")
             figures["cpu_us"] = (self.cpu() - cpu0) * 1e6 / n
+            split1 = cpu_split(self.tether.pid)
+            figures["user_s"] = split1[0] - split0[0]
+            figures["sys_s"] = split1[1] - split0[1]
             return figures
         finally:
             server.kill()

@@ -84,6 +84,8 @@ class Row:
     qemu_cpu: float
     variant: str = ""
     """The back-end's label without the MTU ("tether vhost-user", "passt vhost-user")."""
+    backend_user: float = -1.0
+    """Of backend_cpu, the user-space part (-1: not known)."""
 
     @property
     def cpu_per_gb(self) -> float:
@@ -240,6 +242,7 @@ def side_by_side(work: Path, guest: GuestImage, variants: list[tuple[str, Starte
                             rows.append(one_run(vms[i], label, GATEWAY, args,
                                                 reverse=reverse,
                                                 backend_cpu=tether.cpu_seconds,
+                                                backend_user=tether.cpu_user,
                                                 variant=label))
                             break
                         except (RuntimeError, TimeoutError) as e:  # a guest that hung, too
@@ -273,12 +276,15 @@ def guest_mtu(vm: Vm) -> str:
 
 
 def one_run(vm: Vm, label: str, server: str, args: argparse.Namespace, *, reverse: bool,
-            backend_cpu: CpuClock, variant: str = "") -> Row:
+            backend_cpu: CpuClock, variant: str = "",
+            backend_user: CpuClock | None = None) -> Row:
+    u0 = backend_user() if backend_user is not None else 0.0
     b0, q0 = backend_cpu(), cpu_seconds(vm.proc.pid)
     gbit, moved = iperf(vm, server, args.seconds, reverse)
     b1, q1 = backend_cpu(), cpu_seconds(vm.proc.pid)
+    user = backend_user() - u0 if backend_user is not None else -1.0
     row = Row(f"{label} (mtu {guest_mtu(vm)})", "host -> guest" if reverse else "guest -> host",
-              gbit, moved, b1 - b0, q1 - q0, variant or label)
+              gbit, moved, b1 - b0, q1 - q0, variant or label, user)
     print(row.line(), flush=True)
     return row
 

@@ -159,6 +159,9 @@ def namespace_rows(plan: Plan) -> list[Row]:
                 put(kind, "tcp_cpu", rr["cpu_us"])
                 c = setup.small("connect", plan.conns)
                 put(kind, "conn_rate", c["rate"])
+                put(kind, "conn_cpu", c["cpu_us"])
+                put(kind, "conn_user_s", c["user_s"])
+                put(kind, "conn_sys_s", c["sys_s"])
             udp(1)
             if udp_errors:  # and, both alike, the smallest datagram both answer
                 udp(UDP_FALLBACK_SIZE)
@@ -194,8 +197,20 @@ def namespace_rows(plan: Plan) -> list[Row]:
             rows.append(Row(name, shown(t, "tether"), "pasta " + shown(p, "pasta"), None, "",
                             False, f"{why}; measured again, both back-ends, with "
                                    f"{UDP_FALLBACK_SIZE}-byte datagrams below"))
-    rows.append(ratio_row("connection setup rate (sequential)", t["conn_rate"], p["conn_rate"],
-                          unit="/s", ref_name="pasta", bound=1, at_most=False, fmt="{:.0f}"))
+    row = ratio_row("connection setup rate (sequential)", t["conn_rate"], p["conn_rate"],
+                    unit="/s", ref_name="pasta", bound=1, at_most=False, fmt="{:.0f}")
+
+    def per_conn(kind: str) -> str:
+        # The split from clock ticks summed over every run: one run's are too few.
+        user, system = (sum(figures[kind][f"conn_{k}_s"]) for k in ("user", "sys"))
+        share = user / (user + system) if user + system else 0.0
+        cpu = statistics.median(figures[kind]["conn_cpu"])
+        return f"{kind} {cpu:.0f} us ({share * cpu:.0f} user + {(1 - share) * cpu:.0f} kernel)"
+
+    # The connects are sequential and client, server and back-end share the
+    # machine: the rate follows the back-end's CPU per connection.
+    row.note = f"back-end CPU per connection: {per_conn('tether')}, {per_conn('pasta')}"
+    rows.append(row)
     return rows
 
 
@@ -290,12 +305,17 @@ def vhost_rows(plan: Plan) -> list[Row]:
             return sum(pick(r) for r in rows
                        if r.variant.startswith(variant) and r.direction == direction)
 
-        cpu = {v: total(v, lambda r: r.backend_cpu) / (total(v, lambda r: r.moved) / 1e9)
-               for v in ("tether", "passt")}
+        gb = {v: total(v, lambda r: r.moved) / 1e9 for v in ("tether", "passt")}
+        cpu = {v: total(v, lambda r: r.backend_cpu) / gb[v] for v in ("tether", "passt")}
+        user = {v: total(v, lambda r: r.backend_user) / gb[v] for v in ("tether", "passt")}
         gbit = {v: total(v, lambda r: r.gbit) / plan.vhost_runs for v in ("tether", "passt")}
-        out.append(ratio_row(f"vhost-user bulk {short}: CPU-s/GB", cpu["tether"],
-                             cpu["passt"], unit="s/GB", ref_name="passt", bound=1,
-                             fmt="{:.2f}"))
+        row = ratio_row(f"vhost-user bulk {short}: CPU-s/GB", cpu["tether"], cpu["passt"],
+                        unit="s/GB", ref_name="passt", bound=1, fmt="{:.2f}")
+        # Where the time goes, user space against the kernel: the kernel's
+        # share is the same work (the copies, TCP) for both back-ends.
+        row.note = "user + kernel s/GB: " + ", ".join(
+            f"{v} {user[v]:.2f} + {cpu[v] - user[v]:.2f}" for v in ("tether", "passt"))
+        out.append(row)
         out.append(Row(f"vhost-user bulk {short}: guest rate", f"{gbit['tether']:.2f} Gbit/s",
                        f"passt {gbit['passt']:.2f} Gbit/s", gbit["tether"] / gbit["passt"],
                        "report", None,

@@ -95,12 +95,20 @@ class Process:
         return self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
-        """The process's user + system CPU time so far, from /proc/PID/stat.
+        """The process's user + system CPU time so far, from /proc/PID/stat."""
+        return sum(self.cpu_split())
+
+    def cpu_user(self) -> float:
+        return self.cpu_split()[0]
+
+    def cpu_split(self) -> tuple[float, float]:
+        """The process's (user, system) CPU seconds so far, from /proc/PID/stat.
 
         `ip netns exec` execs the command in place, so the pid is the process's own."""
         stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def stop(self, signum: int = signal.SIGTERM) -> str:
         stop_process(self.proc, 20, signum)
