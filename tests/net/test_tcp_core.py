@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 
@@ -194,10 +195,11 @@ class BufferConn(TcpConn):
 class Rig:
     """One outbound connection: the guest connected to REMOTE:RPORT through tcp_core."""
 
-    def __init__(self) -> None:
-        self.ctx = FakeContext()
+    def __init__(self, ctx: FakeContext | None = None,
+                 conn_class: type[BufferConn] | None = None) -> None:
+        self.ctx = ctx or FakeContext()
         self.shared = TcpShared(self.ctx)
-        self.conn = BufferConn(self.shared)
+        self.conn = (conn_class or BufferConn)(self.shared)
         self.ctx.flows.add(self.conn)
         self.guest_seq = GUEST_ISN + 1
         syn = self.segment(flags="S", seq=GUEST_ISN, options=[("MSS", GUEST_MSS)])
@@ -482,3 +484,109 @@ def test_the_two_meanings_of_0x08_fold_into_the_record_and_back(rig: Rig) -> Non
     assert describe(rig.conn.events) == "ESTABLISHED|SOCK_FIN_RCVD|TAP_FIN_SENT"
     # Before ESTABLISHED, 0x08 is TAP_SYN_ACK_SENT and stays what it is.
     assert from_wire(0x02 | 0x08) == 0x02 | 0x08
+
+
+# -- in place: payloads peeked straight into claimed guest buffers ----------------
+
+FRAMES_PER_CLAIM = 8  # as the vhost-user device plans them (datapath.CLAIM_FRAMES)
+
+
+class InPlaceContext(FakeContext):
+    """A sink that offers claim(), as the vhost-user device does: room for
+    `frames_free` frames, a view per frame's payload, up to FRAMES_PER_CLAIM
+    frames a claim; commit() takes the claimed frames in order.  The real
+    device's claims are tested in tests/vhost_user/test_in_place.py; here the
+    batches are exact, so what each push asks of the socket can be counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output.in_place = True
+        self.frames_free = 1 << 20
+        self.planned: list[memoryview] = []
+        self.planned_bytes = 0  # all claims together, used or not
+        self.committed: list[tuple[TCP, bytes]] = []
+
+    def has_room(self) -> bool:
+        return self.frames_free > 0
+
+    def claim(self, headroom: int, payload_max: int, total: int,
+              views: list[memoryview]) -> int:
+        self.planned = []
+        planned = 0
+        while (planned < total
+               and len(self.planned) < min(FRAMES_PER_CLAIM, self.frames_free)):
+            view = memoryview(bytearray(min(payload_max, total - planned)))
+            self.planned.append(view)
+            views.append(view)
+            planned += len(view)
+        self.planned_bytes += planned
+        return planned
+
+    def commit(self, headers: memoryview, payload_len: int) -> bool:
+        view = self.planned.pop(0)
+        self.frames_free -= 1
+        # The headers hold a partial checksum (the guest completes it): read, not checked.
+        self.committed.append((Ether(bytes(headers))[TCP], bytes(view[:payload_len])))
+        return True
+
+
+class InPlaceConn(BufferConn):
+    """BufferConn with the in-place hooks, counting how often it is asked
+    what the socket holds (SIOCINQ, a system call on a real socket)."""
+
+    __slots__ = ("unread_asked",)
+
+    def __init__(self, shared: TcpShared) -> None:
+        super().__init__(shared)
+        self.unread_asked = 0
+
+    def _unread(self) -> int:
+        self.unread_asked += 1
+        return len(self.from_host)
+
+    def _peek_into(self, views: list[memoryview]) -> int:
+        got = 0
+        for view in views:
+            chunk = self.from_host[self.peek_off:self.peek_off + len(view)]
+            view[:len(chunk)] = chunk
+            self.peek_off += len(chunk)
+            got += len(chunk)
+        if got == 0:
+            return 0 if self.host_eof else PEEK_NOTHING
+        return got
+
+
+def test_a_bulk_transfer_asks_what_the_socket_holds_once_per_burst_not_per_claim() -> None:
+    ctx = InPlaceContext()
+    rig = Rig(ctx, InPlaceConn)
+    ctx.output.partial_l4_checksums = True  # claims need them (Stack.claim)
+    conn = rig.conn
+    assert isinstance(conn, InPlaceConn)
+    conn.unread_asked = 0  # the handshake's push looked once, for nothing
+    burst = os.urandom(50 * GUEST_MSS + 123)
+    ctx.frames_free = 20  # the guest posted buffers for 20 frames only
+    conn.from_host += burst
+    conn.push()
+    assert len(ctx.committed) == 20 and ctx.waiting == [conn]
+    # The guest takes them, acknowledges them and posts buffers for 40 more:
+    # the socket is known to hold more, so the claims follow the window, and
+    # the last, short peek wastes one claim's buffers at most.
+    ctx.frames_free = 40
+    ctx.waiting.clear()
+    rig.feed("A", ack=rig.isn + 1 + 20 * GUEST_MSS)
+    assert len(ctx.committed) == 51
+    assert ctx.planned_bytes - len(burst) < FRAMES_PER_CLAIM * GUEST_MSS
+    # A new, small burst: the socket is asked again, and the claim is exact.
+    conn.from_host += b"0123456789"
+    conn.push()
+    assert conn.unread_asked == 2
+    assert ctx.planned_bytes - len(burst) - 10 < FRAMES_PER_CLAIM * GUEST_MSS
+    segments = ctx.committed
+    seq = rig.isn + 1
+    for tcp, payload in segments:
+        assert tcp.seq == seq & 0xFFFFFFFF
+        seq += len(payload)
+    assert b"".join(payload for _, payload in segments) == burst + b"0123456789"
+    # PSH where the socket ran dry: the end of each burst, and only there.
+    assert [i for i, (tcp, _) in enumerate(segments) if "P" in tcp.flags] == [50, 51]
+    rig.ctx.loop.close()

@@ -64,7 +64,7 @@ def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
 class SocketConn(TcpConn):
     """A TCP connection whose host side is a kernel socket: tcp_core's hooks."""
 
-    __slots__ = ("fd", "sndbuf", "sndbuf_age", "sock", "translator")
+    __slots__ = ("fd", "outq_clear", "sndbuf", "sndbuf_age", "sock", "translator")
 
     def __init__(self, translator: TcpTranslator, key: FlowKey, sock: socket.socket) -> None:
         super().__init__(translator, key)
@@ -73,6 +73,10 @@ class SocketConn(TcpConn):
         self.fd = sock.fileno()
         self.sndbuf = 0
         self.sndbuf_age = 0  # windows computed since sndbuf was read; 0: read it now
+        # The send queue was empty at the last look and nothing was written
+        # since: it still is (it only drains by itself), so the window needs
+        # no SIOCOUTQ.  In a host -> guest transfer, that is every burst's.
+        self.outq_clear = False
 
     def on_socket_event(self, events: int) -> None:
         """The loop's handler for this connection's socket: a bound method rather
@@ -166,6 +170,7 @@ class SocketConn(TcpConn):
         return True
 
     def _write(self, data: bytes | bytearray | memoryview) -> int:
+        self.outq_clear = False
         try:
             return self.sock.send(data)
         except BlockingIOError:
@@ -190,14 +195,15 @@ class SocketConn(TcpConn):
                 self.sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 self.sndbuf_age = SNDBUF_REFRESH
             self.sndbuf_age -= 1
-            if self.seq_from_tap == (self.seq_init_from_tap + 1) & 0xFFFFFFFF:
-                # The guest has sent nothing yet (most short connections the
-                # host answers): nothing can be queued, and the ioctl was a
-                # system call in each of their bursts.
+            if self.outq_clear or self.seq_from_tap == (self.seq_init_from_tap + 1) & 0xFFFFFFFF:
+                # Nothing queued: the queue was seen empty and nothing was
+                # written since, or the guest has sent nothing yet (most short
+                # connections the host answers; their first window).
                 queued = 0
             else:
                 fcntl.ioctl(self.fd, SIOCOUTQ, _OUTQ)
                 queued = int.from_bytes(_OUTQ, "little")
+                self.outq_clear = queued == 0
         except OSError:
             return 0
         free = max(self.sndbuf - queued, WINDOW_FLOOR)

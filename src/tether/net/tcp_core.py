@@ -414,11 +414,18 @@ class TcpConn(TcpState):
                 return
             views = shared.claimed
             want = 0
+            total = room
+            all_held = False  # total is all the socket holds
             if output.in_place:
-                total = room
-                if room > mss:  # several frames: claim no more than the socket holds
-                    total = min(room, self._unread()
-                                - seq_diff(self.seq_to_tap, self.seq_ack_from_tap))
+                if room > mss and not self.host_had_more:
+                    # Several frames: claim no more than the socket holds, as
+                    # a claim costs work per buffer.  While the socket is known
+                    # to hold more than the last peek took, the window alone:
+                    # a bulk sender keeps it full, and a short peek (one
+                    # claim's buffers planned in vain) ends that.
+                    held = self._unread() - seq_diff(self.seq_to_tap, self.seq_ack_from_tap)
+                    if held <= room:
+                        total, all_held = held, True
                 if total > 0:
                     want = ctx.claim(payload_off, mss, total, views)
             in_place = want > 0
@@ -434,29 +441,36 @@ class TcpConn(TcpState):
                 want = min(mss, room)
                 got = self._peek(shared.frame_view[payload_off:], want)
             if got <= 0:
+                self.host_had_more = False
                 if got == 0:
                     self._host_fin()
                 elif got == PEEK_FAILED:
                     self.reset_guest()
                 return
+            # Drained: a short peek, or one that took all the socket held (no
+            # second look to find it empty).  More is queued if the peek got
+            # all it asked for, and that was less than the socket held (or
+            # than the window, not knowing).
+            drained = got < want or (all_held and got >= total)
+            self.host_had_more = not drained and want < total
             if window_field < 0:  # once per burst: it costs two system calls
                 window_field = 0 if self.sock_blocked else self._free_window()
             self.wnd_to_tap = window_field
             self.seq_ack_to_tap = self.seq_from_tap
             if in_place:
-                self._commit_claimed(got, got < want, mss, window_field)
+                self._commit_claimed(got, drained, mss, window_field)
             else:
                 ctx.send(ctx.output.tcp(
                     shared.frame_buf, got, self.remote_addr, self.remote_port,
                     self.guest_addr, self.guest_port, self.seq_to_tap, self.seq_from_tap,
-                    wtcp.ACK | wtcp.PSH if got < want else wtcp.ACK, window_field))
+                    wtcp.ACK | wtcp.PSH if drained else wtcp.ACK, window_field))
                 self.seq_to_tap = (self.seq_to_tap + got) & 0xFFFFFFFF
             if self.timer is None:
                 self._arm(ACK_TIMEOUT)
-            if got < want:
+            if drained:
                 return
 
-    def _commit_claimed(self, got: int, short: bool, mss: int, window_field: int) -> None:
+    def _commit_claimed(self, got: int, drained: bool, mss: int, window_field: int) -> None:
         """The frames of `got` bytes peeked into claimed buffers: headers only,
         mss bytes each but the last; PSH on the last when the socket ran dry."""
         ctx = self.ctx
@@ -469,7 +483,7 @@ class TcpConn(TcpState):
         while left > 0:
             size = mss if left > mss else left
             left -= size
-            flags = wtcp.ACK | wtcp.PSH if short and left == 0 else wtcp.ACK
+            flags = wtcp.ACK | wtcp.PSH if drained and left == 0 else wtcp.ACK
             if size == built_size and flags == built_flags:
                 # The frame before had the same length and flags: only the
                 # sequence number differs, since the checksum field holds the

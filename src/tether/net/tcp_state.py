@@ -119,6 +119,7 @@ class TcpState:
         "flow_ack_due",
         "guest_addr",
         "guest_port",
+        "host_had_more",
         "key",
         "mss_to_guest",
         "payload_off",
@@ -169,6 +170,7 @@ class TcpState:
         self.dup_acks = 0
         self.sock_blocked = False
         self.flow_ack_due = False
+        self.host_had_more = False  # the last peek got all it asked for (push)
         # Guest data the socket had no room for, not yet acked: a bytearray of its
         # own from the first time the socket is full, until then no object at all
         # (memory per flow: bench/bench_flow_memory.py).
