@@ -64,7 +64,7 @@ def _sockaddr_side(sock: socket.socket) -> tuple[bytes, bytes, int, int]:
 class SocketConn(TcpConn):
     """A TCP connection whose host side is a kernel socket: tcp_core's hooks."""
 
-    __slots__ = ("fd", "outq_clear", "sndbuf", "sndbuf_age", "sock", "translator")
+    __slots__ = ("fd", "sndbuf", "sndbuf_age", "sock", "translator")
 
     def __init__(self, translator: TcpTranslator, key: FlowKey, sock: socket.socket) -> None:
         super().__init__(translator, key)
@@ -73,10 +73,6 @@ class SocketConn(TcpConn):
         self.fd = sock.fileno()
         self.sndbuf = 0
         self.sndbuf_age = 0  # windows computed since sndbuf was read; 0: read it now
-        # The send queue was empty at the last look and nothing was written
-        # since: it still is (it only drains by itself), so the window needs
-        # no SIOCOUTQ.  In a host -> guest transfer, that is every burst's.
-        self.outq_clear = False
 
     def on_socket_event(self, events: int) -> None:
         """The loop's handler for this connection's socket: a bound method rather

@@ -122,6 +122,7 @@ class TcpState:
         "host_had_more",
         "key",
         "mss_to_guest",
+        "outq_clear",
         "payload_off",
         "pending",
         "pending_fin",
@@ -171,6 +172,12 @@ class TcpState:
         self.sock_blocked = False
         self.flow_ack_due = False
         self.host_had_more = False  # the last peek got all it asked for (push)
+        # The host's send queue was empty at the last look and nothing was
+        # written since: it still is (it only drains by itself), so the
+        # window needs no SIOCOUTQ; in a host -> guest transfer, that is every
+        # burst's.  SocketConn's, kept beside the other flags, where it costs
+        # no memory (SocketConn's own fields end on a word boundary).
+        self.outq_clear = False
         # Guest data the socket had no room for, not yet acked: a bytearray of its
         # own from the first time the socket is full, until then no object at all
         # (memory per flow: bench/bench_flow_memory.py).
