@@ -172,11 +172,11 @@ class TcpState:
         self.sock_blocked = False
         self.flow_ack_due = False
         self.host_had_more = False  # the last peek got all it asked for (push)
-        # The host's send queue was empty at the last look and nothing was
-        # written since: it still is (it only drains by itself), so the
-        # window needs no SIOCOUTQ; in a host -> guest transfer, that is every
-        # burst's.  SocketConn's, kept beside the other flags, where it costs
-        # no memory (SocketConn's own fields end on a word boundary).
+        # The host's send queue was empty at the last look (or is new) and
+        # nothing was written since: it still is (it only drains by itself),
+        # so the window needs no SIOCOUTQ; in a host -> guest transfer, that
+        # is every burst's.  SocketConn's, kept beside the other flags, where
+        # it costs no memory (SocketConn's own fields end on a word boundary).
         self.outq_clear = False
         # Guest data the socket had no room for, not yet acked: a bytearray of its
         # own from the first time the socket is full, until then no object at all
