@@ -208,9 +208,14 @@ class Setup:
         sh("ip", "-n", self.guest, "link", "set", "lo", "up")
         if kind == "pasta":
             # As root, --runas 0: pasta joins the namespace, which as nobody it may not.
+            # No port forwarding, as tether here: pasta's default ("auto") scans
+            # /proc/net/tcp* every second to follow bound ports, which with the
+            # host's TIME_WAIT sockets of a connection-rate run stalls pasta for
+            # ~0.2 s each second (perf: established_get_first, vsnprintf).
             self.tether = subprocess.Popen(
                 [str(PASTA), "-f", "-q", "--runas", "0", "--netns", f"/run/netns/{self.guest}",
-                 "-I", "tap0", "-a", GUEST, "-n", "24", "-g", GATEWAY, "-m", str(mtu)],
+                 "-I", "tap0", "-a", GUEST, "-n", "24", "-g", GATEWAY, "-m", str(mtu),
+                 "-t", "none", "-u", "none", "-T", "none", "-U", "none"],
                 stdout=subprocess.DEVNULL)
             deadline = time.monotonic() + 10
             while sh("ip", "-n", self.guest, "link").stdout.count("tap0") == 0:
