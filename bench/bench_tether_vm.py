@@ -210,7 +210,8 @@ def passt_starter(work: Path, ns: str, mode: str) -> Starter:
 def side_by_side(work: Path, guest: GuestImage, variants: list[tuple[str, Starter]],
                  args: argparse.Namespace, *, mode: str = "vhost-user") -> list[Row]:
     """One back-end and guest per variant, all booted first; then the runs
-    alternate between them, so a change in the machine's load hits both.
+    alternate between them, each run starting with the next, so a change in
+    the machine's load hits both and neither always goes first.
     The guests not measuring are paused (QMP stop): an idle TCG guest
     still burns CPU.  A run whose guest broke (iperf3 failed) is reported,
     the guest rebooted on the same tether, and the run done again."""
@@ -233,8 +234,10 @@ def side_by_side(work: Path, guest: GuestImage, variants: list[tuple[str, Starte
             vm.qmp("stop")
         labels = [f"{name} {mode}" for name, _ in variants]
         rows = []
-        for _ in range(args.runs):
-            for i, (label, tether) in enumerate(zip(labels, tethers, strict=True)):
+        for run in range(args.runs):
+            k = run % len(tethers)  # each run starts with the next back-end (bench_latency_vm)
+            for i in list(range(k, len(tethers))) + list(range(k)):
+                label, tether = labels[i], tethers[i]
                 vms[i].qmp("cont")
                 for reverse in (False, True):
                     for _attempt in range(3):

@@ -152,8 +152,11 @@ def namespace_rows(plan: Plan) -> list[Row]:
     try:
         for kind in kinds:
             setups[kind] = bench_net.Setup(kind, 65520)
-        for _ in range(plan.reps):
-            for kind, setup in setups.items():  # alternating: the machine's load hits both
+        for rep in range(plan.reps):
+            # Alternating, each rep starting with the other: the machine's load
+            # hits both, and neither always goes first.
+            order = list(setups.items())
+            for kind, setup in order[rep % 2:] + order[:rep % 2]:
                 rr = setup.small("rr", plan.rr)
                 put(kind, "tcp_us", rr["median_us"])
                 put(kind, "tcp_cpu", rr["cpu_us"])
