@@ -142,10 +142,26 @@ def test_an_ipv6_forward_address_listens_in_ipv6_only() -> None:
         stack.close()
 
 
-def test_all_skips_ports_it_cannot_bind_but_a_named_port_is_fatal() -> None:
-    with socket.socket() as taken:
+def _taken_port_beside_a_free_one() -> socket.socket:
+    """A listening socket on a port whose next port nothing holds right now
+    (another socket may sit on any port next to an ephemeral one)."""
+    for _ in range(50):
+        taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Stack binds
+            try:
+                probe.bind(("127.0.0.1", taken.getsockname()[1] + 1))
+            except OSError:
+                taken.close()
+                continue
+        return taken
+    raise AssertionError("no free port next to a bound one in 50 tries")
+
+
+def test_all_skips_ports_it_cannot_bind_but_a_named_port_is_fatal() -> None:
+    with _taken_port_beside_a_free_one() as taken:
         port = taken.getsockname()[1]
         stack = _listening_stack(PortRange(port, port + 1, port, address="127.0.0.1",
                                            best_effort=True))
