@@ -152,6 +152,11 @@ class BufferConn(TcpConn):
         self.host_reset = False
         self.watching = False
 
+    def host_closes(self) -> None:
+        """The host peer's FIN is queued, and its socket said so (a hangup event)."""
+        self.host_eof = True
+        self.host_hup = True
+
     def _peek(self, into: memoryview, want: int) -> int:
         chunk = self.from_host[self.peek_off:self.peek_off + want]
         if not chunk:
@@ -429,7 +434,7 @@ def test_an_ack_from_the_future_is_ignored(rig: Rig) -> None:
 
 def test_a_fin_lost_is_sent_again_after_the_data(rig: Rig) -> None:
     rig.conn.from_host += b"z" * 500
-    rig.conn.host_eof = True
+    rig.conn.host_closes()
     rig.conn.push()  # the data, short of a segment: the next push finds the end
     rig.conn.push()
     seg, fin = rig.take()
@@ -474,7 +479,7 @@ def test_every_event_change_is_logged_by_name(caplog: pytest.LogCaptureFixture) 
 
 
 def test_the_two_meanings_of_0x08_fold_into_the_record_and_back(rig: Rig) -> None:
-    rig.conn.host_eof = True
+    rig.conn.host_closes()
     rig.conn.push()
     record = rig.conn.record((bytes(16), bytes(16), 0, 0))
     assert record.events & SYN_ACK_SENT_OR_SOCK_FIN_RCVD  # passt's SOCK_FIN_RCVD

@@ -86,6 +86,9 @@ class SocketConn(TcpConn):
             if self.closed:
                 return
         if events & (evloop.READ | evloop.HANGUP):
+            self.host_dry = False
+            if events & evloop.HANGUP:
+                self.host_hup = True
             self.push()
 
     def _connected(self, _events: int) -> None:

@@ -26,6 +26,7 @@ from tether.net.tcp_state import (
     DEFAULT_GUEST_MSS,
     ESTABLISHED,
     PEEK_FAILED,
+    PEEK_NOTHING,
     SOCK_ACCEPTED,
     SOCK_FIN_RCVD,
     SOCK_FIN_SENT,
@@ -222,7 +223,7 @@ class TcpConn(TcpState):
                 # (RFC 6582 section 3.2, step 2).
                 if self.dup_acks == 3 and recovering <= 0:
                     self._rewind()
-            elif hdr.window != old_window:
+            elif hdr.window != old_window and not self.host_dry:
                 self.push()
             return
         self.dup_acks = 0
@@ -242,13 +243,19 @@ class TcpConn(TcpState):
             if not self._peek_from_head():
                 self.reset_guest()
                 return
+            self.host_dry = False
         if recovering < acked:
             self.seq_recover = hdr.ack  # recovered: keep it from going stale as seq wraps
         if self.seq_ack_from_tap == self.seq_to_tap:
             self._disarm()
         else:
             self._arm(ACK_TIMEOUT)
-        self.push()
+        # What the guest's window held back goes now; nothing, if the last
+        # push found the socket dry: new data comes with an event of its own
+        # (on_socket_event), and in request/response that peek was a system
+        # call per transaction that always came back empty.
+        if not self.host_dry:
+            self.push()
 
     def _guest_data(self, seq: int, payload: memoryview, fin: bool) -> None:
         """In-order guest data goes to the socket; only what the socket took is acknowledged.
@@ -442,6 +449,7 @@ class TcpConn(TcpState):
                 got = self._peek(shared.frame_view[payload_off:], want)
             if got <= 0:
                 self.host_had_more = False
+                self.host_dry = got == PEEK_NOTHING and not self.host_hup
                 if got == 0:
                     self._host_fin()
                 elif got == PEEK_FAILED:
@@ -453,6 +461,9 @@ class TcpConn(TcpState):
             # than the window, not knowing).
             drained = got < want or (all_held and got >= total)
             self.host_had_more = not drained and want < total
+            # Dry unless the host has closed or failed: its FIN (or error)
+            # came with an event already handled, and only a peek finds it.
+            self.host_dry = drained and not self.host_hup
             if window_field < 0:  # once per burst: it costs two system calls
                 window_field = 0 if self.sock_blocked else self._free_window()
             self.wnd_to_tap = window_field
@@ -565,6 +576,7 @@ class TcpConn(TcpState):
         if not self._peek_from_head():
             self.reset_guest()
             return
+        self.host_dry = False
         self._arm(ACK_TIMEOUT * (1 << min(self.retries, 4)))
         self.push()
 

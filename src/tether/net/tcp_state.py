@@ -119,7 +119,9 @@ class TcpState:
         "flow_ack_due",
         "guest_addr",
         "guest_port",
+        "host_dry",
         "host_had_more",
+        "host_hup",
         "key",
         "mss_to_guest",
         "outq_clear",
@@ -172,6 +174,12 @@ class TcpState:
         self.sock_blocked = False
         self.flow_ack_due = False
         self.host_had_more = False  # the last peek got all it asked for (push)
+        # The last push took all the host had sent (or found nothing): until the
+        # socket's next read event, an ACK from the guest gives push nothing to do.
+        self.host_dry = False
+        # The host side sets it when its socket reports a hangup (a FIN, reset
+        # or error queued), before it pushes: push() must then look again.
+        self.host_hup = False
         # The host's send queue was empty at the last look (or is new) and
         # nothing was written since: it still is (it only drains by itself),
         # so the window needs no SIOCOUTQ; in a host -> guest transfer, that
