@@ -155,7 +155,7 @@ class BufferConn(TcpConn):
     def host_closes(self) -> None:
         """The host peer's FIN is queued, and its socket said so (a hangup event)."""
         self.host_eof = True
-        self.host_hup = True
+        self.host_readable(hangup=True)
 
     def _peek(self, into: memoryview, want: int) -> int:
         chunk = self.from_host[self.peek_off:self.peek_off + want]
@@ -434,8 +434,7 @@ def test_an_ack_from_the_future_is_ignored(rig: Rig) -> None:
 
 def test_a_fin_lost_is_sent_again_after_the_data(rig: Rig) -> None:
     rig.conn.from_host += b"z" * 500
-    rig.conn.host_closes()
-    rig.conn.push()  # the data, short of a segment: the next push finds the end
+    rig.conn.host_closes()  # the data, short of a segment: the next push finds the end
     rig.conn.push()
     seg, fin = rig.take()
     assert data(seg) == b"z" * 500 and fin.flags == "FA" and fin.seq == seg.seq + 500
@@ -480,7 +479,6 @@ def test_every_event_change_is_logged_by_name(caplog: pytest.LogCaptureFixture) 
 
 def test_the_two_meanings_of_0x08_fold_into_the_record_and_back(rig: Rig) -> None:
     rig.conn.host_closes()
-    rig.conn.push()
     record = rig.conn.record((bytes(16), bytes(16), 0, 0))
     assert record.events & SYN_ACK_SENT_OR_SOCK_FIN_RCVD  # passt's SOCK_FIN_RCVD
     assert record.events == to_wire(rig.conn.events) and record.events < 0x100
@@ -594,4 +592,45 @@ def test_a_bulk_transfer_asks_what_the_socket_holds_once_per_burst_not_per_claim
     assert b"".join(payload for _, payload in segments) == burst + b"0123456789"
     # PSH where the socket ran dry: the end of each burst, and only there.
     assert [i for i, (tcp, _) in enumerate(segments) if "P" in tcp.flags] == [50, 51]
+    rig.ctx.loop.close()
+
+
+class CountingConn(BufferConn):
+    """BufferConn counting its peeks (each a system call on a real socket)."""
+
+    __slots__ = ("peeks",)
+
+    def __init__(self, shared: TcpShared) -> None:
+        super().__init__(shared)
+        self.peeks = 0
+
+    def _peek(self, into: memoryview, want: int) -> int:
+        self.peeks += 1
+        return super()._peek(into, want)
+
+
+def test_an_ack_after_the_host_ran_dry_peeks_no_more_until_it_has_news() -> None:
+    rig = Rig(conn_class=CountingConn)
+    conn = rig.conn
+    assert isinstance(conn, CountingConn)
+    conn.from_host += b"answer"
+    conn.host_readable(hangup=False)
+    (answer,) = rig.take()
+    assert data(answer) == b"answer" and "P" in answer.flags
+    # The guest's next request acknowledges the answer: the socket gave all
+    # it had and said nothing since, so there is nothing to look for.
+    peeks = conn.peeks
+    rig.host_acked = answer.seq + len(b"answer")
+    rig.feed("PA", b"request")
+    assert conn.peeks == peeks and conn.to_host == bytearray(b"request")
+    # The next answer comes with its read event, and the FIN after it with
+    # a hangup: both reach the guest, the FIN on the ACK of the data.
+    conn.from_host += b"again"
+    conn.host_readable(hangup=False)
+    (again,) = rig.take()
+    assert data(again) == b"again"
+    conn.host_closes()
+    rig.host_acked = again.seq + len(b"again")
+    rig.feed("A")
+    assert [seg.flags for seg in rig.take()] == ["FA"]
     rig.ctx.loop.close()

@@ -86,10 +86,7 @@ class SocketConn(TcpConn):
             if self.closed:
                 return
         if events & (evloop.READ | evloop.HANGUP):
-            self.host_dry = False
-            if events & evloop.HANGUP:
-                self.host_hup = True
-            self.push()
+            self.host_readable(bool(events & evloop.HANGUP))
 
     def _connected(self, _events: int) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

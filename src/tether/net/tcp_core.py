@@ -518,6 +518,14 @@ class TcpConn(TcpState):
         self._event(TAP_FIN_SENT)
         self._arm(ACK_TIMEOUT)
 
+    def host_readable(self, hangup: bool) -> None:
+        """The host socket reported new data, or a hangup (a FIN, reset or
+        error queued): send what there is."""
+        self.host_dry = False
+        if hangup:
+            self.host_hup = True
+        self.push()
+
     def room_available(self) -> None:
         """The guest's queue has room again (context.RoomWaiter)."""
         if not self.closed:

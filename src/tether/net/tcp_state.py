@@ -177,9 +177,7 @@ class TcpState:
         # The last push took all the host had sent (or found nothing): until the
         # socket's next read event, an ACK from the guest gives push nothing to do.
         self.host_dry = False
-        # The host side sets it when its socket reports a hangup (a FIN, reset
-        # or error queued), before it pushes: push() must then look again.
-        self.host_hup = False
+        self.host_hup = False  # the socket reported a hangup: push() must always look
         # The host's send queue was empty at the last look (or is new) and
         # nothing was written since: it still is (it only drains by itself),
         # so the window needs no SIOCOUTQ; in a host -> guest transfer, that
