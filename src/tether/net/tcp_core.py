@@ -26,7 +26,6 @@ from tether.net.tcp_state import (
     DEFAULT_GUEST_MSS,
     ESTABLISHED,
     PEEK_FAILED,
-    PEEK_NOTHING,
     SOCK_ACCEPTED,
     SOCK_FIN_RCVD,
     SOCK_FIN_SENT,
@@ -447,23 +446,21 @@ class TcpConn(TcpState):
             else:
                 want = min(mss, room)
                 got = self._peek(shared.frame_view[payload_off:], want)
+            # Drained: a short peek (an empty or failed one too: want > 0), or
+            # one that took all the socket held (no second look to find it
+            # empty).  More is queued if the peek got all it asked for, and
+            # that was less than the socket held (or than the window, not
+            # knowing).  Dry unless the host has closed or failed: its FIN (or
+            # error) came with an event already handled, and only a peek finds it.
+            drained = got < want or (all_held and got >= total)
+            self.host_had_more = not drained and want < total
+            self.host_dry = drained and not self.host_hup
             if got <= 0:
-                self.host_had_more = False
-                self.host_dry = got == PEEK_NOTHING and not self.host_hup
                 if got == 0:
                     self._host_fin()
                 elif got == PEEK_FAILED:
                     self.reset_guest()
                 return
-            # Drained: a short peek, or one that took all the socket held (no
-            # second look to find it empty).  More is queued if the peek got
-            # all it asked for, and that was less than the socket held (or
-            # than the window, not knowing).
-            drained = got < want or (all_held and got >= total)
-            self.host_had_more = not drained and want < total
-            # Dry unless the host has closed or failed: its FIN (or error)
-            # came with an event already handled, and only a peek finds it.
-            self.host_dry = drained and not self.host_hup
             if window_field < 0:  # once per burst: it costs two system calls
                 window_field = 0 if self.sock_blocked else self._free_window()
             self.wnd_to_tap = window_field

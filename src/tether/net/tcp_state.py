@@ -173,7 +173,9 @@ class TcpState:
         self.dup_acks = 0
         self.sock_blocked = False
         self.flow_ack_due = False
-        self.host_had_more = False  # the last peek got all it asked for (push)
+        # The last peek got all it asked for, less than the socket held: push()
+        # claims by the window, without asking the socket again (SIOCINQ).
+        self.host_had_more = False
         # The last push took all the host had sent (or found nothing): until the
         # socket's next read event, an ACK from the guest gives push nothing to do.
         self.host_dry = False
