@@ -184,8 +184,7 @@ def cpu_seconds(pid: int) -> float:
                 raise FileNotFoundError("no sum_exec_runtime")
         return total
     except FileNotFoundError:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(cpu_split(pid))
 
 
 class Setup:
